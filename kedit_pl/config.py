@@ -1,0 +1,21 @@
+"""Hydra/OmegaConf glue: resolvers the configs use, and composing configs outside an entry point."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
+
+if not OmegaConf.has_resolver("kedit_root"):
+    # ${kedit_root:} -> the repository root, so data paths work from any working directory
+    OmegaConf.register_new_resolver("kedit_root", lambda: str(REPO_ROOT))
+
+
+def compose(config_name: str = "edit", overrides: list[str] | None = None) -> DictConfig:
+    """Compose a config the way the entry points do (for tests, notebooks and benches)."""
+    from hydra import compose as _compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return _compose(config_name=config_name, overrides=overrides or [], return_hydra_config=False)

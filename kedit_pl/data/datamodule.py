@@ -1,0 +1,128 @@
+"""Record selection and the LightningDataModule that feeds batches of EditRequest to a method."""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Mapping, Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from kedit_pl.data.readers import read_requests
+from kedit_pl.data.requests import EditRequest
+from kedit_pl.errors import ConfigError, InvalidRecord
+
+log = logging.getLogger(__name__)
+
+
+def parse_range(spec: str | Sequence[int] | None) -> tuple[int, int] | None:
+    """'100:200' or [100, 200] -> (100, 200), a half-open slice of record positions."""
+    if spec is None:
+        return None
+    try:
+        lo, hi = (spec.split(":") if isinstance(spec, str) else spec)
+        return int(lo), int(hi)
+    except (ValueError, TypeError):
+        raise ConfigError(f"dataset.range: expected 'START:END', got {spec!r}") from None
+
+
+def load_split(path: str, fmt: str, on_invalid: str = "error") -> list[EditRequest]:
+    """Read and validate every record; invalid records raise, or are skipped with a warning on request."""
+    if on_invalid not in ("error", "skip"):
+        raise ConfigError(f"dataset.on_invalid: must be 'error' or 'skip', got {on_invalid!r}")
+    good, bad = [], []
+    for req, err in read_requests(fmt, path):
+        (good.append(req) if err is None else bad.append(err))
+    if bad and on_invalid == "error":
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise InvalidRecord(f"{bad[0]}{more}; fix the data or set dataset.on_invalid=skip")
+    for e in bad:
+        log.warning("skipping invalid record: %s", e)
+    if bad:
+        log.warning("skipped %d invalid records of %d in %s", len(bad), len(bad) + len(good), path)
+    return good
+
+
+def select(requests: list[EditRequest], limit: int | None = None, range_: Any = None,
+           ids: Sequence[Any] | None = None, exclude_ids: set[str] | None = None) -> list[EditRequest]:
+    """Pick records by ids (in the given order), else by a position range, then keep the first `limit`."""
+    if ids:
+        by_id = {r.case_id: r for r in requests}
+        missing = [i for i in map(str, ids) if i not in by_id]
+        if missing:
+            raise ConfigError(f"dataset.ids: case_id {missing[0]} not in the dataset")
+        chosen = [by_id[str(i)] for i in ids]
+    else:
+        r = parse_range(range_)
+        chosen = requests[r[0]:r[1]] if r else list(requests)
+    if limit is not None:
+        if int(limit) < 1:
+            raise ConfigError(f"dataset.limit: must be >= 1, got {limit}")
+        chosen = chosen[: int(limit)]
+    if not chosen:
+        raise ConfigError("dataset: the selection (limit/range/ids) picked no records")
+    return [r for r in chosen if r.case_id not in exclude_ids] if exclude_ids else chosen
+
+
+def _collate(batch: list[EditRequest]) -> list[EditRequest]:
+    return batch
+
+
+class EditDataModule(L.LightningDataModule):
+    """Test batches are the edits (`edit_batch_size` records each); train/val serve learned editors."""
+
+    def __init__(self, cfg: Mapping[str, Any], edit_batch_size: int = 1, train_batch_size: int = 8,
+                 exclude_ids: set[str] | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.edit_batch_size = int(edit_batch_size)
+        self.train_batch_size = int(train_batch_size)
+        self.exclude_ids = exclude_ids or set()
+        self.seed = seed
+        self.requests: list[EditRequest] = []
+        self.train_requests: list[EditRequest] = []
+        self.val_requests: list[EditRequest] = []
+
+    def prepare_requests(self) -> list[EditRequest]:
+        c = self.cfg
+        all_reqs = load_split(c["path"], c.get("format", "counterfact"), c.get("on_invalid", "error"))
+        self.requests = select(all_reqs, c.get("limit"), c.get("range"), c.get("ids"), self.exclude_ids)
+        return self.requests
+
+    def prepare_training(self) -> None:
+        """Train split from `dataset.train`, with `val_fraction` of it held out for validation."""
+        t = self.cfg.get("train")
+        if not t:
+            raise ConfigError(f"dataset '{self.cfg.get('name')}' has no 'train' split configured")
+        reqs = load_split(t["path"], t.get("format", self.cfg.get("format")), t.get("on_invalid", "skip"))
+        rng = random.Random(self.seed)
+        reqs = list(reqs)
+        rng.shuffle(reqs)
+        n_val = max(1, int(len(reqs) * float(t.get("val_fraction", 0.05))))
+        if t.get("limit"):
+            reqs = reqs[: int(t["limit"]) + n_val]
+        self.val_requests, self.train_requests = reqs[:n_val], reqs[n_val:]
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("test", None) and not self.requests:
+            self.prepare_requests()
+        if stage in ("fit", "validate") and not self.train_requests:
+            self.prepare_training()
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.requests, batch_size=self.edit_batch_size, shuffle=False, collate_fn=_collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_requests, batch_size=self.train_batch_size, shuffle=True, collate_fn=_collate,
+                          generator=_generator(self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_requests, batch_size=self.train_batch_size, shuffle=False, collate_fn=_collate)
+
+
+def _generator(seed: int):
+    import torch
+
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g

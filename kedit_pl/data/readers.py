@@ -1,0 +1,93 @@
+"""Readers: each benchmark file format -> a list of EditRequest. One function per format."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from kedit_pl.data.requests import EditRequest, normalize_target
+from kedit_pl.errors import ConfigError, InvalidRecord
+
+Reader = Callable[[list[dict]], Iterable[EditRequest]]
+
+
+def _template(case_id: Any, text: str, subject: str, field: str) -> str:
+    """Turn a prompt with the subject filled in into a template with `{}`."""
+    if subject not in text:
+        raise InvalidRecord(f"record case_id={case_id}: field '{field}' does not contain the subject {subject!r}: {text!r}")
+    return text.replace(subject, "{}", 1)
+
+
+def counterfact_rome(rows: list[dict]) -> Iterable[EditRequest]:
+    """ROME's CounterFact format (`requested_rewrite`, `paraphrase_prompts`, `neighborhood_prompts`)."""
+    for r in rows:
+        rw = r["requested_rewrite"]
+        yield EditRequest(
+            case_id=str(r["case_id"]), subject=rw["subject"], prompt=rw["prompt"],
+            target_true=normalize_target(rw["target_true"]["str"]), target_new=normalize_target(rw["target_new"]["str"]),
+            paraphrases=tuple(r.get("paraphrase_prompts", ())), neighborhood=tuple(r.get("neighborhood_prompts", ())),
+            relation_id=rw.get("relation_id"))
+
+
+def counterfact_easyedit(rows: list[dict]) -> Iterable[EditRequest]:
+    """EasyEdit's CounterFact split format (`prompt` with the subject filled in, one rephrase, one locality)."""
+    for r in rows:
+        cid = r["case_id"]
+        yield EditRequest(
+            case_id=str(cid), subject=r["subject"], prompt=_template(cid, r["prompt"], r["subject"], "prompt"),
+            target_true=normalize_target(r["ground_truth"]), target_new=normalize_target(r["target_new"]),
+            paraphrases=(r["rephrase_prompt"],) if r.get("rephrase_prompt") else (),
+            neighborhood=(r["locality_prompt"],) if r.get("locality_prompt") else (),
+            loc=r.get("locality_prompt"), loc_ans=r.get("locality_ground_truth"))
+
+
+def zsre_mend(rows: list[dict]) -> Iterable[EditRequest]:
+    """MEND's zsRE format: `src` question, `alt` = edit target, `answers[0]` = true answer, `loc`/`loc_ans`.
+
+    (Beware the raw MzsRE train json, where `alt` is the TRUE answer; read the derived/normalized file.)
+    """
+    for i, r in enumerate(rows):
+        cid = r.get("case_id", i)
+        answers = r.get("answers") or [""]
+        yield EditRequest(
+            case_id=str(cid), subject=r["subject"], prompt=_template(cid, r["src"], r["subject"], "src"),
+            target_true=normalize_target(answers[0]), target_new=normalize_target(r["alt"]),
+            paraphrases=(r["rephrase"],) if r.get("rephrase") else (),
+            loc=r.get("loc"), loc_ans=normalize_target(r.get("loc_ans", "")) or None)
+
+
+READERS: dict[str, Reader] = {
+    "counterfact": counterfact_rome,
+    "counterfact_easyedit": counterfact_easyedit,
+    "zsre": zsre_mend,
+}
+
+
+def read_json_records(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"dataset.path: file not found: {path} (point dataset.path=FILE at a data file)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"dataset.path: {path} is not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise ConfigError(f"dataset.path: {path} must hold a JSON list of records")
+    return data
+
+
+def read_requests(fmt: str, path: str | Path) -> list[tuple[EditRequest | None, InvalidRecord | None]]:
+    """Parse every record; a malformed one yields (None, error) so the caller decides to fail or skip."""
+    if fmt not in READERS:
+        raise ConfigError(f"dataset.format: unknown format {fmt!r}; choose one of {sorted(READERS)}")
+    out: list[tuple[EditRequest | None, InvalidRecord | None]] = []
+    for i, row in enumerate(read_json_records(path)):
+        try:
+            (req,) = list(READERS[fmt]([row]))
+            out.append((req.validate(), None))
+        except InvalidRecord as e:
+            out.append((None, e))
+        except (KeyError, TypeError, IndexError, AttributeError) as e:
+            cid = row.get("case_id", i) if isinstance(row, dict) else i
+            out.append((None, InvalidRecord(f"record case_id={cid}: missing or malformed field {e} for format {fmt!r}")))
+    return out

@@ -1,0 +1,17 @@
+"""User-facing errors. Each is reported as one line by the entry points (no traceback wall)."""
+
+
+class KEditError(Exception):
+    """Base class: a problem the user can fix; the message names the problem and the fix."""
+
+
+class ConfigError(KEditError):
+    """A bad configuration value (unknown model, missing file, wrong field)."""
+
+
+class InvalidRecord(KEditError):
+    """A dataset record that cannot be edited faithfully (names case_id and field)."""
+
+
+class EditFailed(KEditError):
+    """An edit could not be computed (NaN/inf, subject not found in context). The model is unchanged."""

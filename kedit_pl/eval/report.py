@@ -1,0 +1,73 @@
+"""Turning a run's summary into files people look at: summary.json, a printed table, a bar chart."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kedit_pl.io import atomic_path, write_json
+
+#: the columns shown first, in this order, when present
+HEADLINE = ("es", "ps", "ns", "score", "em", "pm", "nm", "rewrite_acc", "paraphrase_acc", "neighborhood_acc", "loc_acc")
+GROUPS = ("pre", "post", "final")
+
+
+def write_summary_files(out_dir: str | Path, summary: dict[str, Any]) -> dict[str, Path]:
+    out = Path(out_dir)
+    paths = {"summary": out / "summary.json"}
+    write_json(paths["summary"], summary)
+    try:
+        paths["plot"] = bar_chart_pre_post(summary, out / "metrics.png")
+    except Exception:  # a plot must never cost the results
+        pass
+    return paths
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    run = summary.get("run", {})
+    title = " · ".join(str(run[k]) for k in ("method", "model", "dataset", "mode") if k in run)
+    table = Table(title=f"kedit_pl results  {title}")
+    table.add_column("metric")
+    groups = [g for g in GROUPS if g in summary]
+    for g in groups:
+        table.add_column(g, justify="right")
+    names = [k for k in HEADLINE if any(k in summary[g] for g in groups)]
+    for k in names:
+        table.add_row(k, *[f"{summary[g][k]:.1f}" if k in summary[g] else "" for g in groups])
+    t = summary.get("timing", {})
+    if t:
+        table.caption = (f"{int(t['n_edits'])} edits · {t['seconds_per_edit']:.2f} s/edit · "
+                         f"peak RSS {t['peak_rss_mb']:.0f} MB")
+    Console().print(table)
+
+
+def bar_chart_pre_post(summary: dict[str, Any], path: Path) -> Path:
+    """Grouped bars of ES/PS/NS/Score before and after editing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = [g for g in GROUPS if g in summary]
+    names = [k for k in ("es", "ps", "ns", "score") if k in summary.get("post", {})]
+    x = np.arange(len(names))
+    w = 0.8 / max(1, len(groups))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, g in enumerate(groups):
+        vals = [summary[g].get(k, 0.0) for k in names]
+        bars = ax.bar(x + i * w - 0.4 + w / 2, vals, w, label=g)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(x, [n.upper() if n != "score" else "Score" for n in names])
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("%")
+    run = summary.get("run", {})
+    ax.set_title(f"{run.get('method', '')} on {run.get('model', '')} ({run.get('dataset', '')})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,79 @@
+"""Scoring prompts against targets with a (possibly edited) model, batched across records.
+
+For every evaluation prompt we measure, for target_new and target_true, the mean per-token NLL and
+the teacher-forced top-1 token accuracy. Metrics (ES/PS/NS, ...) are pure functions of these
+numbers, in `metrics.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from kedit_pl.data.requests import EditRequest
+from kedit_pl.tokens import encode_targets, label_logprobs
+
+#: prompt groups and which targets each is scored against
+GROUPS = ("rewrite", "paraphrase", "neighborhood")
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    nll: float  # mean per-token negative log-likelihood of the target
+    acc: float  # fraction of target tokens that are the top-1 prediction (teacher forced)
+
+
+def group_prompts(req: EditRequest) -> dict[str, list[str]]:
+    return {"rewrite": [req.rewrite], "paraphrase": list(req.paraphrases), "neighborhood": list(req.neighborhood)}
+
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def model_logits(model: nn.Module) -> LogitsFn:
+    """The default way to get logits: a plain forward pass."""
+    return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
+
+
+@torch.no_grad()
+def score_pairs(logits_fn: LogitsFn, tok: PreTrainedTokenizerBase, prompts: list[str], targets: list[str],
+                batch_size: int = 64, device: torch.device | str = "cpu") -> list[TargetScore]:
+    """Mean NLL and top-1 accuracy of each target after its prompt."""
+    out: list[TargetScore] = []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))  # less padding
+    results: dict[int, TargetScore] = {}
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        batch = encode_targets(tok, [prompts[i] for i in idx], [targets[i] for i in idx]).to(device)
+        logits = logits_fn(batch.input_ids, batch.attention_mask)
+        lp = label_logprobs(logits, batch.labels)
+        mask = batch.target_mask
+        n = mask.sum(-1).clamp_min(1)
+        nll = -(lp.sum(-1) / n)
+        correct = ((logits.argmax(-1) == batch.labels) & mask).sum(-1) / n
+        for j, i in enumerate(idx):
+            results[i] = TargetScore(float(nll[j]), float(correct[j]))
+    for i in range(len(prompts)):
+        out.append(results[i])
+    return out
+
+
+def score_requests(logits_fn: LogitsFn, tok: PreTrainedTokenizerBase, requests: list[EditRequest],
+                   batch_size: int = 64, device: torch.device | str = "cpu") -> list[dict]:
+    """Per-record scores: {group: {"new": [TargetScore...], "true": [...]}} plus `loc` (zsRE) accuracy."""
+    prompts, targets, keys = [], [], []
+    for r_i, req in enumerate(requests):
+        for group, ps in group_prompts(req).items():
+            for p_i, p in enumerate(ps):
+                for kind, tgt in (("new", req.target_new), ("true", req.target_true)):
+                    prompts.append(p), targets.append(tgt), keys.append((r_i, group, kind, p_i))
+        if req.loc and req.loc_ans:
+            prompts.append(req.loc), targets.append(req.loc_ans), keys.append((r_i, "loc", "ans", 0))
+    scores = score_pairs(logits_fn, tok, prompts, targets, batch_size, device) if prompts else []
+    records: list[dict] = [{"case_id": req.case_id} for req in requests]
+    for (r_i, group, kind, _), sc in zip(keys, scores):
+        records[r_i].setdefault(group, {}).setdefault(kind, []).append({"nll": sc.nll, "acc": sc.acc})
+    return records

@@ -1,0 +1,49 @@
+"""EditValidationCallback: while a learned editor trains, edit held-out records and log ES/PS/NS.
+
+Logged as `val/es`, `val/ps`, `val/ns`, `val/score`, `val/loc_acc`, and `val/edit_success`, which
+checkpointing and early stopping monitor: the harmonic mean of ES, PS and NS when the data has
+neighborhood prompts (CounterFact), else the mean of ES and PS (zsRE).
+"""
+from __future__ import annotations
+
+from statistics import harmonic_mean
+
+import lightning as L
+
+from kedit_pl.eval.metrics import summarize
+from kedit_pl.eval.scoring import score_requests
+
+
+def edit_success(m: dict[str, float]) -> float:
+    if "ns" in m:
+        return harmonic_mean([m["es"], m["ps"], m["ns"]]) if min(m["es"], m["ps"], m["ns"]) > 0 else 0.0
+    return (m.get("es", 0.0) + m.get("ps", m.get("es", 0.0))) / 2
+
+
+class EditValidationCallback(L.Callback):
+    """Each validation: apply each of the first `n_records` validation edits alone, score, restore."""
+
+    def __init__(self, n_records: int = 32, eval_batch_size: int = 64) -> None:
+        self.n_records = n_records
+        self.eval_batch_size = eval_batch_size
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        requests = trainer.datamodule.val_requests[: self.n_records]
+        was_training = pl_module.training
+        pl_module.eval()
+        post = []
+        for req in requests:
+            handle = pl_module.apply([req])
+            try:
+                post += score_requests(pl_module.logits_fn(), pl_module.tok, [req], self.eval_batch_size,
+                                       pl_module.device)
+            finally:
+                pl_module.restore(handle)
+        pl_module.train(was_training)
+        m = summarize(post)
+        m.pop("n_records", None)
+        m["edit_success"] = edit_success(m)
+        for k, v in m.items():
+            pl_module.log(f"val/{k}", v, prog_bar=k in ("es", "ps", "edit_success"))

@@ -1,0 +1,120 @@
+"""The interface every editing method implements, and the restore contract they share.
+
+A method is a LightningModule holding the model it edits. `edit.py` drives it through
+`Trainer.test`: each test batch is a list of `EditRequest`, `test_step` applies them, and the
+`EditEvalCallback` measures before/after and restores (single/batch mode) or keeps (sequential).
+
+To add a method: subclass `EditMethod`, implement `edited_parameters` and `compute_edit`
+(weights are modified in place; the base class snapshots and restores), add `conf/method/NAME.yaml`
+with `_target_` pointing at the class. Learned editors also implement `training_step`/`validation_step`.
+"""
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from kedit_pl.data.requests import EditRequest
+from kedit_pl.errors import EditFailed
+from kedit_pl.eval.scoring import LogitsFn, model_logits
+from kedit_pl.models.spec import ModelSpec
+
+
+@dataclass
+class EditHandle:
+    """Exactly what `restore` needs: the original values of every parameter the edit touched."""
+
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    n_requests: int = 0
+
+
+def snapshot(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Bit-exact copies of the named parameters."""
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"no parameter named {missing[0]!r} in the model")
+    return {n: params[n].detach().clone() for n in names}
+
+
+@torch.no_grad()
+def write_back(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
+    """Copy saved values back into the named parameters (bit-exact restore)."""
+    params = dict(model.named_parameters())
+    for n, v in originals.items():
+        params[n].copy_(v)
+
+
+class EditMethod(L.LightningModule):
+    """Base class: `apply(requests) -> EditHandle`, `restore(handle)`, optional training."""
+
+    #: True for learned editors (MEND, SERAC) that need `train.py` before they can edit.
+    trainable: bool = False
+
+    def __init__(self, model: nn.Module | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 spec: ModelSpec | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.tok = tokenizer
+        self.spec = spec
+        self.last_handle: EditHandle | None = None
+        if model is not None:
+            for p in model.parameters():
+                p.requires_grad_(False)
+
+    # --- what subclasses implement -------------------------------------------------------------
+    @abstractmethod
+    def edited_parameters(self, requests: list[EditRequest]) -> list[str]:
+        """Names of the parameters `compute_edit` may modify (snapshotted before it runs)."""
+
+    @abstractmethod
+    def compute_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
+        """Modify the model's weights in place to make the edits; return diagnostics for logging."""
+
+    # --- the shared contract --------------------------------------------------------------------
+    def apply(self, requests: list[EditRequest]) -> EditHandle:
+        """Apply the edits. On any failure the model is restored before the error propagates."""
+        names = self.edited_parameters(requests)
+        originals = snapshot(self.model, names)
+        start = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.enable_grad():
+                info = self.compute_edit(requests)
+            params = dict(self.model.named_parameters())
+            for n in names:
+                if not torch.isfinite(params[n]).all():
+                    raise EditFailed(f"{type(self).__name__}: parameter {n} became non-finite; edit rejected")
+        except BaseException:
+            write_back(self.model, originals)
+            raise
+        finally:
+            self.model.train(was_training)
+        return EditHandle(originals, info or {}, time.perf_counter() - start, len(requests))
+
+    def restore(self, handle: EditHandle) -> None:
+        """Undo an edit: every touched weight returns to its exact original bits."""
+        write_back(self.model, handle.originals)
+
+    def logits_fn(self) -> LogitsFn:
+        """How evaluation gets logits. Routing methods (SERAC) override this; weight editors don't."""
+        return model_logits(self.model)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        """Batches are lists of text requests; tensors are made (on the right device) where needed."""
+        return batch
+
+    def test_step(self, batch: list[EditRequest], batch_idx: int) -> None:
+        self.last_handle = self.apply(batch)
+
+    def configure_optimizers(self):  # editors that do not train have nothing to optimize
+        return None

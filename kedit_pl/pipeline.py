@@ -1,0 +1,160 @@
+"""What edit.py and train.py do, as functions: compose objects from the config and run the Trainer."""
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from kedit_pl.data.datamodule import EditDataModule
+from kedit_pl.errors import ConfigError, KEditError
+from kedit_pl.eval.callback import EditEvalCallback, read_done_records
+from kedit_pl.methods.base import EditMethod
+
+log = logging.getLogger("kedit_pl")
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.output_dir)
+
+
+def build_method(cfg: DictConfig, loaded=None) -> EditMethod:
+    """Load the model and instantiate the method class named by `method._target_` around it."""
+    from kedit_pl.models.load import load_model
+
+    loaded = loaded or load_model(cfg.model)
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in ("_target_",)}
+    target = cfg.method.get("_target_")
+    if not target:
+        raise ConfigError(f"method '{cfg.method.get('name')}': config has no _target_ class")
+    try:
+        cls = hydra.utils.get_class(target)
+    except Exception as e:
+        raise ConfigError(f"method._target_: cannot import {target!r} ({e})") from None
+    try:
+        return cls(model=loaded.model, tokenizer=loaded.tokenizer, spec=loaded.spec, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"method '{kwargs.get('name')}': bad hyperparameter ({e})") from None
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = []
+    for name, lg_cfg in (cfg.get("logger") or {}).items():
+        if lg_cfg is not None and "_target_" in lg_cfg:
+            loggers.append(hydra.utils.instantiate(lg_cfg))
+    return loggers
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks + [RichProgressBar()], logger=loggers or False)
+
+
+def finish_loggers(loggers: list) -> None:
+    for lg in loggers:
+        lg.finalize("success")
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        wandb.finish()
+
+
+def run_edit(cfg: DictConfig) -> dict[str, Any]:
+    """Apply and evaluate edits per `edit.mode`; returns the summary written to summary.json."""
+    out = output_dir(cfg)
+    mode = cfg.edit.mode
+    if mode == "sequential" and cfg.edit.resume:
+        raise ConfigError("edit.resume: a sequential run cannot resume (its accumulated edits are gone); rerun it")
+    batch_size = 1 if mode == "single" else int(cfg.edit.batch_size)
+    done_ids = {d["case_id"] for d in read_done_records(out)} if cfg.edit.resume else set()
+    dm = EditDataModule(cfg.dataset, edit_batch_size=batch_size, exclude_ids=done_ids, seed=cfg.seed)
+    dm.prepare_requests()  # fail on bad data before loading anything heavy
+    L.seed_everything(cfg.seed, verbose=False)
+    method = build_method(cfg)
+    run_info = {"method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
+                "n_records": len(dm.requests) + len(done_ids), "batch_size": batch_size,
+                "config": OmegaConf.to_container(cfg.method, resolve=True)}
+    callback = EditEvalCallback(out, mode=mode, eval_batch_size=cfg.edit.eval_batch_size,
+                                resume=cfg.edit.resume, run_info=run_info)
+    loggers = build_loggers(cfg)
+    trainer = build_trainer(cfg, [callback], loggers)
+    start = time.perf_counter()
+    trainer.test(method, datamodule=dm, verbose=False)
+    callback.summary["timing"]["wall_seconds"] = time.perf_counter() - start
+    finish_loggers(loggers)
+    log.info("results in %s", out)
+    return callback.summary
+
+
+def metric_value(summary: dict[str, Any], path: str) -> float:
+    """'post/score' -> summary['post']['score'] (what a sweep maximizes)."""
+    group, _, name = path.partition("/")
+    try:
+        return float(summary[group][name])
+    except KeyError:
+        raise ConfigError(f"optimized_metric: {path!r} not in the run's summary") from None
+
+
+def cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run an entry point: user errors become one line on stderr, and a failed run leaves no files."""
+    out = output_dir(cfg)
+    fresh = not cfg.get("edit", {}).get("resume", False) and not cfg.get("resume", False)
+    try:
+        return fn(cfg)
+    except KEditError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if fresh and out.exists() and not any(out.glob("*.jsonl")) and not (out / "summary.json").exists():
+            logging.shutdown()
+            shutil.rmtree(out, ignore_errors=True)
+        sys.exit(2)
+
+
+def run_train(cfg: DictConfig) -> dict[str, Any]:
+    """Train a learned editor (MEND, SERAC) with checkpoints, early stopping and resume."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from kedit_pl.eval.val_callback import EditValidationCallback
+
+    out = output_dir(cfg)
+    t = cfg.train
+    dm = EditDataModule(cfg.dataset, train_batch_size=t.batch_size, seed=cfg.seed)
+    dm.prepare_training()
+    L.seed_everything(cfg.seed, verbose=False)
+    method = build_method(cfg)
+    if not method.trainable:
+        raise ConfigError(f"method '{cfg.method.name}' has nothing to train; use edit.py (train.py is for MEND, SERAC)")
+    ckpt_dir = out / "checkpoints"
+    callbacks = [
+        EditValidationCallback(n_records=t.val_edits, eval_batch_size=cfg.get("eval_batch_size", 64)),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor=t.monitor, mode=t.monitor_mode,
+                        save_last=True, save_top_k=1, every_n_train_steps=t.get("checkpoint_every_n_steps")),
+        EarlyStopping(monitor=t.monitor, mode=t.monitor_mode, patience=t.patience),
+    ]
+    loggers = build_loggers(cfg)
+    trainer = build_trainer(cfg, callbacks, loggers)
+    last = ckpt_dir / "last.ckpt"
+    resume_from = str(last) if t.resume and last.exists() else None
+    if t.resume and resume_from is None:
+        log.warning("train.resume: no %s yet, starting from scratch", last)
+    start = time.perf_counter()
+    trainer.fit(method, datamodule=dm, ckpt_path=resume_from)
+    result = {"best_checkpoint": callbacks[1].best_model_path, "best_score": _float(callbacks[1].best_model_score),
+              "global_step": trainer.global_step, "train_seconds": time.perf_counter() - start}
+    if hasattr(method, "export"):
+        result["export"] = str(method.export(out / "editor"))
+    finish_loggers(loggers)
+    from kedit_pl.io import write_json
+
+    write_json(out / "train_summary.json", result)
+    log.info("training done: %s", result)
+    return result
+
+
+def _float(x) -> float | None:
+    return None if x is None else float(x)

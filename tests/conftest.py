@@ -1,0 +1,33 @@
+"""Shared fixtures: composed configs and tiny random-init models (no download, fast)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from kedit_pl.config import REPO_ROOT, compose  # noqa: E402
+
+DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+
+
+def edit_cfg(tmp_path, *overrides: str, config_name: str = "edit"):
+    """An edit/train config writing into tmp_path, CSV logging, tiny llama unless overridden."""
+    base = ["model=tiny_llama", "logger=csv", f"paths.output_dir={tmp_path}", "dataset.limit=3"]
+    return compose(config_name, base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from kedit_pl.models.load import load_model
+
+    return load_model(compose("edit", ["model=tiny_llama", "paths.output_dir=/tmp"]).model)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    from kedit_pl.models.load import load_model
+
+    return load_model(compose("edit", ["model=tiny_gpt2", "paths.output_dir=/tmp"]).model)
