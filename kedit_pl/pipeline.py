@@ -92,13 +92,14 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
     return callback.summary
 
 
-def metric_value(summary: dict[str, Any], path: str) -> float:
-    """'post/score' -> summary['post']['score'] (what a sweep maximizes)."""
+def metric_value(summary: dict[str, Any], path: str) -> float | None:
+    """'post/score' -> summary['post']['score'] (what a sweep maximizes); None, with a warning, if absent."""
     group, _, name = path.partition("/")
-    try:
-        return float(summary[group][name])
-    except KeyError:
-        raise ConfigError(f"optimized_metric: {path!r} not in the run's summary") from None
+    value = summary.get(group, {}).get(name)
+    if value is None:
+        log.warning("optimized_metric %r is not in this run's summary (zsRE has no NS, hence no score); "
+                    "set optimized_metric=post/es for sweeps on it", path)
+    return None if value is None else float(value)
 
 
 def cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:

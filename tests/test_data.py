@@ -38,6 +38,7 @@ def test_reads_real_zsre_with_alt_as_target():
     assert "{}" in r.prompt and r.loc.startswith("nq question") and r.loc_ans
     raw = json.loads((DATA / "zsre/mend_format/zsre_mend_eval_portability_gpt4.json").read_text())[0]
     assert r.target_new == raw["alt"] and r.target_true == raw["answers"][0]
+    assert len({q.case_id for q in reqs}) == len(reqs), "zsRE records (no ids in the file) get unique positional ids"
 
 
 @pytest.mark.parametrize("row, field", [

@@ -46,8 +46,8 @@ def zsre_mend(rows: list[dict]) -> Iterable[EditRequest]:
 
     (Beware the raw MzsRE train json, where `alt` is the TRUE answer; read the derived/normalized file.)
     """
-    for i, r in enumerate(rows):
-        cid = r.get("case_id", i)
+    for r in rows:
+        cid = r["case_id"]
         answers = r.get("answers") or [""]
         yield EditRequest(
             case_id=str(cid), subject=r["subject"], prompt=_template(cid, r["src"], r["subject"], "src"),
@@ -82,6 +82,8 @@ def read_requests(fmt: str, path: str | Path) -> list[tuple[EditRequest | None, 
         raise ConfigError(f"dataset.format: unknown format {fmt!r}; choose one of {sorted(READERS)}")
     out: list[tuple[EditRequest | None, InvalidRecord | None]] = []
     for i, row in enumerate(read_json_records(path)):
+        if isinstance(row, dict) and "case_id" not in row:
+            row = {"case_id": i, **row}  # formats without ids (zsRE) are numbered by position
         try:
             (req,) = list(READERS[fmt]([row]))
             out.append((req.validate(), None))
