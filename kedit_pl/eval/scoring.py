@@ -30,12 +30,14 @@ def group_prompts(req: EditRequest) -> dict[str, list[str]]:
     return {"rewrite": [req.rewrite], "paraphrase": list(req.paraphrases), "neighborhood": list(req.neighborhood)}
 
 
-LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: (input_ids, attention_mask, prompt_lengths) -> logits. Prompt lengths let routing methods (SERAC)
+#: decide on the prompt alone, so both targets of a prompt are scored by the same route.
+LogitsFn = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
 
 
 def model_logits(model: nn.Module) -> LogitsFn:
     """The default way to get logits: a plain forward pass."""
-    return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits
+    return lambda ids, mask, prompt_lengths=None: model(input_ids=ids, attention_mask=mask).logits
 
 
 @torch.no_grad()
@@ -48,7 +50,7 @@ def score_pairs(logits_fn: LogitsFn, tok: PreTrainedTokenizerBase, prompts: list
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         batch = encode_targets(tok, [prompts[i] for i in idx], [targets[i] for i in idx]).to(device)
-        logits = logits_fn(batch.input_ids, batch.attention_mask)
+        logits = logits_fn(batch.input_ids, batch.attention_mask, batch.prompt_lengths)
         lp = label_logprobs(logits, batch.labels)
         mask = batch.target_mask
         n = mask.sum(-1).clamp_min(1)
