@@ -1,0 +1,172 @@
+"""MEMIT scaling: ES/PS/NS/Score and wall time vs number of edits, with sequential ROME for comparison.
+
+    python bench/memit_scaling.py [--model smollm2_135m] [--counts 1 10 100 1000] [--rome-max 100]
+                                  [--start 0] [--out docs/figures/memit_scaling.png] [--threads T]
+                                  [--stats-samples N] [--set method.key=value ...]
+
+MEMIT edits the first n CounterFact records (from --start) in one batch for each n in --counts, is scored
+on those n records and restored. ROME applies the records one after another (edits accumulate, as in the
+MEMIT paper's comparison) up to --rome-max and is scored on all records edited so far at each count.
+Scores use the pipeline's evaluation functions (eval.scoring.score_requests + eval.metrics.summarize). The
+one-time costs (model load, key statistics, context templates) are done before timing. Writes the plot, and
+a markdown table and CSV with the same stem, next to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+from kedit_pl.config import REPO_ROOT, compose
+from kedit_pl.data.datamodule import load_split, select
+from kedit_pl.data.requests import EditRequest
+from kedit_pl.eval.metrics import summarize
+from kedit_pl.eval.scoring import score_requests
+from kedit_pl.methods.base import EditMethod
+from kedit_pl.models.load import load_model
+from kedit_pl.pipeline import build_method
+
+COLUMNS = ("method", "n_edits", "es", "ps", "ns", "score", "edit_seconds", "eval_seconds")
+
+
+def evaluate(method: EditMethod, requests: list[EditRequest], batch_size: int) -> tuple[dict[str, float], float]:
+    """Summary metrics (percent) of `requests` under the method's current weights, and seconds taken."""
+    start = time.perf_counter()
+    records = score_requests(method.logits_fn(), method.tok, requests, batch_size,
+                             next(method.model.parameters()).device)
+    return summarize(records), time.perf_counter() - start
+
+
+def row(name: str, n: int, metrics: dict[str, float], edit_s: float, eval_s: float) -> dict:
+    return {"method": name, "n_edits": n, **{k: metrics.get(k, float("nan")) for k in ("es", "ps", "ns", "score")},
+            "edit_seconds": edit_s, "eval_seconds": eval_s}
+
+
+def run_memit(memit: EditMethod, requests: list[EditRequest], counts: list[int], bs: int, log) -> list[dict]:
+    """One batch edit per count, scored then restored."""
+    rows = []
+    for n in counts:
+        start = time.perf_counter()
+        handle = memit.apply(requests[:n])
+        edit_s = time.perf_counter() - start
+        try:
+            metrics, eval_s = evaluate(memit, requests[:n], bs)
+        finally:
+            memit.restore(handle)
+        rows.append(row("memit", n, metrics, edit_s, eval_s))
+        log(rows[-1])
+    return rows
+
+
+def run_rome_sequential(rome: EditMethod, requests: list[EditRequest], counts: list[int], bs: int, log) -> list[dict]:
+    """Edits accumulate one record at a time; scored on all edited records at each count; restored at the end."""
+    rows, handles, edit_s = [], [], 0.0
+    try:
+        for n in counts:
+            for req in requests[len(handles):n]:
+                start = time.perf_counter()
+                handles.append(rome.apply([req]))
+                edit_s += time.perf_counter() - start
+            metrics, eval_s = evaluate(rome, requests[:n], bs)
+            rows.append(row("rome_seq", n, metrics, edit_s, eval_s))
+            log(rows[-1])
+    finally:
+        for h in reversed(handles):
+            rome.restore(h)
+    return rows
+
+
+def write_outputs(rows: list[dict], out: Path, title: str) -> list[Path]:
+    """CSV, markdown table and the plot (metrics and edit wall time vs number of edits)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out.with_suffix(".csv"), out.with_suffix(".md")
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"# {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS)
+                     + " |")
+    md_path.write_text("\n".join(lines) + "\n")
+
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.8))
+    for ax, key, label in zip(axes, ("es", "ps", "ns", "score", "edit_seconds"),
+                              ("ES", "PS", "NS", "Score", "edit wall time (s)")):
+        for method, style in (("memit", "o-"), ("rome_seq", "s--")):
+            pts = [(r["n_edits"], r[key]) for r in rows if r["method"] == method]
+            if pts:
+                ax.plot(*zip(*pts), style, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("edits")
+        ax.set_title(label)
+        if key == "edit_seconds":
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return [out, md_path, csv_path]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2_135m")
+    ap.add_argument("--counts", type=int, nargs="+", default=[1, 10, 100, 1000], help="MEMIT batch sizes")
+    ap.add_argument("--rome-max", type=int, default=100, help="sequential ROME up to this many edits (0: skip)")
+    ap.add_argument("--start", type=int, default=0, help="first record position in CounterFact")
+    ap.add_argument("--out", default=str(REPO_ROOT / "docs" / "figures" / "memit_scaling.png"))
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--stats-samples", type=int, default=None, help="override stats.n_samples")
+    ap.add_argument("--eval-batch-size", type=int, default=64)
+    ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides, e.g. method.mom2_update_weight=1500")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    counts = sorted(set(args.counts))
+    rome_counts = sorted({n for n in counts if n <= args.rome_max} | ({args.rome_max} if args.rome_max else set()))
+    n_max = max(counts + rome_counts)
+    common = [f"model={args.model}", "paths.output_dir=/tmp/kedit_bench",
+              f"dataset.range={args.start}:{args.start + n_max}", "dataset.limit=null"] + ([f"stats.n_samples={args.stats_samples}"] if args.stats_samples else [])
+
+    def log(r: dict) -> None:
+        print("  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+
+    cfg = compose("edit", common + ["method=memit"] + [s for s in args.set if s.startswith("method.")])
+    t0 = time.perf_counter()
+    lm = load_model(cfg.model)
+    requests = select(load_split(cfg.dataset.path, cfg.dataset.format), range_=cfg.dataset.range)
+    print(f"{args.model}: load {time.perf_counter() - t0:.1f}s, {len(requests)} records, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    rows = []
+    memit = build_method(cfg, lm)
+    t0 = time.perf_counter()
+    memit.prepare()
+    print(f"memit layers {memit.layers}: stats+templates {time.perf_counter() - t0:.1f}s", flush=True)
+    metrics, eval_s = evaluate(memit, requests, args.eval_batch_size)
+    rows.append(row("unedited", len(requests), metrics, 0.0, eval_s))
+    log(rows[-1])
+    rows += run_memit(memit, requests, counts, args.eval_batch_size, log)
+    if rome_counts:
+        rome = build_method(compose("edit", common + ["method=rome"]), lm)
+        rome.prepare()
+        rows += run_rome_sequential(rome, requests, rome_counts, args.eval_batch_size, log)
+    title = f"MEMIT vs sequential ROME on {args.model} (CounterFact from #{args.start})"
+    for p in write_outputs(rows, Path(args.out), title):
+        print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()

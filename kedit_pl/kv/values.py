@@ -1,0 +1,358 @@
+"""Values: optimize one δ per request so the model predicts target_new (ROME eq. 4 / MEMIT eq. 16, "z").
+
+For each request, δ is added at the insertion point (ROME: the MLP output of the edit layer; MEMIT: the block
+output, i.e. the residual stream) at the subject's last token of every context-prefixed rewrite prompt and of
+the KL ("essence") prompt "{subject} is a". The loss per request is
+
+    mean_j NLL(target_new | x_j + p) + kl_factor · KL(P_δ[· | s is a] ‖ P[· | s is a]) + wd · ‖δ‖ / ‖v‖²
+
+with δ projected onto the ball ‖δ‖ ≤ clamp_norm_factor · ‖v‖ after each Adam step, where v is the original
+output at the insertion point on the plain rewrite prompt (template "{}"). Requests in one batch never
+interact (each owns its rows), so batching them gives each the same trajectory as optimizing it alone; a
+request that reaches `stop_loss` is frozen, as ROME stops its loop.
+
+Speed (fast=True): δ only changes the computation at and after the subject's last token, and only from the
+edit layer up. So one no-grad pass caches the keys/values of every row's prefix (the tokens before the subject's
+last token) for all layers and the edit block's input/output on the suffix; each optimization step then feeds
+only the suffix tokens (subject's last token, the rest of the prompt, the target; one token for KL rows) with the
+cached prefix as `past_key_values`, the lower blocks' `forward` replaced by a pass-through and the edit block's
+by "cached output + δ" (insertion at the block output) or "its original forward on the cached input" (insertion
+inside the block, e.g. the MLP output: exact also for blocks with a norm after the MLP, such as Gemma 3). The
+forwards are restored in a `finally`. fast=False runs the plain full forward every step (the reference).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from kedit_pl.data.requests import EditRequest
+from kedit_pl.errors import ConfigError, EditFailed
+from kedit_pl.hooks import StopForward, capture, edit_outputs, stop_after
+from kedit_pl.kv.keys import subject_prompts
+from kedit_pl.models.spec import ModelSpec
+from kedit_pl.tokens import encode_targets, pad_id, prompt_ids, subject_last_token
+
+KL_PROMPTS = ("{} is a",)
+
+
+@dataclass
+class ValueResult:
+    """Per-request outcome. `target` = v + δ is MEMIT's z; ROME uses δ (see methods/rome.py)."""
+
+    delta: torch.Tensor  # (R, d)
+    v_init: torch.Tensor  # (R, d) original output at the insertion point (plain prompt, subject's last token)
+    nll: torch.Tensor  # (R,) mean NLL of target_new at the final δ
+    kl: torch.Tensor  # (R,) KL term (already times kl_factor)
+    steps: list[int] = field(default_factory=list)  # gradient steps taken per request
+    seconds: float = 0.0
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.v_init + self.delta
+
+
+@dataclass
+class _Batch:
+    ids: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor  # -100 except at target tokens of rewrite rows
+    row_req: torch.Tensor  # (B,) request of each row
+    edit_pos: torch.Tensor  # (B,) subject's last token of each row (δ goes there)
+    kl_rows: torch.Tensor  # rows of KL prompts
+    init_rows: torch.Tensor  # (R,) row whose insertion output is v_init
+    pad: int = 0  # padding token id
+
+
+def build_batch(tok: PreTrainedTokenizerBase, requests: list[EditRequest], templates: list[str],
+                kl_prompts: tuple[str, ...] = KL_PROMPTS) -> _Batch:
+    """All rewrite rows (request × template, target appended) then all KL rows, right-padded."""
+    rewrite = subject_prompts(tok, requests, templates)
+    tb = encode_targets(tok, [p.text for p in rewrite], [requests[p.request].target_new for p in rewrite])
+    kl_ids, kl_pos, kl_req = [], [], []
+    for r, req in enumerate(requests):
+        for tpl in kl_prompts:
+            try:
+                text, idx = subject_last_token(tok, tpl, req.subject)
+            except EditFailed as e:
+                raise EditFailed(f"case_id={req.case_id}: {e}") from None
+            kl_ids.append(prompt_ids(tok, text)), kl_pos.append(idx), kl_req.append(r)
+    width = max(tb.input_ids.shape[1], max(len(x) for x in kl_ids))
+    n_rw, n = len(rewrite), len(rewrite) + len(kl_ids)
+    ids = torch.full((n, width), pad_id(tok), dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    w0 = tb.input_ids.shape[1]
+    ids[:n_rw, :w0], mask[:n_rw, :w0], labels[:n_rw, :w0] = tb.input_ids, tb.attention_mask, tb.labels
+    for i, row in enumerate(kl_ids):
+        ids[n_rw + i, : len(row)] = torch.tensor(row)
+        mask[n_rw + i, : len(row)] = 1
+    plain = templates.index("{}") if "{}" in templates else 0
+    return _Batch(ids, mask, labels,
+                  row_req=torch.tensor([p.request for p in rewrite] + kl_req),
+                  edit_pos=torch.tensor([p.subject_idx for p in rewrite] + kl_pos),
+                  kl_rows=torch.arange(n_rw, n),
+                  init_rows=torch.tensor([i for i, p in enumerate(rewrite) if p.template == plain]),
+                  pad=pad_id(tok))
+
+
+@contextmanager
+def _override_forward(replacements: dict[nn.Module, Callable]) -> Iterator[None]:
+    """Temporarily set `module.forward` (instance attribute); always restores the previous state."""
+    missing = object()
+    saved = []
+    try:
+        for mod, fn in replacements.items():
+            saved.append((mod, mod.__dict__.get("forward", missing)))
+            mod.forward = fn
+        yield
+    finally:
+        for mod, old in reversed(saved):
+            if old is missing:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = old
+
+
+def _restructure(template_out, hidden: torch.Tensor):
+    """Return `hidden` in the same structure (tensor or tuple) a block returned originally."""
+    return (hidden,) + tuple(template_out[1:]) if isinstance(template_out, tuple) else hidden
+
+
+def _on_hidden(fn: Callable, hidden: torch.Tensor) -> Callable:
+    """Wrap a block forward so it runs on `hidden` instead of the hidden states it is called with."""
+    def call(*args, **kwargs):
+        if args:
+            return fn(hidden, *args[1:], **kwargs)
+        return fn(**{**kwargs, "hidden_states": hidden})
+    return call
+
+
+class _FullRunner:
+    """Plain forward passes of the whole batch, δ added by a hook (the reference path)."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, batch: _Batch, layer: int, insert: str,
+                 loss_layer: int) -> None:
+        self.model, self.spec = model, spec
+        self.device = next(model.parameters()).device
+        self.block = spec.module_name("layer", layer)
+        self.insert = spec.module_name(insert, layer)
+        if insert != "layer" and not self.insert.startswith(self.block + "."):
+            raise ConfigError(f"insertion module {self.insert} is not inside block {self.block}")
+        self.lower = [spec.module(model, "layer", i) for i in range(layer)]
+        self.loss_block = spec.module_name("layer", loss_layer)
+        self.rows = torch.arange(len(batch.row_req), device=self.device)
+        self.req = batch.row_req.to(self.device)
+        self.pos = batch.edit_pos.to(self.device)  # where δ goes, in this runner's coordinates
+        self.inputs = dict(input_ids=batch.ids.to(self.device), attention_mask=batch.mask.to(self.device),
+                           use_cache=False)
+
+    def _call(self, **inputs) -> None:
+        try:
+            self.model(**inputs)
+        except StopForward:
+            pass
+
+    @torch.no_grad()
+    def prepare(self) -> torch.Tensor:
+        """The original output of the insertion module at every row's subject-last token."""
+        with capture(self.model, [self.insert]) as cap, stop_after(self.model, self.block):
+            self._call(**self.inputs)
+        return cap.outputs[self.insert][self.rows, self.pos]
+
+    def _add(self, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda out: out.index_put((self.rows, self.pos), delta[self.req], accumulate=True)
+
+    def _run(self, delta: torch.Tensor, stack: ExitStack, **inputs) -> torch.Tensor:
+        cap = stack.enter_context(capture(self.model, [self.loss_block], detach=False))
+        stack.enter_context(stop_after(self.model, self.loss_block))
+        self._call(**inputs)
+        return cap.outputs[self.loss_block]
+
+    def hidden(self, delta: torch.Tensor) -> torch.Tensor:
+        """Output of the loss-layer block with δ inserted."""
+        with ExitStack() as stack:
+            stack.enter_context(edit_outputs(self.model, {self.insert: self._add(delta)}))
+            return self._run(delta, stack, **self.inputs)
+
+    def gather(self, h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Hidden states at positions given in the batch's (row, token) coordinates."""
+        return h[rows, cols]
+
+
+class _FastRunner(_FullRunner):
+    """Recompute only what δ changes: the suffix of each row (from the subject's last token on) in the blocks
+    from the edit layer up. The prefix's keys/values are cached once for every layer; lower blocks become
+    pass-throughs and the edit block returns its cached output (+ δ), or reruns on its cached input when δ goes
+    inside it."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, batch: _Batch, layer: int, insert: str,
+                 loss_layer: int) -> None:
+        super().__init__(model, spec, batch, layer, insert, loss_layer)
+        start = batch.edit_pos
+        has_label = batch.labels != -100
+        idx = torch.arange(batch.ids.shape[1]).expand_as(batch.ids)
+        end = torch.where(has_label.any(1), (idx * has_label).max(1).values, start) + 1  # last needed token + 1
+        n, wp, ws = len(start), int(start.max()), int((end - start).max())
+        pad = batch.pad
+        pre_ids, pre_mask = torch.full((n, wp), pad), torch.zeros((n, wp), dtype=torch.long)
+        suf_ids, suf_mask = torch.full((n, ws), pad), torch.zeros((n, ws), dtype=torch.long)
+        for b in range(n):
+            s, e = int(start[b]), int(end[b])
+            pre_ids[b, :s], pre_mask[b, :s] = batch.ids[b, :s], 1
+            suf_ids[b, : e - s], suf_mask[b, : e - s] = batch.ids[b, s:e], 1
+        d = self.device
+        self.start = start.to(d)
+        self.pos = torch.zeros_like(self.start)  # δ goes at the first suffix token
+        self.prefix = dict(input_ids=pre_ids.to(d), attention_mask=pre_mask.to(d), use_cache=True) if wp else None
+        self.suffix = dict(input_ids=suf_ids.to(d), attention_mask=torch.cat([pre_mask, suf_mask], 1).to(d),
+                           position_ids=(start.unsqueeze(1) + torch.arange(ws)).to(d), use_cache=True)
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cache: dict = {}
+
+    def _past(self):
+        """A fresh cache holding the prefix keys/values (each step appends to its own copy)."""
+        if not self.kv:
+            return {}
+        from transformers import DynamicCache
+        return {"past_key_values": DynamicCache(ddp_cache_data=self.kv, config=self.model.config)}
+
+    @torch.no_grad()
+    def prepare(self) -> torch.Tensor:
+        if self.prefix is not None:
+            from transformers import DynamicCache
+            cache = DynamicCache(config=self.model.config)
+            with stop_after(self.model, self.loss_block):
+                self._call(**self.prefix, past_key_values=cache)
+            keep = self.prefix["attention_mask"].bool()[:, None, :, None]  # zero padded slots: never NaN
+            self.kv = [(torch.where(keep, layer.keys, 0.0), torch.where(keep, layer.values, 0.0))
+                       for layer in cache.layers if getattr(layer, "is_initialized", False)]
+        blocks = self.lower + [self.model.get_submodule(self.block)]
+        structs: dict[int, object] = {}
+        hooks = [m.register_forward_hook(lambda _m, _a, out, i=i: structs.__setitem__(i, out))
+                 for i, m in enumerate(blocks)]
+        try:
+            with capture(self.model, [self.insert, self.block], inputs=True) as cap, \
+                    stop_after(self.model, self.block):
+                self._call(**self.suffix, **self._past())
+        finally:
+            for h in hooks:
+                h.remove()
+        # of the lower blocks' outputs only the structure (tensor, or tuple with extras) is reused
+        self.cache = {"in": cap.inputs[self.block], "out": cap.outputs[self.block],
+                      "structs": [structs.get(i) for i in range(len(blocks))]}
+        return cap.outputs[self.insert][self.rows, self.pos]
+
+    def hidden(self, delta: torch.Tensor) -> torch.Tensor:
+        add = self._add(delta)
+        structs, cached_in = self.cache["structs"], self.cache["in"]
+        repl: dict[nn.Module, Callable] = {}
+        for m, out in zip(self.lower, structs):
+            repl[m] = lambda *a, _o=out, **k: _restructure(_o, a[0] if a else k["hidden_states"])
+        blk = self.model.get_submodule(self.block)
+        with ExitStack() as stack:
+            if self.insert == self.block:
+                repl[blk] = lambda *a, **k: _restructure(structs[-1], add(self.cache["out"]))
+            else:
+                repl[blk] = _on_hidden(blk.forward, cached_in)
+                stack.enter_context(edit_outputs(self.model, {self.insert: add}))
+            stack.enter_context(_override_forward(repl))
+            return self._run(delta, stack, **self.suffix, **self._past())
+
+    def gather(self, h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return h[rows, cols - self.start[rows]]
+
+
+def _logprobs(model: nn.Module, spec: ModelSpec, h: torch.Tensor) -> torch.Tensor:
+    """log softmax(lm_head(final_norm(h))) for selected hidden states (N, d) -> (N, V)."""
+    logits = model.get_submodule(spec.lm_head)(model.get_submodule(spec.final_norm)(h)).float()
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits, dim=-1)
+
+
+def optimize_values(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelSpec, requests: list[EditRequest],
+                    templates: list[str], layer: int, *, insert: str = "mlp_out", loss_layer: int | None = None,
+                    steps: int = 20, lr: float = 0.5, weight_decay: float = 0.5, clamp_norm_factor: float = 4.0,
+                    kl_factor: float = 0.0625, kl_prompts: tuple[str, ...] = KL_PROMPTS, stop_loss: float = 5e-2,
+                    fast: bool = True, max_rows: int | None = None) -> ValueResult:
+    """Optimize δ for every request (batched; groups of at most `max_rows` rows per forward)."""
+    if not requests:
+        raise ValueError("optimize_values needs at least one request")
+    per_req = len(templates) + len(kl_prompts)
+    group = len(requests) if not max_rows else max(1, max_rows // per_req)
+    parts = [_optimize_group(model, tok, spec, requests[i: i + group], templates, layer, insert,
+                             spec.n_layers - 1 if loss_layer is None else loss_layer, steps, lr, weight_decay,
+                             clamp_norm_factor, kl_factor, kl_prompts, stop_loss, fast)
+             for i in range(0, len(requests), group)]
+    return ValueResult(torch.cat([p.delta for p in parts]), torch.cat([p.v_init for p in parts]),
+                       torch.cat([p.nll for p in parts]), torch.cat([p.kl for p in parts]),
+                       sum((p.steps for p in parts), []), sum(p.seconds for p in parts))
+
+
+def _optimize_group(model, tok, spec, requests, templates, layer, insert, loss_layer, steps, lr, weight_decay,
+                    clamp_norm_factor, kl_factor, kl_prompts, stop_loss, fast) -> ValueResult:
+    start = time.perf_counter()
+    if not layer <= loss_layer < spec.n_layers:
+        raise ConfigError(f"loss_layer {loss_layer} must lie in [{layer}, {spec.n_layers - 1}]")
+    batch = build_batch(tok, requests, templates, kl_prompts)
+    run = (_FastRunner if fast else _FullRunner)(model, spec, batch, layer, insert, loss_layer)
+    n_req = len(requests)
+    v_all = run.prepare()
+    v_init = v_all[batch.init_rows.to(run.device)].detach()
+    dev = run.device
+    lab = batch.labels.to(dev)
+    tr, tc = (lab != -100).nonzero(as_tuple=True)  # target positions
+    n_tok = (lab != -100).sum(1).clamp_min(1)
+    rw_rows = (lab != -100).any(1)
+    rows_per_req = torch.zeros(n_req, device=dev).index_add_(0, batch.row_req.to(dev)[rw_rows],
+                                                             torch.ones(int(rw_rows.sum()), device=dev))
+    kl_rows, kl_pos = batch.kl_rows.to(dev), batch.edit_pos.to(dev)[batch.kl_rows]
+    kl_req = batch.row_req.to(dev)[batch.kl_rows]
+    kl_per_req = torch.zeros(n_req, device=dev).index_add_(0, kl_req, torch.ones(len(kl_req), device=dev))
+
+    delta = torch.zeros_like(v_init, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
+    max_norm = clamp_norm_factor * v_init.norm(dim=-1)
+    v_sq = v_init.norm(dim=-1) ** 2
+    kl_init = None
+    done = torch.zeros(n_req, dtype=torch.bool, device=dev)
+    taken = [steps - 1] * n_req
+    for it in range(steps):
+        h = run.hidden(delta)
+        lp = _logprobs(model, spec, run.gather(h, tr, tc)).gather(-1, lab[tr, tc].unsqueeze(-1)).squeeze(-1)
+        nll_row = torch.zeros(len(lab), device=dev).index_add(0, tr, -lp) / n_tok
+        nll = torch.zeros(n_req, device=dev).index_add(0, batch.row_req.to(dev), nll_row) / rows_per_req
+        kl_lp = _logprobs(model, spec, run.gather(h, kl_rows, kl_pos))
+        if kl_init is None:
+            kl_init = kl_lp.detach()
+        kl_each = F.kl_div(kl_init, kl_lp, log_target=True, reduction="none").sum(-1)  # KL(P_δ ‖ P)
+        kl = kl_factor * torch.zeros(n_req, device=dev).index_add(0, kl_req, kl_each) / kl_per_req
+        wd = weight_decay * delta.norm(dim=-1) / v_sq
+        loss = nll + kl + wd
+        if not torch.isfinite(loss).all():
+            bad = [requests[i].case_id for i in (~torch.isfinite(loss)).nonzero().flatten().tolist()]
+            raise EditFailed(f"value optimization: non-finite loss at step {it} for case_id(s) {bad}")
+        newly = (loss.detach() < stop_loss) & ~done
+        for i in newly.nonzero().flatten().tolist():
+            taken[i] = it
+        done |= newly
+        if bool(done.all()) or it == steps - 1:
+            break
+        opt.zero_grad()
+        loss.sum().backward()
+        frozen = delta.detach().clone()
+        opt.step()
+        with torch.no_grad():
+            delta[done] = frozen[done]
+            norm = delta.norm(dim=-1)
+            scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
+            delta.mul_(scale.unsqueeze(-1))
+    return ValueResult(delta.detach(), v_init, nll.detach(), kl.detach(), taken, time.perf_counter() - start)

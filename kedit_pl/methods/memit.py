@@ -1,0 +1,176 @@
+"""MEMIT: Mass-Editing Memory in a Transformer (Meng et al., ICLR 2023, Algorithm 1).
+
+1. z_i = h_i^L + δ_i for every request (eq. 16): δ optimized at the *output of the last block L* of the layer
+   range R (the residual stream, `optimize_values(insert="layer")`), batched over requests.
+2. For each layer l ∈ R from low to high, with the lower layers already updated:
+   K = keys at l (mean over context templates at the subject's last token, kv/keys.py);
+   H = current block-L outputs on the plain prompts; residual R = (Z − H) / (|R| − i) (spread over the
+   remaining layers); update of eq. 14
+
+       Δ = R Kᵀ (λ C₀ + K Kᵀ)⁻¹,
+
+   the minimizer of ‖Δ K − R‖² + λ tr(Δ C₀ Δᵀ), in float64, added to the MLP output projection at l.
+
+C₀ here is E[kkᵀ] (kv/stats.py), as in the reference implementation (its `mom2_update_weight` multiplies the
+normalized second moment, e.g. λ = 15000 for GPT-J), so λ carries over unchanged. MEMIT reuses ROME's
+machinery: templates, fingerprint, stats config and the float64 Cholesky `CovarianceSolver`; with one key the
+update equals ROME's rank-one update with `mom2_update_weight` = λ (Sherman–Morrison).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from kedit_pl.data.requests import EditRequest
+from kedit_pl.errors import ConfigError, EditFailed, KEditError
+from kedit_pl.hooks import StopForward, capture, stop_after
+from kedit_pl.kv.context import DEFAULT_LENGTHS
+from kedit_pl.kv.keys import compute_keys, subject_prompts
+from kedit_pl.kv.stats import StatsConfig, second_moment
+from kedit_pl.kv.values import KL_PROMPTS, ValueResult, optimize_values
+from kedit_pl.methods.base import EditMethod
+from kedit_pl.methods.rome import ROME, CovarianceSolver
+from kedit_pl.models.spec import ModelSpec, linear_weight
+from kedit_pl.tokens import pad_id, prompt_ids
+
+
+def memit_update(keys: torch.Tensor, resid: torch.Tensor, C: torch.Tensor | None,
+                 mom2_update_weight: float) -> torch.Tensor:
+    """ΔW (d_out, d_k) in float64 from MEMIT eq. 14: Δ = R Kᵀ (λC₀ + KKᵀ)⁻¹.
+
+    `keys` (n, d_k) and `resid` (n, d_out) hold one request per row; C = None means C₀ = I.
+    """
+    if keys.shape[0] != resid.shape[0]:
+        raise ValueError(f"memit_update: {keys.shape[0]} keys but {resid.shape[0]} residuals")
+    if not (torch.isfinite(keys).all() and torch.isfinite(resid).all()):
+        raise EditFailed("MEMIT update: non-finite keys or residuals (a previous layer's update diverged)")
+    K = keys.double().T  # (d_k, n): keys as columns, as in the paper
+    C0 = C.to(K.device, torch.float64) if C is not None else torch.eye(len(K), dtype=torch.float64, device=K.device)
+    A = mom2_update_weight * C0 + K @ K.T
+    adj = CovarianceSolver(A).solve(K)  # (λC₀ + KKᵀ)⁻¹ K, (d_k, n)
+    return resid.double().T @ adj.T
+
+
+@torch.no_grad()
+def block_outputs(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelSpec, layer: int,
+                  requests: list[EditRequest], batch_size: int = 64) -> torch.Tensor:
+    """Output of block `layer` (residual stream) at the subject's last token of each plain prompt, (R, d)."""
+    block = spec.module_name("layer", layer)
+    prompts = subject_prompts(tok, requests, ["{}"])
+    rows = [prompt_ids(tok, p.text)[: p.subject_idx + 1] for p in prompts]  # causal: the rest is irrelevant
+    device = next(model.parameters()).device
+    out = []
+    with capture(model, [block]) as cap, stop_after(model, block):
+        for b0 in range(0, len(rows), batch_size):
+            chunk = rows[b0: b0 + batch_size]
+            width = max(len(r) for r in chunk)
+            ids = torch.full((len(chunk), width), pad_id(tok), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, r in enumerate(chunk):
+                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+            try:
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except StopForward:
+                pass
+            last = torch.tensor([len(r) - 1 for r in chunk], device=device)
+            out.append(cap.outputs[block][torch.arange(len(chunk), device=device), last])
+    return torch.cat(out)
+
+
+class MEMIT(ROME):
+    """Batch edit of the MLP output projections of `layers` (Hydra: conf/method/memit.yaml).
+
+    Inherits ROME's per-model caches (fingerprint, context templates) and hyperparameters; `self.layer` is the
+    top layer L of the range, where the targets z live.
+    """
+
+    def __init__(self, model: nn.Module | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 spec: ModelSpec | None = None, layers: Sequence[int] | None = None, loss_layer: int | None = None,
+                 v_num_grad_steps: int = 25, v_lr: float = 0.5, v_weight_decay: float = 0.5,
+                 clamp_norm_factor: float = 0.75, kl_factor: float = 0.0625, stop_loss: float = 5e-2,
+                 mom2_adjustment: bool = True, mom2_update_weight: float = 15000.0, z_batch_size: int = 32,
+                 context_template_length_params: Sequence[Sequence[int]] = DEFAULT_LENGTHS, context_seed: int = 0,
+                 fast: bool = True, stats: StatsConfig | Mapping[str, Any] | None = None,
+                 cache_dir: str | None = None, name: str = "memit") -> None:
+        if not layers:
+            raise ConfigError("MEMIT needs a layer range: set method.layers or model.method_defaults.memit.layers")
+        layers = [int(x) for x in layers]
+        if sorted(set(layers)) != layers:
+            raise ConfigError(f"MEMIT layers must be strictly increasing, got {layers}")
+        if spec is not None and not all(0 <= x < spec.n_layers for x in layers):
+            raise ConfigError(f"MEMIT layers {layers} out of range 0..{spec.n_layers - 1} for {spec.name}")
+        if float(mom2_update_weight) <= 0:
+            raise ConfigError(f"MEMIT needs mom2_update_weight > 0 (λ in eq. 14), got {mom2_update_weight}")
+        if int(z_batch_size) < 1:
+            raise ConfigError(f"MEMIT z_batch_size must be >= 1, got {z_batch_size}")
+        if loss_layer is not None and spec is not None and not layers[-1] <= int(loss_layer) < spec.n_layers:
+            raise ConfigError(f"MEMIT loss_layer {loss_layer} must lie in [{layers[-1]}, {spec.n_layers - 1}]")
+        super().__init__(model, tokenizer, spec, layer=layers[-1], loss_layer=loss_layer,
+                         v_num_grad_steps=v_num_grad_steps, v_lr=v_lr, v_weight_decay=v_weight_decay,
+                         clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor, stop_loss=stop_loss,
+                         mom2_adjustment=mom2_adjustment, mom2_update_weight=mom2_update_weight,
+                         context_template_length_params=context_template_length_params,
+                         context_seed=context_seed, fast=fast, stats=stats, cache_dir=cache_dir, name=name)
+        self.layers = layers
+        self.z_batch_size = int(z_batch_size)
+        self._mom2: dict[int, torch.Tensor] | None = None
+
+    # --- cached per model ---------------------------------------------------------------------------
+    def mom2(self) -> dict[int, torch.Tensor | None]:
+        """C₀ = E[kkᵀ] per layer of the range (one corpus pass for all of them); None per layer without stats."""
+        if not self.mom2_adjustment:
+            return {layer: None for layer in self.layers}
+        if self._mom2 is None:
+            self._mom2 = second_moment(self.model, self.tok, self.spec, self.layers, self.stats, self.fingerprint)
+        return dict(self._mom2)
+
+    def prepare(self) -> None:
+        """Templates and C₀ for every layer, before the first (timed) edit."""
+        self.templates()
+        self.mom2()
+
+    # --- EditMethod -------------------------------------------------------------------------------
+    def edited_parameters(self, requests: list[EditRequest]) -> list[str]:
+        return [self.spec.weight_name("mlp_out", layer) for layer in self.layers]
+
+    def edit_one(self, req: EditRequest) -> dict[str, Any]:
+        """One request is a batch of one (ROME's per-request entry point, kept meaningful)."""
+        return self.compute_edit([req])
+
+    def compute_targets(self, requests: list[EditRequest]) -> ValueResult:
+        """z_i at the top layer (eq. 16), optimized in groups of `z_batch_size` requests."""
+        templates = self.templates()
+        max_rows = self.z_batch_size * (len(templates) + len(KL_PROMPTS))
+        return optimize_values(self.model, self.tok, self.spec, requests, templates, self.layer, insert="layer",
+                               loss_layer=self.loss_layer, fast=self.fast, max_rows=max_rows, **self.hp)
+
+    def compute_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
+        for req in requests:
+            try:
+                req.validate()
+            except KEditError as e:
+                raise EditFailed(str(e)) from None
+        self.prepare()
+        templates, mom2 = self.templates(), self.mom2()
+        res = self.compute_targets(requests)
+        Z = res.target.double()
+        info: dict[str, Any] = {"layers": [], "value_seconds": res.seconds,
+                                "per_request": [{"case_id": r.case_id, "nll": res.nll[i].item(),
+                                                 "steps": res.steps[i], "delta_norm": res.delta[i].norm().item()}
+                                                for i, r in enumerate(requests)]}
+        for i, layer in enumerate(self.layers):
+            K = compute_keys(self.model, self.tok, self.spec, layer, requests, templates)  # with lower layers edited
+            H = block_outputs(self.model, self.tok, self.spec, self.layer, requests).double()
+            resid = (Z - H) / (len(self.layers) - i)  # spread the remaining error over the remaining layers
+            delta_w = memit_update(K, resid, mom2[layer], self.mom2_update_weight)  # eq. 14
+            W = linear_weight(self.spec.module(self.model, "mlp_out", layer))
+            with torch.no_grad():
+                W.add_(delta_w.to(W.dtype))
+            info["layers"].append({"layer": layer, "z_error": (Z - H).norm(dim=-1).mean().item(),
+                                   "update_norm": delta_w.norm().item()})
+        H = block_outputs(self.model, self.tok, self.spec, self.layer, requests).double()
+        info["final_z_error"] = (Z - H).norm(dim=-1).mean().item()
+        return info

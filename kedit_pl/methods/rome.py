@@ -1,0 +1,169 @@
+"""ROME: Rank-One Model Editing (Meng et al., NeurIPS 2022).
+
+Per request: k* = mean key over the context templates (eq. 3, kv/keys.py); δ from the value optimization
+(eq. 4, kv/values.py); then the rank-one update of eq. 2, in float64,
+
+    W' = W + Λ (C⁻¹k*)ᵀ,   Λ = (v − W k − b) / ((C⁻¹k*)ᵀ k),   v = W k + b + δ,
+
+which makes W'k + b = v exactly. The key k where the constraint is enforced is `constraint_key`:
+- "plain" (default): the key of the unprefixed rewrite prompt, as ROME's released code does (its right vector
+  divides by the plain prompt's key); the rewrite prompt then gets exactly the optimized δ;
+- "mean": k = k*, eq. 2 read literally; v = W k* + b + δ is the mean of the optimized outputs over templates.
+The direction C⁻¹k* is the same in both. C = E[kkᵀ] comes from kv/stats.py. With `mom2_update_weight` λ > 0
+the denominator becomes λ + (C⁻¹k*)ᵀk (Sherman–Morrison form of MEMIT's (λC + kkᵀ)⁻¹ for one key): a softer
+edit that no longer hits v exactly; λ = 0 is ROME. Requests are applied one after another (single-edit method).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from kedit_pl.data.requests import EditRequest
+from kedit_pl.errors import ConfigError, EditFailed, KEditError
+from kedit_pl.kv.context import DEFAULT_LENGTHS, context_templates
+from kedit_pl.kv.keys import template_keys
+from kedit_pl.kv.stats import StatsConfig, model_fingerprint, second_moment
+from kedit_pl.kv.values import optimize_values
+from kedit_pl.methods.base import EditMethod
+from kedit_pl.models.spec import ModelSpec, linear_weight
+
+
+def rank_one_update(W: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c_inv_k: torch.Tensor,
+                    bias: torch.Tensor | None = None, mom2_update_weight: float = 0.0) -> torch.Tensor:
+    """ΔW (out, in) in float64 from ROME eq. 2: Λ (C⁻¹k)ᵀ with Λ = (v − W k − b) / ((C⁻¹k)ᵀ k [+ λ])."""
+    W64, k64, u = W.double(), k.double(), c_inv_k.double()
+    out = W64 @ k64 + (bias.double() if bias is not None else 0.0)
+    denom = u @ k64 + mom2_update_weight
+    if not torch.isfinite(denom) or denom.abs() < 1e-12:
+        raise EditFailed(f"rank-one update: degenerate denominator (C⁻¹k)ᵀk = {denom.item():.3g}")
+    lam = (v.double() - out) / denom
+    return torch.outer(lam, u)
+
+
+class CovarianceSolver:
+    """C⁻¹x via a float64 Cholesky factor of C (a tiny ridge is added only if C is not positive definite)."""
+
+    def __init__(self, C: torch.Tensor) -> None:
+        C = C.double()
+        C = (C + C.T) / 2
+        factor, info = torch.linalg.cholesky_ex(C)
+        ridge = 0.0
+        while info.item() != 0:
+            ridge = max(ridge * 10, 1e-8 * C.diagonal().mean().item())
+            factor, info = torch.linalg.cholesky_ex(C + ridge * torch.eye(len(C), dtype=C.dtype))
+            if ridge > 1e-2 * C.diagonal().mean().item():
+                raise EditFailed("key second moment C is far from positive definite; use more stats samples")
+        self.factor, self.ridge = factor, ridge
+
+    def solve(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cholesky_solve(x.double().reshape(len(self.factor), -1), self.factor).reshape(x.shape)
+
+
+class ROME(EditMethod):
+    """Rank-one edit of the MLP output projection at `layer` (Hydra: conf/method/rome.yaml)."""
+
+    def __init__(self, model: nn.Module | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 spec: ModelSpec | None = None, layer: int | None = None, loss_layer: int | None = None,
+                 v_num_grad_steps: int = 20, v_lr: float = 0.5, v_weight_decay: float = 0.5,
+                 clamp_norm_factor: float = 4.0, kl_factor: float = 0.0625, stop_loss: float = 5e-2,
+                 mom2_adjustment: bool = True, mom2_update_weight: float = 0.0,
+                 context_template_length_params: Sequence[Sequence[int]] = DEFAULT_LENGTHS, context_seed: int = 0,
+                 fast: bool = True, stats: StatsConfig | Mapping[str, Any] | None = None,
+                 cache_dir: str | None = None, constraint_key: str = "plain", name: str = "rome") -> None:
+        super().__init__(model, tokenizer, spec)
+        if layer is None:
+            raise ConfigError("ROME needs an edit layer: set method.layer or model.method_defaults.rome.layer")
+        if spec is not None and not 0 <= int(layer) < spec.n_layers:
+            raise ConfigError(f"ROME layer {layer} out of range 0..{spec.n_layers - 1} for {spec.name}")
+        if mom2_adjustment and stats is None:
+            raise ConfigError("ROME with mom2_adjustment needs a `stats` config (conf/stats/*.yaml)")
+        self.name = name
+        if constraint_key not in ("plain", "mean"):
+            raise ConfigError(f"ROME constraint_key must be 'plain' or 'mean', got {constraint_key!r}")
+        self.constraint_key = constraint_key
+        self.layer, self.loss_layer = int(layer), None if loss_layer is None else int(loss_layer)
+        self.hp = dict(steps=int(v_num_grad_steps), lr=float(v_lr), weight_decay=float(v_weight_decay),
+                       clamp_norm_factor=float(clamp_norm_factor), kl_factor=float(kl_factor),
+                       stop_loss=float(stop_loss))
+        self.mom2_adjustment, self.mom2_update_weight = bool(mom2_adjustment), float(mom2_update_weight)
+        self.lengths = [tuple(int(x) for x in p) for p in context_template_length_params]
+        self.context_seed, self.fast = int(context_seed), bool(fast)
+        self.stats = StatsConfig.from_any(stats) if stats is not None else None
+        self.cache_dir = cache_dir or (self.stats.cache_dir if self.stats else None)
+        self._fingerprint: str | None = None
+        self._solver: CovarianceSolver | None = None
+
+    # --- cached per model ---------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """Digest of the unedited weights, taken on first use (cache key for stats and templates)."""
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    def templates(self) -> list[str]:
+        d = Path(self.cache_dir) / self.spec.name if self.cache_dir else None
+        return context_templates(self.model, self.tok, f"{self.spec.name}:{self.fingerprint}", self.lengths,
+                                 self.context_seed, d)
+
+    def solver(self) -> CovarianceSolver | None:
+        if self.mom2_adjustment and self._solver is None:
+            C = second_moment(self.model, self.tok, self.spec, [self.layer], self.stats, self.fingerprint)[self.layer]
+            self._solver = CovarianceSolver(C)
+        return self._solver
+
+    # --- EditMethod -------------------------------------------------------------------------------
+    def edited_parameters(self, requests: list[EditRequest]) -> list[str]:
+        return [self.spec.weight_name("mlp_out", self.layer)]
+
+    def prepare(self) -> None:
+        """Compute the per-model caches (fingerprint, templates, C) before the first, timed edit."""
+        self.templates()
+        self.solver()
+
+    def on_test_start(self) -> None:
+        """Lightning hook: build the caches before the first edit so edit timings exclude them."""
+        self.prepare()
+
+    def compute_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
+        for req in requests:
+            try:
+                req.validate()
+            except KEditError as e:
+                raise EditFailed(str(e)) from None
+        self.prepare()
+        info: dict[str, Any] = {"per_request": []}
+        for req in requests:
+            info["per_request"].append(self.edit_one(req))
+        return info
+
+    @torch.no_grad()
+    def _write_update(self, delta_w: torch.Tensor) -> None:
+        W = linear_weight(self.spec.module(self.model, "mlp_out", self.layer))
+        W.add_(delta_w.to(device=W.device, dtype=W.dtype))
+
+    def edit_one(self, req: EditRequest) -> dict[str, Any]:
+        """Compute and write one rank-one update; returns diagnostics."""
+        templates = self.templates()
+        keys = template_keys(self.model, self.tok, self.spec, self.layer, [req], templates)[0]
+        k_star = keys.mean(0)  # eq. 3
+        res = optimize_values(self.model, self.tok, self.spec, [req], templates, self.layer, insert="mlp_out",
+                              loss_layer=self.loss_layer, fast=self.fast, **self.hp)
+        module = self.spec.module(self.model, "mlp_out", self.layer)
+        # eq. 2 in float64 on the CPU (a d_out x d_k matrix: cheap), then written back in the model's dtype
+        W = linear_weight(module).detach().cpu()
+        b = module.bias.detach().cpu() if getattr(module, "bias", None) is not None else None
+        k_star, delta = k_star.cpu().double(), res.delta[0].cpu().double()
+        k = k_star if self.constraint_key == "mean" else keys[templates.index("{}")].cpu().double()
+        solver = self.solver()
+        c_inv_k = solver.solve(k_star) if solver is not None else k_star
+        v = W.double() @ k + (b.double() if b is not None else 0.0) + delta  # v* at the constrained key
+        delta_w = rank_one_update(W, k, v, c_inv_k, b, self.mom2_update_weight)
+        self._write_update(delta_w)
+        return {"case_id": req.case_id, "nll": res.nll[0].item(), "kl": res.kl[0].item(), "steps": res.steps[0],
+                "delta_norm": delta.norm().item(), "v_norm": res.v_init[0].norm().item(),
+                "update_norm": delta_w.norm().item(), "value_seconds": res.seconds}

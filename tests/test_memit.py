@@ -1,0 +1,175 @@
+"""MEMIT (methods/memit.py): eq. 14 algebra, batched z, closed form on one layer, ES and exact restore."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kedit_pl.config import compose
+from kedit_pl.errors import ConfigError, EditFailed
+from kedit_pl.kv.keys import compute_keys
+from kedit_pl.methods.memit import MEMIT, block_outputs, memit_update
+from kedit_pl.methods.rome import CovarianceSolver, rank_one_update
+import kedit_pl.methods.memit as memit_mod
+from kedit_pl.pipeline import build_method
+from tests.test_rome import (REQ, REQ2, REQ_W, WORDS, assert_untouched, mean_nll, one_thread,  # noqa: F401
+                             weights, word_lm)
+
+
+def random_problem(n: int, d_k: int = 10, d_out: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    K = torch.randn(n, d_k, generator=g, dtype=torch.float64)
+    R = torch.randn(n, d_out, generator=g, dtype=torch.float64)
+    A = torch.randn(d_k, 4 * d_k, generator=g, dtype=torch.float64)
+    return K, R, A @ A.T / (4 * d_k)
+
+
+@pytest.fixture
+def stats(tmp_path):
+    (tmp_path / "words.txt").write_text(" ".join(WORDS * 30))
+    return dict(corpus=str(tmp_path / "words.txt"), n_samples=800, seq_len=50, batch_size=4,
+                cache_dir=str(tmp_path), progress=False)
+
+
+def make_memit(lm, stats, **kw) -> MEMIT:
+    base = dict(layers=lm.spec.method_defaults["memit"]["layers"], context_template_length_params=[[4, 5]],
+                stats=stats)
+    return MEMIT(model=lm.model, tokenizer=lm.tokenizer, spec=lm.spec, **{**base, **kw})
+
+
+# --- eq. 14 algebra ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 3, 20])
+def test_update_solves_regularized_least_squares(n):
+    K, R, C = random_problem(n)
+    lam = 0.7
+    D = memit_update(K, R, C, lam)
+    assert D.dtype == torch.float64 and D.shape == (6, 10)
+    # normal equations of argmin ‖ΔK − R‖² + λ tr(Δ C Δᵀ): Δ(λC + KKᵀ) = R Kᵀ (keys as columns)
+    torch.testing.assert_close(D @ (lam * C + K.T @ K), R.T @ K, rtol=1e-9, atol=1e-9)
+    # the same minimizer from a plain least-squares solve of the stacked system [K, √λ L] (C = L Lᵀ)
+    L = torch.linalg.cholesky(C)
+    A = torch.cat([K.T, lam ** 0.5 * L], 1)  # (d_k, n + d_k)
+    B = torch.cat([R.T, torch.zeros(6, 10, dtype=torch.float64)], 1)
+    direct = torch.linalg.lstsq(A.T, B.T).solution.T
+    torch.testing.assert_close(D, direct, rtol=1e-8, atol=1e-10)
+
+
+def test_one_key_equals_rome_rank_one_update():
+    K, R, C = random_problem(1)
+    W = torch.randn(6, 10, dtype=torch.float64)
+    k, v = K[0], W @ K[0] + R[0]
+    rome = rank_one_update(W, k, v, CovarianceSolver(C).solve(k), mom2_update_weight=2.5)
+    torch.testing.assert_close(memit_update(K, R, C, 2.5), rome, rtol=1e-9, atol=1e-12)
+
+
+# --- batched z == one at a time ---------------------------------------------------------------------------
+def test_batched_targets_equal_single(tiny_llama, stats):
+    lm = tiny_llama
+    memit = make_memit(lm, stats, v_num_grad_steps=6, v_lr=0.1)
+    both = memit.compute_targets([REQ, REQ2])
+    memit.z_batch_size = 1  # two groups of one request
+    grouped = memit.compute_targets([REQ, REQ2])
+    alone = [memit.compute_targets([r]).target[0] for r in (REQ, REQ2)]
+    assert both.delta.abs().max() > 0
+    torch.testing.assert_close(grouped.target, both.target, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.stack(alone), both.target, rtol=1e-4, atol=1e-6)
+    # z lives at the top layer's block output: z − δ is the unedited residual stream there
+    h = block_outputs(lm.model, lm.tokenizer, lm.spec, memit.layer, [REQ, REQ2])
+    torch.testing.assert_close(both.v_init, h, rtol=1e-4, atol=1e-5)
+
+
+# --- one edit on one layer: the closed form -------------------------------------------------------------
+def test_one_layer_edit_is_closed_form(tiny_llama, stats):
+    lm = tiny_llama
+    memit = make_memit(lm, stats, layers=[1], v_num_grad_steps=5, mom2_update_weight=50.0)
+    memit.prepare()
+    before = weights(lm.model)
+    templates = memit.templates()
+    k = compute_keys(lm.model, lm.tokenizer, lm.spec, 1, [REQ], templates).double()
+    r = memit.compute_targets([REQ]).target.double() - block_outputs(lm.model, lm.tokenizer, lm.spec, 1, [REQ])
+    C = memit.mom2()[1].double()
+    handle = memit.apply([REQ])
+    name = memit.edited_parameters([REQ])[0]
+    D = (dict(lm.model.named_parameters())[name].detach().double() - before[name].double())
+    # argmin ‖Δk − r‖² + λ tr(Δ C Δᵀ), solved directly as a stacked least-squares problem
+    L = torch.linalg.cholesky(C)
+    A = torch.cat([k.T, 50.0 ** 0.5 * L], 1)
+    B = torch.cat([r.T, torch.zeros(r.shape[1], len(C), dtype=torch.float64)], 1)
+    direct = torch.linalg.lstsq(A.T, B.T, driver="gelsd").solution.T
+    scale = direct.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(D / scale, direct / scale, rtol=0, atol=1e-4)
+    # normal equations Δ(λC + kkᵀ) = r kᵀ hold for the written update (up to float32 storage)
+    lhs, rhs = D @ (50.0 * C + k.T @ k), r.T @ k
+    assert (lhs - rhs).abs().max() <= 1e-3 * rhs.abs().max()
+    memit.restore(handle)
+    assert_untouched(lm.model, before)
+
+
+# --- end to end: ES 100 on a few edits, exact restore -----------------------------------------------------
+def test_memit_edits_several_facts_and_restores_exactly(stats):
+    lm = word_lm("llama")
+    # tiny random models need a larger trust region (and weaker C₀ prior) than a real model
+    memit = make_memit(lm, stats, v_lr=1.0, clamp_norm_factor=50.0, v_weight_decay=0.0, v_num_grad_steps=40,
+                       mom2_update_weight=1.0)
+    reqs = []
+    for i, (subject, prompt) in enumerate([("Toko Yasuda", "{} plays the instrument"),
+                                           ("Danielle Darrieux", "The mother tongue of {} is"),
+                                           ("Rome", "{} is the capital of")]):
+        req = dataclasses.replace(REQ_W, case_id=f"w{i}", subject=subject, prompt=prompt)
+        if mean_nll(lm, req.rewrite, req.target_new) < mean_nll(lm, req.rewrite, req.target_true):
+            req = dataclasses.replace(req, target_new=req.target_true, target_true=req.target_new)
+        reqs.append(req)
+    before = weights(lm.model)
+    handle = memit.apply(reqs)
+    assert set(handle.originals) == {lm.spec.weight_name("mlp_out", layer) for layer in memit.layers}
+    for req in reqs:  # ES = 100
+        assert mean_nll(lm, req.rewrite, req.target_new) < mean_nll(lm, req.rewrite, req.target_true), req.case_id
+    assert handle.info["final_z_error"] < handle.info["layers"][0]["z_error"]
+    memit.restore(handle)
+    assert_untouched(lm.model, before)
+
+
+# --- config and failures ------------------------------------------------------------------------------------
+def test_memit_from_hydra_config(tiny_llama, tmp_path):
+    cfg = compose("edit", ["model=tiny_llama", "method=memit", f"paths.output_dir={tmp_path}",
+                           f"paths.cache_dir={tmp_path}"])
+    memit = build_method(cfg, tiny_llama)
+    assert isinstance(memit, MEMIT) and memit.layers == [0, 1, 2] and memit.layer == 2
+    assert memit.edited_parameters([REQ]) == [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1, 2)]
+    assert memit.to("cpu") is memit  # Lightning moves the module: nn.Module._apply must not be shadowed
+
+
+@pytest.mark.parametrize("bad, match", [(dict(layers=[]), "layer range"), (dict(layers=[2, 1]), "increasing"),
+                                        (dict(layers=[1, 9]), "out of range"),
+                                        (dict(mom2_update_weight=0.0), "mom2_update_weight")])
+def test_bad_config(tiny_llama, stats, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        make_memit(tiny_llama, stats, **bad)
+
+
+def test_failure_leaves_model_untouched(tiny_llama, stats):
+    memit = make_memit(tiny_llama, stats, v_num_grad_steps=2)
+    before = weights(tiny_llama.model)
+    bad = dataclasses.replace(REQ, case_id="end", subject="Paris", prompt="The capital of France is {}")
+    with pytest.raises(EditFailed, match="ends with the subject"):
+        memit.apply([REQ, bad])
+    assert_untouched(tiny_llama.model, before)
+
+
+def test_non_finite_update_midway_restores_all_layers(tiny_llama, stats, monkeypatch):
+    memit = make_memit(tiny_llama, stats, v_num_grad_steps=2)
+    memit.prepare()
+    before = weights(tiny_llama.model)
+    calls = []
+
+    def second_is_nan(*args, **kwargs):  # layer 0 is written, then layer 1 gets a NaN update
+        calls.append(1)
+        out = memit_update(*args, **kwargs)
+        return out * float("nan") if len(calls) == 2 else out
+
+    monkeypatch.setattr(memit_mod, "memit_update", second_is_nan)
+    with pytest.raises(EditFailed, match="non-finite"):
+        memit.apply([REQ])
+    assert_untouched(tiny_llama.model, before)
