@@ -25,13 +25,12 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.data.requests import EditRequest
-from kedit_pl.errors import ConfigError, EditFailed, KEditError
+from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.hooks import StopForward, capture, stop_after
 from kedit_pl.kv.context import DEFAULT_LENGTHS
 from kedit_pl.kv.keys import compute_keys, subject_prompts
 from kedit_pl.kv.stats import StatsConfig, second_moment
 from kedit_pl.kv.values import KL_PROMPTS, ValueResult, optimize_values
-from kedit_pl.methods.base import EditMethod
 from kedit_pl.methods.rome import ROME, CovarianceSolver
 from kedit_pl.models.spec import ModelSpec, linear_weight
 from kedit_pl.tokens import pad_id, prompt_ids
@@ -148,12 +147,7 @@ class MEMIT(ROME):
                                loss_layer=self.loss_layer, fast=self.fast, max_rows=max_rows, **self.hp)
 
     def compute_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
-        for req in requests:
-            try:
-                req.validate()
-            except KEditError as e:
-                raise EditFailed(str(e)) from None
-        self.prepare()
+        self.check_and_prepare(requests)
         templates, mom2 = self.templates(), self.mom2()
         res = self.compute_targets(requests)
         Z = res.target.double()

@@ -129,13 +129,17 @@ class ROME(EditMethod):
         """Lightning hook: build the caches before the first edit so edit timings exclude them."""
         self.prepare()
 
-    def compute_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
+    def check_and_prepare(self, requests: list[EditRequest]) -> None:
+        """Reject invalid requests as EditFailed (model untouched), then build the per-model caches."""
         for req in requests:
             try:
                 req.validate()
             except KEditError as e:
                 raise EditFailed(str(e)) from None
         self.prepare()
+
+    def compute_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
+        self.check_and_prepare(requests)
         info: dict[str, Any] = {"per_request": []}
         for req in requests:
             info["per_request"].append(self.edit_one(req))
