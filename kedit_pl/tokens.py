@@ -73,15 +73,21 @@ def encode_targets(tok: PreTrainedTokenizerBase, prompts: list[str], targets: li
     return TargetBatch(input_ids, mask, lab_t, plens)
 
 
-def encode_prompts(tok: PreTrainedTokenizerBase, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Right-padded prompt ids, attention mask, and each prompt's length."""
-    rows = [prompt_ids(tok, p) for p in prompts]
+def right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows -> right-padded ids and attention mask."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id(tok), dtype=torch.long)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for b, r in enumerate(rows):
         ids[b, : len(r)] = torch.tensor(r)
         mask[b, : len(r)] = 1
+    return ids, mask
+
+
+def encode_prompts(tok: PreTrainedTokenizerBase, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Right-padded prompt ids, attention mask, and each prompt's length."""
+    rows = [prompt_ids(tok, p) for p in prompts]
+    ids, mask = right_pad(rows, pad_id(tok))
     return ids, mask, [len(r) for r in rows]
 
 

@@ -31,3 +31,14 @@ def tiny_gpt2():
     from kedit_pl.models.load import load_model
 
     return load_model(compose("edit", ["model=tiny_gpt2", "paths.output_dir=/tmp"]).model)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run much faster on one thread, especially on a shared CPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -13,8 +13,10 @@ from kedit_pl.methods.memit import MEMIT, block_outputs, memit_update
 from kedit_pl.methods.rome import CovarianceSolver, rank_one_update
 import kedit_pl.methods.memit as memit_mod
 from kedit_pl.pipeline import build_method
-from tests.test_rome import (REQ, REQ2, REQ_W, WORDS, assert_untouched, mean_nll, one_thread,  # noqa: F401
+from tests.test_rome import (REQ, REQ2, REQ_W, WORDS, assert_untouched, mean_nll,  # noqa: F401
                              weights, word_lm)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_problem(n: int, d_k: int = 10, d_out: int = 6, seed: int = 0):

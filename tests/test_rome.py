@@ -31,13 +31,7 @@ TEMPLATES = ["{}", "The day. {}", "Because of it. {}"]
 TEXT = "Editing a single fact in a language model should leave every other fact where it was. " * 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run much faster on one thread, especially on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

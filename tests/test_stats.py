@@ -12,13 +12,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital of Fr
         "Knowledge editing changes one fact in a language model while leaving the others intact.\n")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run much faster on one thread, especially on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

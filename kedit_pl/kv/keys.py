@@ -17,7 +17,7 @@ from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import EditFailed
 from kedit_pl.hooks import StopForward, capture, stop_after
 from kedit_pl.models.spec import ModelSpec
-from kedit_pl.tokens import pad_id, prompt_ids, subject_last_token
+from kedit_pl.tokens import pad_id, prompt_ids, right_pad, subject_last_token
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,6 @@ def subject_prompts(tok: PreTrainedTokenizerBase, requests: list[EditRequest],
     return out
 
 
-def _right_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(r)
-        mask[b, : len(r)] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -66,7 +58,7 @@ def keys_at(model: nn.Module, tok: PreTrainedTokenizerBase, module: str, prompts
     try:
         with capture(model, [module], inputs=True, outputs=False) as cap, stop_after(model, module):
             for b0 in range(0, len(rows), batch_size):
-                ids, mask = _right_pad(rows[b0: b0 + batch_size], pad_id(tok))
+                ids, mask = right_pad(rows[b0: b0 + batch_size], pad_id(tok))
                 try:
                     model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
                 except StopForward:

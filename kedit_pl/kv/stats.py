@@ -28,7 +28,7 @@ from kedit_pl.errors import ConfigError
 from kedit_pl.hooks import StopForward, capture, stop_after
 from kedit_pl.io import load_tensors, save_tensors
 from kedit_pl.models.spec import ModelSpec
-from kedit_pl.tokens import pad_id, prompt_ids
+from kedit_pl.tokens import pad_id, prompt_ids, right_pad
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -150,13 +150,7 @@ def _paths(cfg: StatsConfig, key: dict) -> tuple[Path, Path]:
 def _batches(chunks: list[list[int]], start: int, size: int,
              pad: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     for c0 in range(start, len(chunks), size):
-        rows = chunks[c0: c0 + size]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.tensor(r)
-            mask[b, : len(r)] = 1
+        ids, mask = right_pad(chunks[c0: c0 + size], pad)
         yield c0, ids, mask
 
 
