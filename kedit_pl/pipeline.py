@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from kedit_pl.data.datamodule import EditDataModule
 from kedit_pl.errors import ConfigError, KEditError
 from kedit_pl.eval.callback import EditEvalCallback, read_done_records
+from kedit_pl.io import write_json
 from kedit_pl.methods.base import EditMethod
 
 log = logging.getLogger("kedit_pl")
@@ -87,6 +88,7 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.test(method, datamodule=dm, verbose=False)
     callback.summary["timing"]["wall_seconds"] = time.perf_counter() - start
+    write_json(out / "summary.json", callback.summary)  # again, now with the run's wall time
     finish_loggers(loggers)
     log.info("results in %s", out)
     return callback.summary
