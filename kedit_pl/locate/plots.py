@@ -30,8 +30,8 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 
 def _xlabel(kind: str, window: int, model_name: str) -> str:
-    if kind == "hidden":
-        return f"single restored layer within {model_name}"
+    if kind == "hidden" or window == 1:
+        return f"single restored {'' if kind == 'hidden' else KIND_NAMES[kind] + ' '}layer within {model_name}"
     return f"center of interval of {window} restored {KIND_NAMES[kind]} layers"
 
 
@@ -97,7 +97,8 @@ def plot_average_lines(avg: Mapping, path: str | os.PathLike, kinds: Sequence[st
             c = cmap.colors[GROUPS.index(g)]
             ax.fill_between(x, y - err, y + err, alpha=0.25, color=c)
             ax.plot(x, y, label=GROUP_LABELS[g], color=c)
-        what = "single hidden vector" if kind == "hidden" else f"run of {window} {KIND_NAMES[kind]} layers"
+        what = ("single hidden vector" if kind == "hidden" else f"single {KIND_NAMES[kind]} layer" if window == 1
+                else f"run of {window} {KIND_NAMES[kind]} layers")
         ax.set_title(f"Avg indirect effect of a {what}", fontsize=9)
         ax.set_xlabel(f"layer number in {model_name}", fontsize=8)
     axes[0][0].set_ylabel("average indirect effect on p(o)", fontsize=8)
