@@ -30,14 +30,28 @@ def group_prompts(req: EditRequest) -> dict[str, list[str]]:
     return {"rewrite": [req.rewrite], "paraphrase": list(req.paraphrases), "neighborhood": list(req.neighborhood)}
 
 
-#: (input_ids, attention_mask, prompt_lengths) -> logits. Prompt lengths let routing methods (SERAC)
-#: decide on the prompt alone, so both targets of a prompt are scored by the same route.
-LogitsFn = Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]
+#: (input_ids, attention_mask, prompt_lengths, keep) -> logits (B, T', V). Prompt lengths let routing methods
+#: (SERAC) decide on the prompt alone, so both targets of a prompt are scored by the same route. `keep` (None =
+#: all) says only the last `keep` positions are read: a function may return just those (T' = keep) to skip the
+#: LM head elsewhere, which is most of the cost for large vocabularies (Gemma 3: 262k), or all T positions.
+LogitsFn = Callable[..., torch.Tensor]
+
+
+def forward_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+    """Logits of a plain forward pass; with `keep`, the LM head runs on the last `keep` positions only."""
+    if keep is None:
+        return model(input_ids=ids, attention_mask=mask).logits
+    return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
 
 
 def model_logits(model: nn.Module) -> LogitsFn:
     """The default way to get logits: a plain forward pass."""
-    return lambda ids, mask, prompt_lengths=None: model(input_ids=ids, attention_mask=mask).logits
+    return lambda ids, mask, prompt_lengths=None, keep=None: forward_logits(model, ids, mask, keep)
+
+
+def last_positions(batch) -> int:
+    """How many trailing positions of a right-padded batch hold every target label (the LM head needs no more)."""
+    return batch.input_ids.shape[1] - min(batch.prompt_lengths) + 1
 
 
 @torch.no_grad()
@@ -50,12 +64,14 @@ def score_pairs(logits_fn: LogitsFn, tok: PreTrainedTokenizerBase, prompts: list
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         batch = encode_targets(tok, [prompts[i] for i in idx], [targets[i] for i in idx]).to(device)
-        logits = logits_fn(batch.input_ids, batch.attention_mask, batch.prompt_lengths)
-        lp = label_logprobs(logits, batch.labels)
-        mask = batch.target_mask
+        keep = min(last_positions(batch), batch.input_ids.shape[1])
+        logits = logits_fn(batch.input_ids, batch.attention_mask, batch.prompt_lengths, keep)[:, -keep:]
+        labels = batch.labels[:, -keep:]
+        lp = label_logprobs(logits, labels)
+        mask = labels != -100
         n = mask.sum(-1).clamp_min(1)
         nll = -(lp.sum(-1) / n)
-        correct = ((logits.argmax(-1) == batch.labels) & mask).sum(-1) / n
+        correct = ((logits.argmax(-1) == labels) & mask).sum(-1) / n
         for j, i in enumerate(idx):
             results[i] = TargetScore(float(nll[j]), float(correct[j]))
     for i in range(len(prompts)):

@@ -21,7 +21,7 @@ import torch
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError
-from kedit_pl.eval.scoring import LogitsFn
+from kedit_pl.eval.scoring import LogitsFn, forward_logits
 from kedit_pl.methods.base import EditHandle, EditMethod
 from kedit_pl.methods.serac import checkpoint as ckpt_io
 from kedit_pl.methods.serac.classifier import ScopeClassifier, load_encoder
@@ -168,13 +168,14 @@ class Serac(SeracTraining, EditMethod):
 
     @torch.no_grad()
     def routed_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      prompt_lengths: list[int] | None = None) -> torch.Tensor:
+                      prompt_lengths: list[int] | None = None, keep: int | None = None) -> torch.Tensor:
         """Base logits for out-of-scope rows (bit-exact), counterfactual logits for in-scope rows.
 
         The classifier reads each row's text (its first `prompt_lengths[b]` tokens when given, else the whole
-        row, target included: the shared scoring passes ids and mask only).
+        row, target included: the shared scoring passes ids and mask only). With `keep`, only the last `keep`
+        positions are returned, as `eval.scoring.LogitsFn` allows.
         """
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = forward_logits(self.model, input_ids, attention_mask, keep)
         if not len(self.memory):
             return logits
         ends = prompt_lengths or attention_mask.sum(-1).tolist()
@@ -184,7 +185,7 @@ class Serac(SeracTraining, EditMethod):
         if rows:
             ctx = [self._context(int(idx[b])) for b in rows]
             cf = self.cond.logits(self.cf_model, ctx, input_ids[rows], attention_mask[rows])
-            logits[rows] = cf.to(logits.dtype)
+            logits[rows] = cf[:, cf.shape[1] - logits.shape[1]:].to(logits.dtype)
         return logits
 
     def _context(self, row: int) -> str:
