@@ -147,8 +147,12 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         log.warning("train.resume: no %s yet, starting from scratch", last)
     start = time.perf_counter()
     trainer.fit(method, datamodule=dm, ckpt_path=resume_from)
-    result = {"best_checkpoint": callbacks[1].best_model_path, "best_score": _float(callbacks[1].best_model_score),
+    best = callbacks[1].best_model_path
+    result = {"best_checkpoint": best, "best_score": _float(callbacks[1].best_model_score),
               "global_step": trainer.global_step, "train_seconds": time.perf_counter() - start}
+    if best and Path(best).is_file():  # export the best validated editor, not the last step's
+        method.load_editor(best)
+        result["exported_from"] = best
     if hasattr(method, "export"):
         result["export"] = str(method.export(out / "editor"))
     finish_loggers(loggers)

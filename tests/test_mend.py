@@ -139,5 +139,7 @@ def test_train_resumes_at_the_right_step_and_checkpoints_hold_only_the_editor(tm
     rows = list(csv.DictReader((tmp_path / "csv" / "version_1" / "metrics.csv").open()))
     steps = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
     assert steps == [4, 5]  # the resumed run trained only the remaining steps
-    exported, from_ckpt = make(tiny_llama, checkpoint=second["export"]), make(tiny_llama, checkpoint=str(last))
+    assert second["exported_from"] == second["best_checkpoint"]  # the best validated editor is exported
+    best = second["best_checkpoint"]
+    exported, from_ckpt = make(tiny_llama, checkpoint=second["export"]), make(tiny_llama, checkpoint=best)
     assert all(torch.equal(v, from_ckpt.state_dict()[k]) for k, v in exported.state_dict().items())

@@ -56,7 +56,9 @@ def write_back(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
 class EditMethod(L.LightningModule):
     """Base class: `apply(requests) -> EditHandle`, `restore(handle)`, optional training."""
 
-    #: True for learned editors (MEND, SERAC) that need `train.py` before they can edit.
+    #: True for learned editors (MEND, SERAC) that need `train.py` before they can edit. They also implement
+    #: `load_editor(path)` (a train.py checkpoint or an exported editor) and `export(folder)`; train.py loads
+    #: the best validated checkpoint and exports it.
     trainable: bool = False
 
     def __init__(self, model: nn.Module | None = None, tokenizer: PreTrainedTokenizerBase | None = None,

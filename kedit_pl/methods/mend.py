@@ -221,6 +221,12 @@ class MEND(EditMethod):
         write_json(directory / CONFIG_FILE, meta)
         return directory
 
+    def load_editor(self, path: str | Path) -> None:
+        """Load editor weights from an exported editor or a train.py checkpoint (same architecture)."""
+        _, state = self._read_checkpoint(str(path), self.editor.cfg)
+        self.editor.load_state_dict(state)
+        self.ready = True
+
     def _read_checkpoint(self, path: str, wanted: EditorConfig) -> tuple[EditorConfig, dict[str, torch.Tensor]]:
         """The editor's architecture and state from `path`, checked against the loaded model."""
         meta, state = read_checkpoint(path)

@@ -222,16 +222,8 @@ class Serac(SeracTraining, EditMethod):
                 "threshold": float(self.classifier.threshold.detach())}
 
     def export(self, folder: str | Path) -> Path:
-        """Write the trained classifier and counterfactual weights (safetensors) and config.json.
-
-        Under a Trainer with a best checkpoint, that checkpoint's weights are exported (not the last step's).
-        """
-        best = getattr(getattr(self._trainer, "checkpoint_callback", None), "best_model_path", "") if self._trainer else ""
-        source = {}
-        if best and Path(best).is_file():
-            self.load_editor(best)
-            source = {"source_checkpoint": str(best)}
-        info = self._info() | source
+        """Write the trained classifier and counterfactual weights (safetensors) and config.json."""
+        info = self._info()
         return ckpt_io.export({"classifier": self.classifier, "cf_model": self.cf_model}, folder, info)
 
     def load_editor(self, path: str | Path) -> None:
