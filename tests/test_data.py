@@ -88,3 +88,19 @@ def test_selection():
         select(reqs, ids=[42])
     with pytest.raises(ConfigError, match="dataset.range"):
         select(reqs, range_="x")
+
+
+def test_training_split_never_holds_an_evaluation_fact(tmp_path):
+    from kedit_pl.config import compose
+    from kedit_pl.data.datamodule import EditDataModule, fact_key, load_split
+
+    cfg = compose("train", ["dataset=counterfact", f"paths.output_dir={tmp_path}"])
+    dm = EditDataModule(cfg.dataset)
+    dm.prepare_training()
+    held_out = {fact_key(r) for r in load_split(cfg.dataset.path, cfg.dataset.format, "skip")}
+    train = dm.train_requests + dm.val_requests
+    assert train and not any(fact_key(r) in held_out for r in train)
+    cfg.dataset.train.exclude_eval = False
+    leaky = EditDataModule(cfg.dataset)
+    leaky.prepare_training()
+    assert any(fact_key(r) in held_out for r in leaky.train_requests + leaky.val_requests)  # the overlap is real

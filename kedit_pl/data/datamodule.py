@@ -64,6 +64,21 @@ def select(requests: list[EditRequest], limit: int | None = None, range_: Any = 
     return [r for r in chosen if r.case_id not in exclude_ids] if exclude_ids else chosen
 
 
+def fact_key(req: EditRequest) -> tuple[str, str]:
+    """A record's fact, independent of its file's case_id scheme: (subject, rewrite prompt), case-folded."""
+    return req.subject.strip().casefold(), " ".join(req.rewrite.split()).casefold()
+
+
+def drop_eval_facts(train: list[EditRequest], eval_path: str, eval_format: str, train_path: str) -> list[EditRequest]:
+    """Training records minus every fact of the evaluation file (learned editors never see a test fact)."""
+    held_out = {fact_key(r) for r, _ in read_requests(eval_format, eval_path) if r is not None}
+    kept = [r for r in train if fact_key(r) not in held_out]
+    if len(kept) < len(train):
+        log.info("train split: dropped %d of %d records of %s whose fact is in the evaluation file %s "
+                 "(dataset.train.exclude_eval)", len(train) - len(kept), len(train), train_path, eval_path)
+    return kept
+
+
 def _collate(batch: list[EditRequest]) -> list[EditRequest]:
     return batch
 
@@ -95,6 +110,8 @@ class EditDataModule(L.LightningDataModule):
         if not t:
             raise ConfigError(f"dataset '{self.cfg.get('name')}' has no 'train' split configured")
         reqs = load_split(t["path"], t.get("format", self.cfg.get("format")), t.get("on_invalid", "skip"))
+        if t.get("exclude_eval", True):
+            reqs = drop_eval_facts(reqs, self.cfg["path"], self.cfg.get("format"), t["path"])
         rng = random.Random(self.seed)
         reqs = list(reqs)
         rng.shuffle(reqs)
