@@ -9,12 +9,14 @@ on those n records and restored. ROME applies the records one after another (edi
 MEMIT paper's comparison) up to --rome-max and is scored on all records edited so far at each count.
 Scores use the pipeline's evaluation functions (eval.scoring.score_requests + eval.metrics.summarize). The
 one-time costs (model load, key statistics, context templates) are done before timing. Writes the plot, and
-a markdown table and CSV with the same stem, next to --out.
+a markdown table and CSV with the same stem, next to --out, after every measured row (atomically); --resume
+reads that CSV and skips the rows already measured, so an interrupted study continues where it stopped.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from kedit_pl.data.datamodule import load_split, select
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.eval.metrics import summarize
 from kedit_pl.eval.scoring import score_requests
+from kedit_pl.io import atomic_path, write_text
 from kedit_pl.methods.base import EditMethod
 from kedit_pl.models.load import load_model
 from kedit_pl.pipeline import build_method
@@ -45,9 +48,8 @@ def row(name: str, n: int, metrics: dict[str, float], edit_s: float, eval_s: flo
             "edit_seconds": edit_s, "eval_seconds": eval_s}
 
 
-def run_memit(memit: EditMethod, requests: list[EditRequest], counts: list[int], bs: int, log) -> list[dict]:
+def run_memit(memit: EditMethod, requests: list[EditRequest], counts: list[int], bs: int, record) -> None:
     """One batch edit per count, scored then restored."""
-    rows = []
     for n in counts:
         start = time.perf_counter()
         handle = memit.apply(requests[:n])
@@ -56,14 +58,12 @@ def run_memit(memit: EditMethod, requests: list[EditRequest], counts: list[int],
             metrics, eval_s = evaluate(memit, requests[:n], bs)
         finally:
             memit.restore(handle)
-        rows.append(row("memit", n, metrics, edit_s, eval_s))
-        log(rows[-1])
-    return rows
+        record(row("memit", n, metrics, edit_s, eval_s))
 
 
-def run_rome_sequential(rome: EditMethod, requests: list[EditRequest], counts: list[int], bs: int, log) -> list[dict]:
+def run_rome_sequential(rome: EditMethod, requests: list[EditRequest], counts: list[int], bs: int, record) -> None:
     """Edits accumulate one record at a time; scored on all edited records at each count; restored at the end."""
-    rows, handles, edit_s = [], [], 0.0
+    handles, edit_s = [], 0.0
     try:
         for n in counts:
             for req in requests[len(handles):n]:
@@ -71,16 +71,23 @@ def run_rome_sequential(rome: EditMethod, requests: list[EditRequest], counts: l
                 handles.append(rome.apply([req]))
                 edit_s += time.perf_counter() - start
             metrics, eval_s = evaluate(rome, requests[:n], bs)
-            rows.append(row("rome_seq", n, metrics, edit_s, eval_s))
-            log(rows[-1])
+            record(row("rome_seq", n, metrics, edit_s, eval_s))
     finally:
         for h in reversed(handles):
             rome.restore(h)
-    return rows
+
+
+def read_rows(csv_path: Path) -> list[dict]:
+    """Rows of an earlier (possibly interrupted) run of this study."""
+    if not csv_path.is_file():
+        return []
+    with csv_path.open() as f:
+        return [{k: (v if k == "method" else int(v) if k == "n_edits" else float(v)) for k, v in r.items()}
+                for r in csv.DictReader(f)]
 
 
 def write_outputs(rows: list[dict], out: Path, title: str) -> list[Path]:
-    """CSV, markdown table and the plot (metrics and edit wall time vs number of edits)."""
+    """CSV, markdown table and the plot (metrics and edit wall time vs number of edits), each atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,15 +95,16 @@ def write_outputs(rows: list[dict], out: Path, title: str) -> list[Path]:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out.with_suffix(".csv"), out.with_suffix(".md")
-    with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    write_text(csv_path, buf.getvalue())
     lines = [f"# {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS)
                      + " |")
-    md_path.write_text("\n".join(lines) + "\n")
+    write_text(md_path, "\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, 5, figsize=(20, 3.8))
     for ax, key, label in zip(axes, ("es", "ps", "ns", "score", "edit_seconds"),
@@ -116,7 +124,8 @@ def write_outputs(rows: list[dict], out: Path, title: str) -> list[Path]:
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return [out, md_path, csv_path]
 
@@ -132,6 +141,7 @@ def main() -> None:
     ap.add_argument("--stats-samples", type=int, default=None, help="override stats.n_samples")
     ap.add_argument("--eval-batch-size", type=int, default=64)
     ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides, e.g. method.mom2_update_weight=1500")
+    ap.add_argument("--resume", action="store_true", help="keep the rows of --out's CSV and measure only the rest")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,7 +151,16 @@ def main() -> None:
     common = [f"model={args.model}", "paths.output_dir=/tmp/kedit_bench",
               f"dataset.range={args.start}:{args.start + n_max}", "dataset.limit=null"] + ([f"stats.n_samples={args.stats_samples}"] if args.stats_samples else [])
 
-    def log(r: dict) -> None:
+    out = Path(args.out)
+    title = f"MEMIT vs sequential ROME on {args.model} (CounterFact from #{args.start})"
+    rows = read_rows(out.with_suffix(".csv")) if args.resume else []
+    done = {(r["method"], r["n_edits"]) for r in rows}
+    if rows:
+        print(f"resuming: {len(rows)} rows already in {out.with_suffix('.csv')}", flush=True)
+
+    def record(r: dict) -> None:
+        rows.append(r)
+        write_outputs(rows, out, title)
         print("  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
 
     cfg = compose("edit", common + ["method=memit"] + [s for s in args.set if s.startswith("method.")])
@@ -150,21 +169,20 @@ def main() -> None:
     requests = select(load_split(cfg.dataset.path, cfg.dataset.format), range_=cfg.dataset.range)
     print(f"{args.model}: load {time.perf_counter() - t0:.1f}s, {len(requests)} records, "
           f"{torch.get_num_threads()} threads", flush=True)
-    rows = []
     memit = build_method(cfg, lm)
     t0 = time.perf_counter()
     memit.prepare()
     print(f"memit layers {memit.layers}: stats+templates {time.perf_counter() - t0:.1f}s", flush=True)
-    metrics, eval_s = evaluate(memit, requests, args.eval_batch_size)
-    rows.append(row("unedited", len(requests), metrics, 0.0, eval_s))
-    log(rows[-1])
-    rows += run_memit(memit, requests, counts, args.eval_batch_size, log)
-    if rome_counts:
+    if ("unedited", len(requests)) not in done:
+        metrics, eval_s = evaluate(memit, requests, args.eval_batch_size)
+        record(row("unedited", len(requests), metrics, 0.0, eval_s))
+    run_memit(memit, requests, [n for n in counts if ("memit", n) not in done], args.eval_batch_size, record)
+    if rome_counts and not all(("rome_seq", n) in done for n in rome_counts):
+        rows[:] = [r for r in rows if r["method"] != "rome_seq"]  # edits accumulate: rerun the whole sequence
         rome = build_method(compose("edit", common + ["method=rome"]), lm)
         rome.prepare()
-        rows += run_rome_sequential(rome, requests, rome_counts, args.eval_batch_size, log)
-    title = f"MEMIT vs sequential ROME on {args.model} (CounterFact from #{args.start})"
-    for p in write_outputs(rows, Path(args.out), title):
+        run_rome_sequential(rome, requests, rome_counts, args.eval_batch_size, record)
+    for p in (out, out.with_suffix(".md"), out.with_suffix(".csv")):
         print(f"wrote {p}")
 
 
