@@ -16,8 +16,10 @@ from typing import Any
 from kedit_pl.io import atomic_path, read_json, write_text
 
 METRICS = ("es", "ps", "ns", "score")
-COLUMNS = ("method", "model", "dataset", "mode", "n") + tuple(f"pre_{m}" for m in METRICS) + \
-    tuple(f"post_{m}" for m in METRICS) + ("s_per_edit", "run_dir")
+#: token accuracies: on zsRE the efficacy / generalization / specificity of the MEND and MEMIT papers
+ACCURACIES = ("rewrite_acc", "paraphrase_acc", "loc_acc")
+COLUMNS = ("method", "model", "dataset", "mode", "n") + tuple(f"pre_{m}" for m in METRICS + ACCURACIES) + \
+    tuple(f"post_{m}" for m in METRICS + ACCURACIES) + ("s_per_edit", "peak_rss_mb", "run_dir")
 
 
 def find_summaries(dirs: list[str | Path]) -> list[Path]:
@@ -37,9 +39,10 @@ def row(path: Path) -> dict[str, Any]:
     r: dict[str, Any] = {k: run.get(k, "") for k in ("method", "model", "dataset", "mode")}
     r["n"] = int(s.get("timing", {}).get("n_edits", 0))
     for g in ("pre", "post"):
-        for m in METRICS:
+        for m in METRICS + ACCURACIES:
             r[f"{g}_{m}"] = s.get(g, {}).get(m)
     r["s_per_edit"] = s.get("timing", {}).get("seconds_per_edit")
+    r["peak_rss_mb"] = s.get("timing", {}).get("peak_rss_mb")
     r["run_dir"] = str(path.parent)
     return r
 
@@ -49,9 +52,11 @@ def _fmt(v: Any) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = [c for c in COLUMNS if c != "run_dir"]
+    """The table; columns empty in every row (e.g. zsRE's loc_acc on CounterFact runs) are left out."""
+    cols = [c for c in COLUMNS if c != "run_dir" and any(r.get(c) not in (None, "") for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r[c]) if c != "s_per_edit" else f"{r[c]:.2f}" for c in cols) + " |" for r in rows]
+    fmt = lambda r, c: f"{r[c]:.2f}" if c == "s_per_edit" and r[c] is not None else _fmt(r[c])  # noqa: E731
+    lines += ["| " + " | ".join(fmt(r, c) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
