@@ -41,7 +41,14 @@ def forward_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep
     """Logits of a plain forward pass; with `keep`, the LM head runs on the last `keep` positions only."""
     if keep is None:
         return model(input_ids=ids, attention_mask=mask).logits
-    return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    # the model slices its hidden states (a strided view); CPU matmuls on such views are several times slower
+    # than on a contiguous copy (measured 3.5 s vs 0.5 s for Gemma 3's 262k-row head), so copy it first
+    head = model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(),) + tuple(args[1:]))
+    try:
+        return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    finally:
+        hook.remove()
 
 
 def model_logits(model: nn.Module) -> LogitsFn:
@@ -59,7 +66,9 @@ def score_pairs(logits_fn: LogitsFn, tok: PreTrainedTokenizerBase, prompts: list
                 batch_size: int = 64, device: torch.device | str = "cpu") -> list[TargetScore]:
     """Mean NLL and top-1 accuracy of each target after its prompt."""
     out: list[TargetScore] = []
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))  # less padding
+    # batch prompts of equal token length together: little padding, and the LM head then runs on few positions
+    n_prompt = [len(x) for x in tok([p.rstrip() for p in prompts])["input_ids"]] if prompts else []
+    order = sorted(range(len(prompts)), key=lambda i: (n_prompt[i], len(targets[i])))
     results: dict[int, TargetScore] = {}
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
