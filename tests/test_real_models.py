@@ -1,0 +1,38 @@
+"""Slow: the weight editors on the embedded SmolLM2 (real GGUF weights, real key statistics), one record each.
+
+Run with `python -m pytest -m slow` (CI does). Key statistics use a small corpus sample to stay fast.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kedit_pl.config import compose
+from kedit_pl.data.datamodule import load_split, select
+from kedit_pl.eval.metrics import summarize
+from kedit_pl.eval.scoring import score_requests
+from kedit_pl.models.load import load_model
+from kedit_pl.pipeline import build_method
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    cfg = compose("edit", ["paths.output_dir=/tmp/kedit_slow"])
+    return load_model(cfg.model)
+
+
+@pytest.mark.parametrize("method", ["ft_l", "rome", "memit"])
+def test_editor_flips_a_fact_on_smollm2_and_restores_exactly(smollm2, method, tmp_path):
+    cfg = compose("edit", [f"method={method}", f"paths.output_dir={tmp_path}", "stats.n_samples=20000",
+                           f"stats.cache_dir={tmp_path}/stats"])
+    req = select(load_split(cfg.dataset.path, cfg.dataset.format), ids=["0"])  # Danielle Darrieux: French -> English
+    editor = build_method(cfg, smollm2)
+    before = {n: p.detach().clone() for n, p in smollm2.model.named_parameters()}
+    pre = summarize(score_requests(editor.logits_fn(), editor.tok, req))
+    handle = editor.apply(req)
+    post = summarize(score_requests(editor.logits_fn(), editor.tok, req))
+    editor.restore(handle)
+    assert pre["es"] == 0.0 and post["es"] == 100.0
+    assert all(torch.equal(p, before[n]) for n, p in smollm2.model.named_parameters())
