@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from kedit_pl.config import CONF_DIR, REPO_ROOT, compose
 from kedit_pl.data.datamodule import load_split
 from kedit_pl.pipeline import build_method, run_edit
-from tests.conftest import DATA_DIR, edit_cfg
+from tests.conftest import edit_cfg
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
