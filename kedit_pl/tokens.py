@@ -61,15 +61,8 @@ def encode_targets(tok: PreTrainedTokenizerBase, prompts: list[str], targets: li
         for j in range(len(ti)):  # logits at position len(pi)-1+j predict ti[j]
             lab[len(pi) - 1 + j] = ti[j]
         rows.append(ids), labels.append(lab), plens.append(len(pi))
-    width = max(len(r) for r in rows)
-    pid = pad_id(tok)
-    input_ids = torch.full((len(rows), width), pid, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    lab_t = torch.full((len(rows), width), -100, dtype=torch.long)
-    for b, (r, lab) in enumerate(zip(rows, labels)):
-        input_ids[b, : len(r)] = torch.tensor(r)
-        mask[b, : len(r)] = 1
-        lab_t[b, : len(lab)] = torch.tensor(lab)
+    input_ids, mask = right_pad(rows, pad_id(tok))
+    lab_t, _ = right_pad(labels, -100)
     return TargetBatch(input_ids, mask, lab_t, plens)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.data.requests import EditRequest
-from kedit_pl.tokens import encode_targets, label_logprobs
+from kedit_pl.tokens import encode_targets, label_logprobs, prompt_ids
 
 #: prompt groups and which targets each is scored against
 GROUPS = ("rewrite", "paraphrase", "neighborhood")
@@ -67,7 +67,7 @@ def score_pairs(logits_fn: LogitsFn, tok: PreTrainedTokenizerBase, prompts: list
     """Mean NLL and top-1 accuracy of each target after its prompt."""
     out: list[TargetScore] = []
     # batch prompts of equal token length together: little padding, and the LM head then runs on few positions
-    n_prompt = [len(x) for x in tok([p.rstrip() for p in prompts])["input_ids"]] if prompts else []
+    n_prompt = [len(prompt_ids(tok, p)) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: (n_prompt[i], len(targets[i])))
     results: dict[int, TargetScore] = {}
     for s in range(0, len(order), batch_size):
