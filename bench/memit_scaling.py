@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import resource
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from kedit_pl.methods.base import EditMethod
 from kedit_pl.models.load import load_model
 from kedit_pl.pipeline import build_method
 
-COLUMNS = ("method", "n_edits", "es", "ps", "ns", "score", "edit_seconds", "eval_seconds")
+COLUMNS = ("method", "n_edits", "es", "ps", "ns", "score", "edit_seconds", "eval_seconds", "peak_rss_mb")
 
 
 def evaluate(method: EditMethod, requests: list[EditRequest], batch_size: int) -> tuple[dict[str, float], float]:
@@ -45,7 +46,8 @@ def evaluate(method: EditMethod, requests: list[EditRequest], batch_size: int) -
 
 def row(name: str, n: int, metrics: dict[str, float], edit_s: float, eval_s: float) -> dict:
     return {"method": name, "n_edits": n, **{k: metrics.get(k, float("nan")) for k in ("es", "ps", "ns", "score")},
-            "edit_seconds": edit_s, "eval_seconds": eval_s}
+            "edit_seconds": edit_s, "eval_seconds": eval_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # process peak so far
 
 
 def run_memit(memit: EditMethod, requests: list[EditRequest], counts: list[int], bs: int, record) -> None:
@@ -82,7 +84,7 @@ def read_rows(csv_path: Path) -> list[dict]:
     if not csv_path.is_file():
         return []
     with csv_path.open() as f:
-        return [{k: (v if k == "method" else int(v) if k == "n_edits" else float(v)) for k, v in r.items()}
+        return [{k: (v if k == "method" else int(v) if k == "n_edits" else float(v or "nan")) for k, v in r.items()}
                 for r in csv.DictReader(f)]
 
 

@@ -79,6 +79,11 @@ def test_batch_and_sequential_modes(tmp_path):
     assert "final" in s and s["final"]["n_records"] == 3
     recs = [json.loads(x) for x in (tmp_path / "s" / "records.jsonl").read_text().splitlines()]
     assert all("final" in r for r in recs)
+    ret = s["retention"]
+    assert [r["batch"] for r in ret] == [0, 1, 2] and all(r["post"]["n_records"] == 1 for r in ret)
+    last = ret[-1]  # nothing was applied after the last batch
+    assert all(last["final"][k] == last["post"][k] for k in ("es", "ps", "ns"))
+    assert (tmp_path / "s" / "retention.png").is_file()
 
 
 def test_resume_skips_finished_records(tmp_path):

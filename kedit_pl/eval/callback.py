@@ -105,6 +105,7 @@ class EditEvalCallback(L.Callback):
             by_id = {r["case_id"]: r for r in final}
             for d in done:
                 d["final"] = by_id.get(d["case_id"])
+            summary["retention"] = retention_by_batch(done)
             write_text(self.out / RECORDS_FILE, "".join(json.dumps(d) + "\n" for d in done))
         seconds = sum(d["seconds"] for d in done)
         summary["timing"] = {
@@ -124,6 +125,13 @@ class EditEvalCallback(L.Callback):
             if hasattr(lg, "log_image") and paths.get("plot"):
                 lg.log_image(key="metrics", images=[str(paths["plot"])])
         print_table(summary)
+
+
+def retention_by_batch(done: list[dict]) -> list[dict]:
+    """Sequential mode: each batch's metrics right after it was applied (`post`) and after the last (`final`)."""
+    batches = sorted({d["batch"] for d in done})
+    return [{"batch": b, "post": summarize(d["post"] for d in done if d["batch"] == b),
+             "final": summarize(d["final"] for d in done if d["batch"] == b and d.get("final"))} for b in batches]
 
 
 def _jsonable_info(info: dict) -> dict:

@@ -17,6 +17,8 @@ def write_summary_files(out_dir: str | Path, summary: dict[str, Any]) -> dict[st
     write_json(paths["summary"], summary)
     try:
         paths["plot"] = bar_chart_pre_post(summary, out / "metrics.png")
+        if summary.get("retention"):
+            paths["retention_plot"] = retention_chart(summary, out / "retention.png")
     except Exception:  # a plot must never cost the results
         pass
     return paths
@@ -66,6 +68,34 @@ def bar_chart_pre_post(summary: dict[str, Any], path: Path) -> Path:
     run = summary.get("run", {})
     ax.set_title(f"{run.get('method', '')} on {run.get('model', '')} ({run.get('dataset', '')})")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+def retention_chart(summary: dict[str, Any], path: Path) -> Path:
+    """Sequential mode: each batch's ES/PS/NS right after it was applied vs after the last batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["retention"]
+    keys = [k for k in ("es", "ps", "ns") if k in rows[0]["post"]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        b = [r["batch"] for r in rows]
+        ax.plot(b, [r["post"][k] for r in rows], "o-", label="right after its batch")
+        ax.plot(b, [r["final"][k] for r in rows], "s--", label="after the last batch")
+        ax.set_title(k.upper())
+        ax.set_xlabel("batch (order applied)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    run = summary.get("run", {})
+    fig.suptitle(f"retention: {run.get('method', '')} on {run.get('model', '')} ({run.get('dataset', '')})")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
