@@ -84,6 +84,14 @@ def test_out_of_scope_is_exactly_base_and_in_scope_is_the_counterfactual_model(s
         expected = serac.cf_model(input_ids=ids).logits[0, len(ctx):len(ctx) + n]
     assert torch.allclose(out[0, :n], expected, atol=1e-5)
     assert not torch.allclose(out[0, :n], base[0, :n], atol=1e-3)
+    set_threshold(serac, float(cos[1:].max() + 1) / 2)
+    try:  # with `keep`, the last positions only, the same values on both routes
+        kept = serac.routed_logits(b.input_ids, b.attention_mask, b.prompt_lengths, keep=3)
+    finally:
+        set_threshold(serac, 0.5)
+    width = b.input_ids.shape[1]
+    assert kept.shape[1] == 3 and torch.allclose(kept[0], out[0, width - 3:], atol=1e-5)
+    assert all(torch.allclose(kept[r], base[r, width - 3:], atol=1e-5) for r in range(1, len(prompts)))
 
 
 def test_routing_without_prompt_lengths_reads_the_whole_row(serac, reqs):

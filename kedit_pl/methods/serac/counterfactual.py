@@ -15,6 +15,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.errors import ConfigError
+from kedit_pl.eval.scoring import forward_logits
 from kedit_pl.tokens import pad_id
 
 
@@ -63,13 +64,20 @@ class Conditioner:
         return ids.to(device), mask.to(device), torch.tensor(offsets, device=device)
 
     def logits(self, model: nn.Module, contexts: list[str], input_ids: torch.Tensor,
-               attention_mask: torch.Tensor) -> torch.Tensor:
-        """Counterfactual logits (B, T, V) aligned to `input_ids`' positions (padding positions: arbitrary)."""
+               attention_mask: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+        """Counterfactual logits aligned to `input_ids`' positions (padding positions: arbitrary).
+
+        (B, T, V), or with `keep` the last `keep` input positions only, (B, keep, V): the LM head then runs on
+        just the conditioned positions those map to, as `eval.scoring.forward_logits` does for the base model.
+        """
         lengths = attention_mask.sum(-1).tolist()
         ids, mask, offsets = self.batch(contexts, input_ids, lengths)
-        cf = model(input_ids=ids, attention_mask=mask).logits
-        pos = (torch.arange(input_ids.shape[1], device=cf.device)[None] + offsets[:, None]).clamp_(max=cf.shape[1] - 1)
-        return cf[torch.arange(cf.shape[0], device=cf.device)[:, None], pos]
+        width, first = ids.shape[1], input_ids.shape[1] - (keep or input_ids.shape[1])
+        start = first + int(offsets.min())  # first conditioned position any row needs
+        cf = forward_logits(model, ids, mask, None if keep is None else width - start)
+        start = width - cf.shape[1]
+        pos = torch.arange(first, input_ids.shape[1], device=cf.device)[None] + offsets[:, None]
+        return cf[torch.arange(cf.shape[0], device=cf.device)[:, None], pos.clamp_(max=width - 1) - start]
 
     def generation_ids(self, context: str | None, prompt_ids: list[int]) -> list[int]:
         """Ids to generate from: the prompt alone (base model) or "[edit] [prompt]" (counterfactual model)."""

@@ -184,8 +184,8 @@ class Serac(SeracTraining, EditMethod):
         rows = hit.nonzero().flatten().tolist()
         if rows:
             ctx = [self._context(int(idx[b])) for b in rows]
-            cf = self.cond.logits(self.cf_model, ctx, input_ids[rows], attention_mask[rows])
-            logits[rows] = cf[:, cf.shape[1] - logits.shape[1]:].to(logits.dtype)
+            logits[rows] = self.cond.logits(self.cf_model, ctx, input_ids[rows], attention_mask[rows],
+                                            keep).to(logits.dtype)
         return logits
 
     def _context(self, row: int) -> str:
