@@ -2,7 +2,7 @@
 
     python bench/memit_scaling.py [--model smollm2_135m] [--counts 1 10 100 1000] [--rome-max 100]
                                   [--start 0] [--out docs/figures/memit_scaling.png] [--threads T]
-                                  [--stats-samples N] [--set method.key=value ...]
+                                  [--stats-samples N] [--set method.key=value ...] [--methods memit rome_seq]
 
 MEMIT edits the first n CounterFact records (from --start) in one batch for each n in --counts, is scored
 on those n records and restored. ROME applies the records one after another (edits accumulate, as in the
@@ -11,6 +11,8 @@ Scores use the pipeline's evaluation functions (eval.scoring.score_requests + ev
 one-time costs (model load, key statistics, context templates) are done before timing. Writes the plot, and
 a markdown table and CSV with the same stem, next to --out, after every measured row (atomically); --resume
 reads that CSV and skips the rows already measured, so an interrupted study continues where it stopped.
+The two studies can run in parallel processes (`--methods memit` / `--methods rome_seq`, each with its own
+--out); concatenate the CSVs and rerun with --resume to redraw the combined table and plot.
 """
 from __future__ import annotations
 
@@ -144,11 +146,19 @@ def main() -> None:
     ap.add_argument("--eval-batch-size", type=int, default=64)
     ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides, e.g. method.mom2_update_weight=1500")
     ap.add_argument("--resume", action="store_true", help="keep the rows of --out's CSV and measure only the rest")
+    ap.add_argument("--methods", nargs="+", choices=("memit", "rome_seq"), default=["memit", "rome_seq"],
+                    help="which studies to run (e.g. rome_seq alone into another --out, merged later with --resume)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     counts = sorted(set(args.counts))
+    if "memit" not in args.methods:
+        counts = []
+    if "rome_seq" not in args.methods:
+        args.rome_max = 0
     rome_counts = sorted({n for n in counts if n <= args.rome_max} | ({args.rome_max} if args.rome_max else set()))
+    if not counts + rome_counts:
+        ap.error("nothing to run: --methods rome_seq needs --rome-max > 0")
     n_max = max(counts + rome_counts)
     common = [f"model={args.model}", "paths.output_dir=/tmp/kedit_bench",
               f"dataset.range={args.start}:{args.start + n_max}", "dataset.limit=null"] + ([f"stats.n_samples={args.stats_samples}"] if args.stats_samples else [])
@@ -184,6 +194,7 @@ def main() -> None:
         rome = build_method(compose("edit", common + ["method=rome"]), lm)
         rome.prepare()
         run_rome_sequential(rome, requests, rome_counts, args.eval_batch_size, record)
+    write_outputs(rows, out, title)  # also redraws a --resume run whose rows were all measured (or merged in)
     for p in (out, out.with_suffix(".md"), out.with_suffix(".csv")):
         print(f"wrote {p}")
 
