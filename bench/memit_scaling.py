@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import logging
 import resource
 import time
 from pathlib import Path
@@ -28,9 +29,11 @@ import torch
 from kedit_pl.config import REPO_ROOT, compose
 from kedit_pl.data.datamodule import load_split, select
 from kedit_pl.data.requests import EditRequest
+from kedit_pl.errors import EditFailed
 from kedit_pl.eval.metrics import summarize
 from kedit_pl.eval.scoring import score_requests
 from kedit_pl.io import atomic_path, write_text
+from kedit_pl.kv.keys import subject_prompts
 from kedit_pl.methods.base import EditMethod
 from kedit_pl.models.load import load_model
 from kedit_pl.pipeline import build_method
@@ -44,6 +47,19 @@ def evaluate(method: EditMethod, requests: list[EditRequest], batch_size: int) -
     records = score_requests(method.logits_fn(), method.tok, requests, batch_size,
                              next(method.model.parameters()).device)
     return summarize(records), time.perf_counter() - start
+
+
+def editable(method: EditMethod, requests: list[EditRequest]) -> list[EditRequest]:
+    """The requests whose subject ROME/MEMIT can locate in every context template (the rest are reported)."""
+    templates = ["{}"] + method.templates()
+    ok = []
+    for req in requests:
+        try:
+            subject_prompts(method.tok, [req], templates)
+            ok.append(req)
+        except EditFailed as e:
+            print(f"skipping: {e}", flush=True)
+    return ok
 
 
 def row(name: str, n: int, metrics: dict[str, float], edit_s: float, eval_s: float) -> dict:
@@ -149,6 +165,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", choices=("memit", "rome_seq"), default=["memit", "rome_seq"],
                     help="which studies to run (e.g. rome_seq alone into another --out, merged later with --resume)")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("kedit_pl").setLevel(logging.INFO)  # z-cache progress of long MEMIT runs
     if args.threads:
         torch.set_num_threads(args.threads)
     counts = sorted(set(args.counts))
@@ -160,8 +178,9 @@ def main() -> None:
     if not counts + rome_counts:
         ap.error("nothing to run: --methods rome_seq needs --rome-max > 0")
     n_max = max(counts + rome_counts)
+    spare = n_max // 20 + 5  # records whose subject cannot be located are replaced by the next ones
     common = [f"model={args.model}", "paths.output_dir=/tmp/kedit_bench",
-              f"dataset.range={args.start}:{args.start + n_max}", "dataset.limit=null"] + ([f"stats.n_samples={args.stats_samples}"] if args.stats_samples else [])
+              f"dataset.range={args.start}:{args.start + n_max + spare}", "dataset.limit=null"] + ([f"stats.n_samples={args.stats_samples}"] if args.stats_samples else [])
 
     out = Path(args.out)
     title = f"MEMIT vs sequential ROME on {args.model} (CounterFact from #{args.start})"
@@ -185,6 +204,7 @@ def main() -> None:
     t0 = time.perf_counter()
     memit.prepare()
     print(f"memit layers {memit.layers}: stats+templates {time.perf_counter() - t0:.1f}s", flush=True)
+    requests = editable(memit, requests)[:n_max]
     if ("unedited", len(requests)) not in done:
         metrics, eval_s = evaluate(memit, requests, args.eval_batch_size)
         record(row("unedited", len(requests), metrics, 0.0, eval_s))

@@ -175,3 +175,24 @@ def test_non_finite_update_midway_restores_all_layers(tiny_llama, stats, monkeyp
     with pytest.raises(EditFailed, match="non-finite"):
         memit.apply([REQ])
     assert_untouched(tiny_llama.model, before)
+
+
+# --- z cache: resume, reuse, never stale -------------------------------------------------------------------
+def test_z_cache_reuses_values_and_misses_after_weights_change(tiny_llama, stats, monkeypatch):
+    memit = make_memit(tiny_llama, stats, v_num_grad_steps=4, v_lr=0.1, z_batch_size=1)
+    fresh = memit.compute_targets([REQ])  # fills the cache (one file per request)
+    files = list((memit_mod.Path(stats["cache_dir"]) / tiny_llama.spec.name / "memit_z").rglob("*.safetensors"))
+    assert len(files) == 1
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("cached value recomputed")
+
+    monkeypatch.setattr(memit_mod, "optimize_values", no_compute)
+    again = memit.compute_targets([REQ])
+    assert torch.equal(again.target, fresh.target) and again.steps == fresh.steps
+    name = memit.edited_parameters([REQ])[0]
+    with torch.no_grad():  # an edited model (e.g. sequential mode) must not reuse the unedited model's z
+        dict(tiny_llama.model.named_parameters())[name][0, 0] += 1e-3
+    with pytest.raises(AssertionError, match="recomputed"):
+        memit.compute_targets([REQ])
+

@@ -251,18 +251,27 @@ def merging_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<pad>")
 
 
-def test_subject_tokenizing_differently_fails_cleanly(tmp_path):
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_subject_tokenizing_differently_fails_cleanly(method, monkeypatch):
+    from kedit_pl.methods.memit import MEMIT
+    import kedit_pl.kv.values as values_mod
+
     tok = merging_tokenizer()
     model = tiny_model({"model_type": "llama", "seed": 0, "hidden_size": 32, "num_hidden_layers": 2,
                         "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 64,
                         "max_position_embeddings": 64}, tok).eval()
     spec = ModelSpec.from_config(compose("edit", ["model=tiny_llama", "paths.output_dir=/tmp"]).model)
     spec = dataclasses.replace(spec, n_layers=2, hidden_size=32)
-    rome = ROME(model=model, tokenizer=tok, spec=spec, layer=0, mom2_adjustment=False,
-                context_template_length_params=[[3, 5]], cache_dir=None)
+    common = dict(model=model, tokenizer=tok, spec=spec, mom2_adjustment=False,
+                  context_template_length_params=[[3, 5]], cache_dir=None)
+    editor = ROME(layer=0, **common) if method == "rome" else MEMIT(layers=[0, 1], **common)
+    editor.prepare()
     before = weights(model)
+    # a batch fails as a whole before any value optimization, naming the bad case
+    monkeypatch.setattr(values_mod, "_optimize_group", lambda *a, **k: pytest.fail("optimized before checking"))
+    good = EditRequest(case_id="good", subject="Cd", prompt="{} plays", target_true="x", target_new="y")
     req = EditRequest(case_id="merge", subject="Bra", prompt="{}bz plays", target_true="x", target_new="y")
-    with pytest.raises(EditFailed, match="tokenizes differently"):
-        rome.apply([req])
+    with pytest.raises(EditFailed, match="case_id=merge.*tokenizes differently"):
+        editor.apply([good, req])
     assert_untouched(model, before)
     assert linear_weight(spec.module(model, "mlp_out", 0)).shape == (32, 64)

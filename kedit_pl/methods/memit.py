@@ -18,6 +18,7 @@ update equals ROME's rank-one update with `mom2_update_weight` = λ (Sherman–M
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -30,6 +31,7 @@ from kedit_pl.hooks import StopForward, capture, stop_after
 from kedit_pl.kv.context import DEFAULT_LENGTHS
 from kedit_pl.kv.keys import compute_keys, subject_prompts
 from kedit_pl.kv.stats import StatsConfig, second_moment
+from kedit_pl.kv.value_cache import cache_folder, cached_values
 from kedit_pl.kv.values import KL_PROMPTS, ValueResult, optimize_values
 from kedit_pl.methods.rome import ROME, CovarianceSolver
 from kedit_pl.models.spec import ModelSpec, linear_weight
@@ -93,7 +95,7 @@ class MEMIT(ROME):
                  mom2_adjustment: bool = True, mom2_update_weight: float = 15000.0, z_batch_size: int = 32,
                  context_template_length_params: Sequence[Sequence[int]] = DEFAULT_LENGTHS, context_seed: int = 0,
                  fast: bool = True, stats: StatsConfig | Mapping[str, Any] | None = None,
-                 cache_dir: str | None = None, name: str = "memit") -> None:
+                 cache_dir: str | None = None, z_cache: bool = True, name: str = "memit") -> None:
         if not layers:
             raise ConfigError("MEMIT needs a layer range: set method.layers or model.method_defaults.memit.layers")
         layers = [int(x) for x in layers]
@@ -115,6 +117,7 @@ class MEMIT(ROME):
                          context_seed=context_seed, fast=fast, stats=stats, cache_dir=cache_dir, name=name)
         self.layers = layers
         self.z_batch_size = int(z_batch_size)
+        self.z_cache = bool(z_cache) and self.cache_dir is not None
         self._mom2: dict[int, torch.Tensor] | None = None
 
     # --- cached per model ---------------------------------------------------------------------------
@@ -143,8 +146,16 @@ class MEMIT(ROME):
         """z_i at the top layer (eq. 16), optimized in groups of `z_batch_size` requests."""
         templates = self.templates()
         max_rows = self.z_batch_size * (len(templates) + len(KL_PROMPTS))
-        return optimize_values(self.model, self.tok, self.spec, requests, templates, self.layer, insert="layer",
-                               loss_layer=self.loss_layer, fast=self.fast, max_rows=max_rows, **self.hp)
+
+        def compute(reqs: list[EditRequest]) -> ValueResult:
+            return optimize_values(self.model, self.tok, self.spec, reqs, templates, self.layer, insert="layer",
+                                   loss_layer=self.loss_layer, fast=self.fast, max_rows=max_rows, **self.hp)
+
+        if not self.z_cache:
+            return compute(requests)
+        settings = {"layer": self.layer, "loss_layer": self.loss_layer, "templates": templates, **self.hp}
+        folder = cache_folder(Path(self.cache_dir) / self.spec.name / "memit_z", self.model, settings)
+        return cached_values(folder, requests, compute, self.z_batch_size, next(self.model.parameters()).device)
 
     def compute_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
         self.check_and_prepare(requests)

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, EditFailed, KEditError
 from kedit_pl.kv.context import DEFAULT_LENGTHS, context_templates
-from kedit_pl.kv.keys import template_keys
+from kedit_pl.kv.keys import subject_prompts, template_keys
 from kedit_pl.kv.stats import StatsConfig, model_fingerprint, second_moment
 from kedit_pl.kv.values import optimize_values
 from kedit_pl.methods.base import EditMethod
@@ -137,6 +137,7 @@ class ROME(EditMethod):
             except KEditError as e:
                 raise EditFailed(str(e)) from None
         self.prepare()
+        subject_prompts(self.tok, requests, self.templates())  # every subject locatable, before any compute
 
     def compute_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
         self.check_and_prepare(requests)
