@@ -170,11 +170,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     counts = sorted(set(args.counts))
-    if "memit" not in args.methods:
-        counts = []
     if "rome_seq" not in args.methods:
         args.rome_max = 0
     rome_counts = sorted({n for n in counts if n <= args.rome_max} | ({args.rome_max} if args.rome_max else set()))
+    if "memit" not in args.methods:
+        counts = []
     if not counts + rome_counts:
         ap.error("nothing to run: --methods rome_seq needs --rome-max > 0")
     n_max = max(counts + rome_counts)
