@@ -162,6 +162,9 @@ def main() -> None:
     ap.add_argument("--eval-batch-size", type=int, default=64)
     ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides, e.g. method.mom2_update_weight=1500")
     ap.add_argument("--resume", action="store_true", help="keep the rows of --out's CSV and measure only the rest")
+    ap.add_argument("--fill-z-only", action="store_true",
+                    help="only compute and cache MEMIT's z for the selected records, last first (a helper process "
+                         "beside a running study with the same --start and largest count; see kv/value_cache.py)")
     ap.add_argument("--methods", nargs="+", choices=("memit", "rome_seq"), default=["memit", "rome_seq"],
                     help="which studies to run (e.g. rome_seq alone into another --out, merged later with --resume)")
     args = ap.parse_args()
@@ -205,6 +208,10 @@ def main() -> None:
     memit.prepare()
     print(f"memit layers {memit.layers}: stats+templates {time.perf_counter() - t0:.1f}s", flush=True)
     requests = editable(memit, requests)[:n_max]
+    if args.fill_z_only:
+        res = memit.compute_targets(requests[::-1])
+        print(f"z cache filled: {len(requests)} requests, {res.seconds:.0f} s computed here", flush=True)
+        return
     if ("unedited", len(requests)) not in done:
         metrics, eval_s = evaluate(memit, requests, args.eval_batch_size)
         record(row("unedited", len(requests), metrics, 0.0, eval_s))

@@ -60,20 +60,26 @@ def cached_values(folder: Path, requests: list[EditRequest], compute: Callable[[
     """Values for `requests` in order: read from `folder` where present, else computed `group` at a time and
     written (atomically) as soon as each group is done. `seconds` counts the computation only."""
     files = [request_file(folder, r) for r in requests]
-    parts: list[ValueResult | None] = [_load(f, device) if f.is_file() else None for f in files]
-    todo = [i for i, p in enumerate(parts) if p is None]
-    if len(todo) < len(requests):
-        log.info("z cache %s: %d of %d values already computed", folder, len(requests) - len(todo), len(requests))
-    seconds = 0.0
-    for g0 in range(0, len(todo), group):
-        idx = todo[g0: g0 + group]
+    parts: list[ValueResult | None] = [None] * len(requests)
+    seconds, computed = 0.0, 0
+    while True:
+        for i, f in enumerate(files):  # present from an earlier run, or written meanwhile by another process
+            if parts[i] is None and f.is_file():
+                parts[i] = _load(f, device)
+        idx = [i for i, p in enumerate(parts) if p is None][:group]
+        if not idx:
+            break
+        if not computed:
+            log.info("z cache %s: %d of %d values present", folder, len(requests) - sum(p is None for p in parts),
+                     len(requests))
         res = compute([requests[i] for i in idx])
-        seconds += res.seconds
+        seconds, computed = seconds + res.seconds, computed + len(idx)
         for j, i in enumerate(idx):
             _save(files[i], res, j)
             parts[i] = ValueResult(res.delta[j: j + 1], res.v_init[j: j + 1], res.nll[j: j + 1], res.kl[j: j + 1],
                                    [res.steps[j]], 0.0)
-        log.info("z: %d of %d requests optimized (%.0f s)", min(g0 + group, len(todo)), len(todo), seconds)
+        log.info("z: %d computed here, %d of %d missing (%.0f s)", computed, sum(p is None for p in parts),
+                 len(requests), seconds)
     return ValueResult(torch.cat([p.delta for p in parts]), torch.cat([p.v_init for p in parts]),
                        torch.cat([p.nll for p in parts]), torch.cat([p.kl for p in parts]),
                        sum((p.steps for p in parts), []), seconds)
