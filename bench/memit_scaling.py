@@ -29,11 +29,9 @@ import torch
 from kedit_pl.config import REPO_ROOT, compose
 from kedit_pl.data.datamodule import load_split, select
 from kedit_pl.data.requests import EditRequest
-from kedit_pl.errors import EditFailed
 from kedit_pl.eval.metrics import summarize
 from kedit_pl.eval.scoring import score_requests
 from kedit_pl.io import atomic_path, write_text
-from kedit_pl.kv.keys import subject_prompts
 from kedit_pl.methods.base import EditMethod
 from kedit_pl.models.load import load_model
 from kedit_pl.pipeline import build_method
@@ -50,15 +48,14 @@ def evaluate(method: EditMethod, requests: list[EditRequest], batch_size: int) -
 
 
 def editable(method: EditMethod, requests: list[EditRequest]) -> list[EditRequest]:
-    """The requests whose subject ROME/MEMIT can locate in every context template (the rest are reported)."""
-    templates = ["{}"] + method.templates()
+    """The requests the method can edit (ROME/MEMIT: subject locatable in every context); the rest are reported."""
     ok = []
     for req in requests:
-        try:
-            subject_prompts(method.tok, [req], templates)
+        problem = method.request_problem(req)
+        if problem is None:
             ok.append(req)
-        except EditFailed as e:
-            print(f"skipping: {e}", flush=True)
+        else:
+            print(f"skipping case_id={req.case_id}: {problem}", flush=True)
     return ok
 
 

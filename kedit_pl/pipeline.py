@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.data.datamodule import EditDataModule
-from kedit_pl.errors import ConfigError, KEditError
+from kedit_pl.errors import ConfigError, InvalidRecord, KEditError
 from kedit_pl.eval.callback import EditEvalCallback, read_done_records
 from kedit_pl.io import write_json
 from kedit_pl.methods.base import EditMethod
@@ -66,6 +66,24 @@ def finish_loggers(loggers: list) -> None:
         wandb.finish()
 
 
+def drop_uneditable(method: EditMethod, dm: EditDataModule, skip: bool) -> list[dict[str, str]]:
+    """Ask the method about every record before the first edit. Records it cannot edit (a subject that
+    tokenizes differently in context, ...) are dropped and listed, or, with `edit.skip_invalid=false`, fail
+    the run before anything is edited."""
+    problems = [{"case_id": str(r.case_id), "reason": p} for r in dm.requests if (p := method.request_problem(r))]
+    if problems and not skip:
+        raise InvalidRecord(f"{len(problems)} record(s) cannot be edited by {type(method).__name__}; first: "
+                            f"{problems[0]['reason']} (edit.skip_invalid=true skips them)")
+    for p in problems:
+        log.warning("skipping case_id=%s: %s", p["case_id"], p["reason"])
+    if problems:
+        bad = {p["case_id"] for p in problems}
+        dm.requests = [r for r in dm.requests if str(r.case_id) not in bad]
+        if not dm.requests:
+            raise InvalidRecord("edit.skip_invalid: every selected record was skipped; nothing to edit")
+    return problems
+
+
 def run_edit(cfg: DictConfig) -> dict[str, Any]:
     """Apply and evaluate edits per `edit.mode`; returns the summary written to summary.json."""
     out = output_dir(cfg)
@@ -78,9 +96,10 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
     dm.prepare_requests()  # fail on bad data before loading anything heavy
     L.seed_everything(cfg.seed, verbose=False)
     method = build_method(cfg)
+    skipped = drop_uneditable(method, dm, skip=bool(cfg.edit.get("skip_invalid", True)))
     run_info = {"method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
                 "n_records": len(dm.requests) + len(done_ids), "batch_size": batch_size,
-                "config": OmegaConf.to_container(cfg.method, resolve=True)}
+                "config": OmegaConf.to_container(cfg.method, resolve=True), "skipped": skipped}
     callback = EditEvalCallback(out, mode=mode, eval_batch_size=cfg.edit.eval_batch_size,
                                 resume=cfg.edit.resume, run_info=run_info)
     loggers = build_loggers(cfg)

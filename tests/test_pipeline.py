@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from kedit_pl.config import CONF_DIR, REPO_ROOT, compose
 from kedit_pl.data.datamodule import load_split
-from kedit_pl.pipeline import build_method, run_edit
+from kedit_pl.pipeline import build_method, drop_uneditable, run_edit
 from tests.conftest import edit_cfg
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -119,3 +119,26 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):
     err_lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert any(needle in ln for ln in err_lines) and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_uneditable_records_are_skipped_and_listed_or_fail_up_front():
+    from types import SimpleNamespace
+
+    from kedit_pl.data.requests import EditRequest
+    from kedit_pl.errors import InvalidRecord
+
+    class Picky:  # a method that cannot edit one record (as ROME with a subject that merges in context)
+        def request_problem(self, req):
+            return "subject tokenizes differently" if req.case_id == "bad" else None
+
+    reqs = [EditRequest(case_id=c, subject="S", prompt="{} is", target_true="a", target_new="b") for c in "x bad y".split()]
+    dm = SimpleNamespace(requests=list(reqs))
+    skipped = drop_uneditable(Picky(), dm, skip=True)
+    assert skipped == [{"case_id": "bad", "reason": "subject tokenizes differently"}]
+    assert [r.case_id for r in dm.requests] == ["x", "y"]
+    dm = SimpleNamespace(requests=list(reqs))
+    with pytest.raises(InvalidRecord, match="1 record.*tokenizes differently.*skip_invalid"):
+        drop_uneditable(Picky(), dm, skip=False)
+    assert len(dm.requests) == 3
+    with pytest.raises(InvalidRecord, match="every selected record"):
+        drop_uneditable(Picky(), SimpleNamespace(requests=[reqs[1]]), skip=True)

@@ -274,4 +274,7 @@ def test_subject_tokenizing_differently_fails_cleanly(method, monkeypatch):
     with pytest.raises(EditFailed, match="case_id=merge.*tokenizes differently"):
         editor.apply([good, req])
     assert_untouched(model, before)
+    # edit.py asks the same question of every record up front, to skip such records before the first edit
+    assert editor.request_problem(good) is None
+    assert "tokenizes differently" in editor.request_problem(req)
     assert linear_weight(spec.module(model, "mlp_out", 0)).shape == (32, 64)

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.data.requests import EditRequest
-from kedit_pl.errors import EditFailed
+from kedit_pl.errors import EditFailed, KEditError
 from kedit_pl.eval.scoring import LogitsFn, model_logits
 from kedit_pl.models.spec import ModelSpec
 
@@ -80,6 +80,15 @@ class EditMethod(L.LightningModule):
     @abstractmethod
     def compute_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
         """Modify the model's weights in place to make the edits; return diagnostics for logging."""
+
+    def request_problem(self, req: EditRequest) -> str | None:
+        """Why this method cannot edit `req` faithfully (None: it can). `edit.py` asks this of every record
+        before the first edit, so a bad record is reported (or skipped) up front instead of failing mid-run."""
+        try:
+            req.validate()
+        except KEditError as e:
+            return str(e)
+        return None
 
     # --- the shared contract --------------------------------------------------------------------
     def apply(self, requests: list[EditRequest]) -> EditHandle:

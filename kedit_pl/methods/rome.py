@@ -129,6 +129,16 @@ class ROME(EditMethod):
         """Lightning hook: build the caches before the first edit so edit timings exclude them."""
         self.prepare()
 
+    def request_problem(self, req: EditRequest) -> str | None:
+        """Also: the subject must tokenize the same inside every context template (its last token is k*'s site)."""
+        problem = super().request_problem(req)
+        if problem is None:
+            try:
+                subject_prompts(self.tok, [req], self.templates())
+            except EditFailed as e:
+                problem = str(e)
+        return problem
+
     def check_and_prepare(self, requests: list[EditRequest]) -> None:
         """Reject invalid requests as EditFailed (model untouched), then build the per-model caches."""
         for req in requests:
