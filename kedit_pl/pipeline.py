@@ -153,7 +153,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"method '{cfg.method.name}' has nothing to train; use edit.py (train.py is for MEND, SERAC)")
     ckpt_dir = out / "checkpoints"
     callbacks = [
-        EditValidationCallback(n_records=t.val_edits, eval_batch_size=cfg.get("eval_batch_size", 64)),
+        EditValidationCallback(n_records=t.val_edits, eval_batch_size=cfg.get("eval_batch_size", 64),
+                               edits_per_apply=int(t.get("val_edits_per_apply", 1))),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor=t.monitor, mode=t.monitor_mode,
                         save_last=True, save_top_k=1, every_n_train_steps=t.get("checkpoint_every_n_steps")),
         EarlyStopping(monitor=t.monitor, mode=t.monitor_mode, patience=t.patience),

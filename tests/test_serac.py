@@ -209,3 +209,34 @@ def test_minilm_encoder_loads_offline_and_ranks_a_paraphrase_first():
                    "nq question: who sang it must have been love"])
     assert e.shape == (3, 384) and torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert e[0] @ e[1] > 0.5 > e[0] @ e[2]
+
+
+def test_validation_can_hold_many_edits_in_memory_at_once(monkeypatch):
+    """train.val_edits_per_apply: the edits are applied in chunks and scored with the whole chunk in place."""
+    from types import SimpleNamespace
+
+    import kedit_pl.eval.val_callback as vc
+
+    seen = []
+
+    class Module(SimpleNamespace):  # records what is in memory whenever scoring happens
+        memory: list = []
+
+        def apply(self, reqs):
+            self.memory = list(reqs)
+            return reqs
+
+        def restore(self, handle):
+            self.memory = []
+
+    module = Module(training=True, tok=None, device="cpu", eval=lambda: None, train=lambda mode: None,
+                    logits_fn=lambda: None, log=lambda *a, **k: None)
+    monkeypatch.setattr(vc, "score_requests", lambda fn, tok, reqs, *a: seen.append(([r for r in reqs],
+                                                                                      list(module.memory))) or [])
+    monkeypatch.setattr(vc, "summarize", lambda post: {"es": 100.0, "ps": 100.0})
+    trainer = SimpleNamespace(sanity_checking=False, datamodule=SimpleNamespace(val_requests=list("abcde")))
+    vc.EditValidationCallback(n_records=5, edits_per_apply=2).on_validation_epoch_end(trainer, module)
+    assert seen == [(["a", "b"], ["a", "b"]), (["c", "d"], ["c", "d"]), (["e"], ["e"])]
+    assert module.memory == []
+    with pytest.raises(ValueError, match="val_edits_per_apply"):
+        vc.EditValidationCallback(edits_per_apply=0)
