@@ -36,7 +36,8 @@ from kedit_pl.methods.base import EditMethod
 from kedit_pl.models.load import load_model
 from kedit_pl.pipeline import build_method
 
-COLUMNS = ("method", "n_edits", "es", "ps", "ns", "score", "edit_seconds", "eval_seconds", "peak_rss_mb")
+COLUMNS = ("method", "n_edits", "es", "ps", "ns", "score", "edit_seconds", "eval_seconds", "peak_rss_mb",
+           "z_seconds", "z_cached")  # MEMIT: time spent optimizing z here, and how many z came from the disk cache
 
 
 def evaluate(method: EditMethod, requests: list[EditRequest], batch_size: int) -> tuple[dict[str, float], float]:
@@ -55,14 +56,16 @@ def editable(method: EditMethod, requests: list[EditRequest]) -> list[EditReques
         if problem is None:
             ok.append(req)
         else:
-            print(f"skipping case_id={req.case_id}: {problem}", flush=True)
+            print(f"skipping: {problem}", flush=True)
     return ok
 
 
-def row(name: str, n: int, metrics: dict[str, float], edit_s: float, eval_s: float) -> dict:
+def row(name: str, n: int, metrics: dict[str, float], edit_s: float, eval_s: float, info: dict | None = None) -> dict:
+    info = info or {}
     return {"method": name, "n_edits": n, **{k: metrics.get(k, float("nan")) for k in ("es", "ps", "ns", "score")},
             "edit_seconds": edit_s, "eval_seconds": eval_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # process peak so far
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # process peak so far
+            "z_seconds": info.get("value_seconds", float("nan")), "z_cached": info.get("values_cached", 0)}
 
 
 def run_memit(memit: EditMethod, requests: list[EditRequest], counts: list[int], bs: int, record) -> None:
@@ -75,7 +78,7 @@ def run_memit(memit: EditMethod, requests: list[EditRequest], counts: list[int],
             metrics, eval_s = evaluate(memit, requests[:n], bs)
         finally:
             memit.restore(handle)
-        record(row("memit", n, metrics, edit_s, eval_s))
+        record(row("memit", n, metrics, edit_s, eval_s, handle.info))
 
 
 def run_rome_sequential(rome: EditMethod, requests: list[EditRequest], counts: list[int], bs: int, record) -> None:
@@ -99,8 +102,8 @@ def read_rows(csv_path: Path) -> list[dict]:
     if not csv_path.is_file():
         return []
     with csv_path.open() as f:
-        return [{k: (v if k == "method" else int(v) if k == "n_edits" else float(v or "nan")) for k, v in r.items()}
-                for r in csv.DictReader(f)]
+        return [{k: (v if k == "method" else int(v or 0) if k in ("n_edits", "z_cached") else float(v or "nan"))
+                 for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def write_outputs(rows: list[dict], out: Path, title: str) -> list[Path]:
@@ -119,7 +122,8 @@ def write_outputs(rows: list[dict], out: Path, title: str) -> list[Path]:
     write_text(csv_path, buf.getvalue())
     lines = [f"# {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS)
+        cells = [r.get(c, "") for c in COLUMNS]
+        lines.append("| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in cells)
                      + " |")
     write_text(md_path, "\n".join(lines) + "\n")
 

@@ -75,7 +75,7 @@ def drop_uneditable(method: EditMethod, dm: EditDataModule, skip: bool) -> list[
         raise InvalidRecord(f"{len(problems)} record(s) cannot be edited by {type(method).__name__}; first: "
                             f"{problems[0]['reason']} (edit.skip_invalid=true skips them)")
     for p in problems:
-        log.warning("skipping case_id=%s: %s", p["case_id"], p["reason"])
+        log.warning("skipping: %s", p["reason"])
     if problems:
         bad = {p["case_id"] for p in problems}
         dm.requests = [r for r in dm.requests if str(r.case_id) not in bad]

@@ -190,6 +190,7 @@ def test_z_cache_reuses_values_and_misses_after_weights_change(tiny_llama, stats
     monkeypatch.setattr(memit_mod, "optimize_values", no_compute)
     again = memit.compute_targets([REQ])
     assert torch.equal(again.target, fresh.target) and again.steps == fresh.steps
+    assert (fresh.cached, again.cached) == (0, 1)  # reported, so timings can say what was computed
     name = memit.edited_parameters([REQ])[0]
     with torch.no_grad():  # an edited model (e.g. sequential mode) must not reuse the unedited model's z
         dict(tiny_llama.model.named_parameters())[name][0, 0] += 1e-3

@@ -82,4 +82,4 @@ def cached_values(folder: Path, requests: list[EditRequest], compute: Callable[[
                  len(requests), seconds)
     return ValueResult(torch.cat([p.delta for p in parts]), torch.cat([p.v_init for p in parts]),
                        torch.cat([p.nll for p in parts]), torch.cat([p.kl for p in parts]),
-                       sum((p.steps for p in parts), []), seconds)
+                       sum((p.steps for p in parts), []), seconds, cached=len(requests) - computed)

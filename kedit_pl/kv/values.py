@@ -52,6 +52,7 @@ class ValueResult:
     kl: torch.Tensor  # (R,) KL term (already times kl_factor)
     steps: list[int] = field(default_factory=list)  # gradient steps taken per request
     seconds: float = 0.0
+    cached: int = 0  # requests whose values came from a disk cache (kv/value_cache.py), not computed
 
     @property
     def target(self) -> torch.Tensor:

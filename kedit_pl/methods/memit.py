@@ -162,7 +162,7 @@ class MEMIT(ROME):
         templates, mom2 = self.templates(), self.mom2()
         res = self.compute_targets(requests)
         Z = res.target.double()
-        info: dict[str, Any] = {"layers": [], "value_seconds": res.seconds,
+        info: dict[str, Any] = {"layers": [], "value_seconds": res.seconds, "values_cached": res.cached,
                                 "per_request": [{"case_id": r.case_id, "nll": res.nll[i].item(),
                                                  "steps": res.steps[i], "delta_norm": res.delta[i].norm().item()}
                                                 for i, r in enumerate(requests)]}
