@@ -15,7 +15,7 @@ Speed (fast=True): δ only changes the computation at and after the subject's la
 edit layer up. So one no-grad pass caches the keys/values of every row's prefix (the tokens before the subject's
 last token) for all layers and the edit block's input/output on the suffix; each optimization step then feeds
 only the suffix tokens (subject's last token, the rest of the prompt, the target; one token for KL rows) with the
-cached prefix as `past_key_values`, the lower blocks' `forward` replaced by a pass-through and the edit block's
+cached prefix as the key/value cache, the lower blocks' `forward` replaced by a pass-through and the edit block's
 by "cached output + δ" (insertion at the block output) or "its original forward on the cached input" (insertion
 inside the block, e.g. the MLP output: exact also for blocks with a norm after the MLP, such as Gemma 3). The
 forwards are restored in a `finally`. fast=False runs the plain full forward every step (the reference).
@@ -36,6 +36,7 @@ from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.hooks import StopForward, capture, edit_outputs, stop_after
 from kedit_pl.kv.keys import subject_prompts
+from kedit_pl.models.kv_cache import cache_kwargs, cache_layers, new_cache
 from kedit_pl.models.spec import ModelSpec
 from kedit_pl.tokens import encode_targets, pad_id, prompt_ids, subject_last_token
 
@@ -217,23 +218,18 @@ class _FastRunner(_FullRunner):
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cache: dict = {}
 
-    def _past(self):
+    def _past(self) -> dict:
         """A fresh cache holding the prefix keys/values (each step appends to its own copy)."""
-        if not self.kv:
-            return {}
-        from transformers import DynamicCache
-        return {"past_key_values": DynamicCache(ddp_cache_data=self.kv, config=self.model.config)}
+        return cache_kwargs(self.model, new_cache(self.model, self.kv)) if self.kv else {}
 
     @torch.no_grad()
     def prepare(self) -> torch.Tensor:
         if self.prefix is not None:
-            from transformers import DynamicCache
-            cache = DynamicCache(config=self.model.config)
+            cache = new_cache(self.model)
             with stop_after(self.model, self.loss_block):
-                self._call(**self.prefix, past_key_values=cache)
+                self._call(**self.prefix, **cache_kwargs(self.model, cache))
             keep = self.prefix["attention_mask"].bool()[:, None, :, None]  # zero padded slots: never NaN
-            self.kv = [(torch.where(keep, layer.keys, 0.0), torch.where(keep, layer.values, 0.0))
-                       for layer in cache.layers if getattr(layer, "is_initialized", False)]
+            self.kv = [(torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)) for k, v in cache_layers(cache)]
         blocks = self.lower + [self.model.get_submodule(self.block)]
         structs: dict[int, object] = {}
         hooks = [m.register_forward_hook(lambda _m, _a, out, i=i: structs.__setitem__(i, out))

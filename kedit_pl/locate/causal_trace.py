@@ -24,6 +24,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from kedit_pl.hooks import OutputEdit, capture, edit_inputs, edit_outputs
+from kedit_pl.models.kv_cache import cache_kwargs, cache_layers, new_cache, output_cache
 from kedit_pl.models.spec import ModelSpec
 from kedit_pl.tokens import prompt_ids, subject_token_range, target_ids
 
@@ -152,7 +153,7 @@ class CausalTracer:
         """
         contiguous = {self.spec.module_name("lm_head"): lambda h: h.contiguous()}
         with torch.no_grad(), edit_outputs(self.model, edits), edit_inputs(self.model, contiguous):
-            return self.model(input_ids=ids, past_key_values=past, use_cache=use_cache, logits_to_keep=1)
+            return self.model(input_ids=ids, use_cache=use_cache, logits_to_keep=1, **cache_kwargs(self.model, past))
 
     @torch.no_grad()
     def clean_run(self, ids: list[int], names: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -183,17 +184,15 @@ class CausalTracer:
         x = torch.tensor([ids], device=self.device).expand(self.n_samples, -1)
         out = self._forward(x, {self.spec.module_name("embed"): _noiser(noise, span, 0)}, use_cache=True)
         p = torch.softmax(out.logits[:, -1].float(), -1)[:, answer_id].mean().item()
-        kv = [(lay.keys, lay.values) for lay in out.past_key_values.layers]
+        kv = cache_layers(output_cache(out))
         return p, kv
 
     def _prefix_cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]], t: int, reps: int) -> DynamicCache | None:
         """A fresh cache holding positions < t, each noise sample repeated `reps` times (sample-major rows)."""
         if t == 0:
             return None
-        cache = DynamicCache(config=self.model.config)
-        for i, (k, v) in enumerate(kv):
-            cache.update(k[:, :, :t].repeat_interleave(reps, 0), v[:, :, :t].repeat_interleave(reps, 0), i)
-        return cache
+        return new_cache(self.model, [(k[:, :, :t].repeat_interleave(reps, 0), v[:, :, :t].repeat_interleave(reps, 0))
+                                      for k, v in kv])
 
     @torch.no_grad()
     def grid(self, kind: str, ids: list[int], span: tuple[int, int], answer_id: int, noise: torch.Tensor,
