@@ -8,7 +8,8 @@ import torch
 
 from kedit_pl.config import compose
 from kedit_pl.errors import ConfigError, EditFailed
-from kedit_pl.kv.keys import compute_keys
+from kedit_pl.kv.context import template_groups
+from kedit_pl.kv.keys import compute_keys, template_keys
 from kedit_pl.methods.memit import MEMIT, block_outputs, memit_update
 from kedit_pl.methods.rome import CovarianceSolver, rank_one_update
 import kedit_pl.methods.memit as memit_mod
@@ -81,6 +82,22 @@ def test_batched_targets_equal_single(tiny_llama, stats):
     torch.testing.assert_close(both.v_init, h, rtol=1e-4, atol=1e-5)
 
 
+# --- keys: how the context templates are averaged ---------------------------------------------------------
+def test_key_average_groups_and_uniform(tiny_llama, stats):
+    lm = tiny_llama
+    memit = make_memit(lm, stats, context_template_length_params=[[4, 5], [6, 5]])
+    templates = memit.templates()
+    assert template_groups(memit.lengths) == memit.key_groups == [1, 5, 5] and len(templates) == 11
+    tk = template_keys(lm.model, lm.tokenizer, lm.spec, 1, [REQ, REQ2], templates)
+    grouped = compute_keys(lm.model, lm.tokenizer, lm.spec, 1, [REQ, REQ2], templates, groups=memit.key_groups)
+    torch.testing.assert_close(grouped, (tk[:, 0] + tk[:, 1:6].mean(1) + tk[:, 6:].mean(1)) / 3)
+    uniform = compute_keys(lm.model, lm.tokenizer, lm.spec, 1, [REQ, REQ2], templates)
+    torch.testing.assert_close(uniform, tk.mean(1))
+    assert make_memit(lm, stats, key_average="uniform").key_groups is None
+    with pytest.raises(ValueError, match="partition"):
+        compute_keys(lm.model, lm.tokenizer, lm.spec, 1, [REQ], templates, groups=[1, 5])
+
+
 # --- one edit on one layer: the closed form -------------------------------------------------------------
 def test_one_layer_edit_is_closed_form(tiny_llama, stats):
     lm = tiny_llama
@@ -88,7 +105,10 @@ def test_one_layer_edit_is_closed_form(tiny_llama, stats):
     memit.prepare()
     before = weights(lm.model)
     templates = memit.templates()
-    k = compute_keys(lm.model, lm.tokenizer, lm.spec, 1, [REQ], templates).double()
+    tk = template_keys(lm.model, lm.tokenizer, lm.spec, 1, [REQ], templates)[0].double()  # (T, d_k)
+    plain = templates.index("{}")
+    # the reference code's k: half the plain prompt's key, half the mean over the prefixed prompts
+    k = (0.5 * tk[plain] + 0.5 * torch.cat([tk[:plain], tk[plain + 1:]]).mean(0))[None]
     r = memit.compute_targets([REQ]).target.double() - block_outputs(lm.model, lm.tokenizer, lm.spec, 1, [REQ])
     C = memit.mom2()[1].double()
     handle = memit.apply([REQ])
@@ -144,6 +164,7 @@ def test_memit_from_hydra_config(tiny_llama, tmp_path):
 
 
 @pytest.mark.parametrize("bad, match", [(dict(layers=[]), "layer range"), (dict(layers=[2, 1]), "increasing"),
+                                        (dict(key_average="median"), "key_average"),
                                         (dict(layers=[1, 9]), "out of range"),
                                         (dict(mom2_update_weight=0.0), "mom2_update_weight")])
 def test_bad_config(tiny_llama, stats, bad, match):

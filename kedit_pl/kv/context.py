@@ -42,6 +42,16 @@ def sample_prefixes(model: nn.Module, tok: PreTrainedTokenizerBase, start: str, 
     return tok.batch_decode(ids[:, n_special:], skip_special_tokens=True)
 
 
+def _per_start(count: int, starts: Sequence[str]) -> int:
+    return max(1, int(count) // len(starts))
+
+
+def template_groups(lengths: Sequence[Sequence[int]] = DEFAULT_LENGTHS, starts: Sequence[str] = STARTS) -> list[int]:
+    """Sizes of the consecutive groups in `generate_templates`' output: the plain "{}", then one group of
+    prefixes per (length, count) pair."""
+    return [1] + [_per_start(count, starts) * len(starts) for _, count in lengths]
+
+
 def _clean(text: str) -> str:
     """One line, no braces (they would break str.format), no trailing whitespace."""
     return re.sub(r"\s+", " ", text.replace("{", " ").replace("}", " ")).strip()
@@ -57,9 +67,9 @@ def generate_templates(model: nn.Module, tok: PreTrainedTokenizerBase,
     try:
         out = ["{}"]
         for length, count in lengths:
-            per_start = max(1, int(count) // len(starts))
             for s in starts:
-                out += [_clean(t) + ". {}" for t in sample_prefixes(model, tok, s, per_start, int(length), g)]
+                out += [_clean(t) + ". {}"
+                        for t in sample_prefixes(model, tok, s, _per_start(count, starts), int(length), g)]
         return out
     finally:
         model.train(was_training)

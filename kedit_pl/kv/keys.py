@@ -8,6 +8,7 @@ stop after the edit layer's projection.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -79,6 +80,15 @@ def template_keys(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelSpe
 
 
 def compute_keys(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelSpec, layer: int,
-                 requests: list[EditRequest], templates: list[str], batch_size: int = 64) -> torch.Tensor:
-    """k* per request (ROME eq. 3): mean over templates of the key at `layer`'s mlp_out, (R, d_k)."""
-    return template_keys(model, tok, spec, layer, requests, templates, batch_size).mean(1)
+                 requests: list[EditRequest], templates: list[str], batch_size: int = 64,
+                 groups: Sequence[int] | None = None) -> torch.Tensor:
+    """k* per request at `layer`'s mlp_out, (R, d_k): the mean over templates (ROME eq. 3), or, with `groups`
+    (sizes of consecutive template groups, kv/context.template_groups), the mean of the group means, as MEMIT's
+    reference code weights its contexts (the plain prompt is a group of its own, so it carries half the weight
+    beside one group of prefixes)."""
+    k = template_keys(model, tok, spec, layer, requests, templates, batch_size)
+    if groups is None:
+        return k.mean(1)
+    if sum(groups) != len(templates) or min(groups) < 1:
+        raise ValueError(f"compute_keys: template groups {list(groups)} do not partition {len(templates)} templates")
+    return torch.stack([part.mean(1) for part in k.split(list(groups), dim=1)]).mean(0)

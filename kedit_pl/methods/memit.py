@@ -3,7 +3,8 @@
 1. z_i = h_i^L + δ_i for every request (eq. 16): δ optimized at the *output of the last block L* of the layer
    range R (the residual stream, `optimize_values(insert="layer")`), batched over requests.
 2. For each layer l ∈ R from low to high, with the lower layers already updated:
-   K = keys at l (mean over context templates at the subject's last token, kv/keys.py);
+   K = keys at l at the subject's last token, averaged over the context templates (kv/keys.py; by default as
+   the reference code does: the plain prompt and the sampled prefixes carry half the weight each);
    H = current block-L outputs on the plain prompts; residual R = (Z − H) / (|R| − i) (spread over the
    remaining layers); update of eq. 14
 
@@ -28,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.hooks import StopForward, capture, stop_after
-from kedit_pl.kv.context import DEFAULT_LENGTHS
+from kedit_pl.kv.context import DEFAULT_LENGTHS, template_groups
 from kedit_pl.kv.keys import compute_keys, subject_prompts
 from kedit_pl.kv.stats import StatsConfig, second_moment
 from kedit_pl.kv.value_cache import cache_folder, cached_values
@@ -81,6 +82,12 @@ def block_outputs(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelSpe
     return torch.cat(out)
 
 
+#: how k_i averages the keys of the context templates: "groups" = the mean of per-group means (the plain prompt
+#: is one group, so it weighs as much as all prefixes together; MEMIT's reference code), "uniform" = the plain
+#: mean over every template (the paper's text, ROME eq. 3)
+KEY_AVERAGES = ("groups", "uniform")
+
+
 class MEMIT(ROME):
     """Batch edit of the MLP output projections of `layers` (Hydra: conf/method/memit.yaml).
 
@@ -95,7 +102,8 @@ class MEMIT(ROME):
                  mom2_adjustment: bool = True, mom2_update_weight: float = 15000.0, z_batch_size: int = 32,
                  context_template_length_params: Sequence[Sequence[int]] = DEFAULT_LENGTHS, context_seed: int = 0,
                  fast: bool = True, stats: StatsConfig | Mapping[str, Any] | None = None,
-                 cache_dir: str | None = None, z_cache: bool = True, name: str = "memit") -> None:
+                 cache_dir: str | None = None, z_cache: bool = True, key_average: str = "groups",
+                 name: str = "memit") -> None:
         if not layers:
             raise ConfigError("MEMIT needs a layer range: set method.layers or model.method_defaults.memit.layers")
         layers = [int(x) for x in layers]
@@ -105,6 +113,8 @@ class MEMIT(ROME):
             raise ConfigError(f"MEMIT layers {layers} out of range 0..{spec.n_layers - 1} for {spec.name}")
         if float(mom2_update_weight) <= 0:
             raise ConfigError(f"MEMIT needs mom2_update_weight > 0 (λ in eq. 14), got {mom2_update_weight}")
+        if key_average not in KEY_AVERAGES:
+            raise ConfigError(f"MEMIT key_average must be one of {KEY_AVERAGES}, got {key_average!r}")
         if int(z_batch_size) < 1:
             raise ConfigError(f"MEMIT z_batch_size must be >= 1, got {z_batch_size}")
         if loss_layer is not None and spec is not None and not layers[-1] <= int(loss_layer) < spec.n_layers:
@@ -118,6 +128,7 @@ class MEMIT(ROME):
         self.layers = layers
         self.z_batch_size = int(z_batch_size)
         self.z_cache = bool(z_cache) and self.cache_dir is not None
+        self.key_groups = template_groups(self.lengths) if key_average == "groups" else None
         self._mom2: dict[int, torch.Tensor] | None = None
 
     # --- cached per model ---------------------------------------------------------------------------
@@ -167,7 +178,8 @@ class MEMIT(ROME):
                                                  "steps": res.steps[i], "delta_norm": res.delta[i].norm().item()}
                                                 for i, r in enumerate(requests)]}
         for i, layer in enumerate(self.layers):
-            K = compute_keys(self.model, self.tok, self.spec, layer, requests, templates)  # with lower layers edited
+            K = compute_keys(self.model, self.tok, self.spec, layer, requests, templates,  # lower layers edited
+                             groups=self.key_groups)
             H = block_outputs(self.model, self.tok, self.spec, self.layer, requests).double()
             resid = (Z - H) / (len(self.layers) - i)  # spread the remaining error over the remaining layers
             delta_w = memit_update(K, resid, mom2[layer], self.mom2_update_weight)  # eq. 14
