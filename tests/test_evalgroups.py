@@ -90,7 +90,7 @@ def test_missing_fields_and_empty_answers_are_skipped_and_counted(tiny_llama, on
     assert "portability" in recs[0]["groups"] and "alias" in recs[0]["groups"]
     assert "tokenizes to nothing" in recs[1]["groups_skipped"]["portability"]
     assert recs[2]["groups_skipped"] == {"portability": "no portability", "alias": "no alternative_subject"}
-    counts = runner.counts(recs)
+    counts = runner.counts([{"pre": r} for r in recs])
     assert counts["portability"]["measured"] == 1 and counts["portability"]["skipped"] == 2
     assert counts["alias"] == {"measured": 1, "skipped": 2, "skipped_because": {"no alternative_subject": 2}}
     assert set(runner.summarize(recs)) == {"port_acc", "port_p_new", "alias_es", "alias_em"}
@@ -146,6 +146,7 @@ def test_fluency_drops_when_the_edit_makes_generations_constant(tmp_path, one_th
     md = (tmp_path / "samples.md").read_text()
     assert "before:" in md and "after:" in md and md.count("## case") == 2  # rewrite + neighborhood of 1 record
     assert s["metric_groups"]["fluency"] == {"measured": 2, "skipped": 0, "skipped_because": {}}
+    assert s["metric_groups"]["general"] == {"states_pre": 1, "states_post": 2}
 
 
 # --- data ---------------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ class EditEvalCallback(L.Callback):
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         }
         if self.groups.groups:
-            summary["metric_groups"] = self.groups.counts(pres)
+            summary["metric_groups"] = self.groups.counts(done)
         summary["run"] = self.run_info | {"mode": self.mode}
         self.summary = summary
         flat = {f"{g}/{k}": v for g in ("pre", "post", "final") if g in summary for k, v in summary[g].items()}

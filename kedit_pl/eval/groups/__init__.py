@@ -76,16 +76,18 @@ class GroupRunner:
                 out.update(mean_numbers(g.paired(pre[i]["groups"][g.name], records[i]["groups"][g.name]) for i in both))
         return out
 
-    def counts(self, records: list[dict]) -> dict[str, dict[str, Any]]:
-        """Per group: records measured, records skipped and why (from the unedited model's pass)."""
+    def counts(self, done: list[dict]) -> dict[str, dict[str, Any]]:
+        """Per group, over the record lines: records measured and skipped (and why) on the unedited model;
+        for a model-state group, how many states it measured (pre, post, final)."""
         out = {}
         for g in self.groups:
-            measured = sum(g.name in (r or {}).get("groups", {}) for r in records)
             if not g.per_record:
-                out[g.name] = {"states_measured": measured}
+                out[g.name] = {f"states_{st}": sum(g.name in (d.get(st) or {}).get("groups", {}) for d in done)
+                               for st in ("pre", "post", "final") if any(st in d for d in done)}
                 continue
-            reasons = Counter(r.get("groups_skipped", {}).get(g.name) for r in records)
+            pres = [d["pre"] for d in done]
+            reasons = Counter(r.get("groups_skipped", {}).get(g.name) for r in pres)
             reasons.pop(None, None)
-            out[g.name] = {"measured": measured, "skipped": sum(reasons.values()),
-                           "skipped_because": dict(reasons)}
+            out[g.name] = {"measured": sum(g.name in r.get("groups", {}) for r in pres),
+                           "skipped": sum(reasons.values()), "skipped_because": dict(reasons)}
         return out
