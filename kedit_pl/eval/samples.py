@@ -46,7 +46,7 @@ def samples_markdown(rows: list[list[str]], title: str = "") -> str:
     lines = [f"# Generations before and after editing{' · ' + title if title else ''}", ""]
     for case_id, kind, prompt, true, new, before, after in rows:
         lines += [f"## case {case_id} · {kind} prompt · {true} → {new}", "", f"**Prompt:** {prompt}", "",
-                  f"- **before:** {prompt}**{_md(before)}**", f"- **after:** {prompt}**{_md(after)}**", ""]
+                  f"- **before:** {prompt} **{_md(before)}**", f"- **after:** {prompt} **{_md(after)}**", ""]
     return "\n".join(lines)
 
 
