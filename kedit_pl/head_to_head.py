@@ -133,12 +133,20 @@ def tradeoff_chart(rows: list[dict], path: Path) -> Path:
     axes[0].set_ylim(0, 105)
     axes[0].set_ylabel("post-edit %")
     axes[0].legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, 1.17))
-    for ax, key, title in ((axes[1], "fluency_ge", "fluency GE (×100 bits)"), (axes[2], "ppl", "WikiText ppl")):
-        ax.bar(x - 0.2, [r.get(f"pre_{key}") or 0 for r in rows], 0.4, hatch="//", color="lightgray", label="unedited")
-        ax.bar(x + 0.2, [r.get(f"post_{key}") or 0 for r in rows], 0.4, color="tab:blue", label="edited")
+    for ax, key, title, fmt in ((axes[1], "fluency_ge", "fluency GE (×100 bits)", "%.1f"),
+                                (axes[2], "ppl", "WikiText ppl", "%.2f")):
+        pre, post = ([r.get(f"{g}_{key}") or 0 for r in rows] for g in ("pre", "post"))
+        ax.bar_label(ax.bar(x - 0.2, pre, 0.4, hatch="//", color="lightgray", label="unedited"), fmt=fmt,
+                     fontsize=6, rotation=90, padding=2)
+        ax.bar_label(ax.bar(x + 0.2, post, 0.4, color="tab:blue", label="edited"), fmt=fmt, fontsize=6,
+                     rotation=90, padding=2)
+        vals = [v for v in pre + post if v]
+        if vals:  # the differences are small: zoom in on the values (the axis does not start at 0)
+            lo, hi = min(vals), max(vals)
+            ax.set_ylim(lo - 0.1 * (hi - lo + 1e-3) - 0.02 * hi, hi + 0.35 * (hi - lo + 1e-3) + 0.02 * hi)
         ax.set_xticks(x, labels, fontsize=7, rotation=30)
         ax.set_title(title, fontsize=9)
-    axes[1].legend(fontsize=7)
+    axes[2].legend(fontsize=7, loc="lower right")
     model = rows[0].get("model", "") if rows else ""
     fig.suptitle(f"head to head on {model} ({rows[0].get('n', '') if rows else ''} records per method)", fontsize=10)
     fig.tight_layout()
