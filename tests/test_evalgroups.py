@@ -186,3 +186,18 @@ def test_head_to_head_runs_skips_learned_editors_and_resumes(tmp_path, one_threa
     again = run_head_to_head(args)
     assert again["methods"]["ft"]["status"] == "complete (earlier)"
     assert (tmp_path / "ft" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_head_to_head_trains_a_missing_learned_editor_first(tmp_path, one_thread):
+    from kedit_pl.head_to_head import run_head_to_head
+
+    train = ["method.rank=8", "dataset=counterfact", "train.batch_size=4", "train.val_edits=2", "logger=csv",
+             "trainer.val_check_interval=2", "+trainer.limit_val_batches=1", "trainer.max_steps=2",
+             "dataset.train.limit=12"]
+    args = ["model=tiny_llama", "logger=csv", "dataset.limit=2", f"head_to_head.out_dir={tmp_path}",
+            "head_to_head.methods=[mend]", "head_to_head.train_missing=true", "eval.samples.k=0", *FAST,
+            "head_to_head.train.mend=[" + ",".join(f"'{t}'" for t in train) + "]"]
+    assert run_head_to_head(args)["methods"]["mend"]["status"] == "ran"
+    assert (tmp_path / "_train" / "mend" / "editor").is_dir()
+    cfg = json.loads((tmp_path / "mend" / "summary.json").read_text())["run"]["config"]
+    assert cfg["checkpoint"] == str(tmp_path / "_train" / "mend" / "editor")
