@@ -119,6 +119,19 @@ def test_cached_batched_generation_equals_a_full_forward_loop(tiny_llama, one_th
     assert texts[0] == texts[1] and len(texts) == 3
 
 
+def test_a_routing_method_generates_through_its_own_logits(tiny_llama):
+    class Routed(CollapseMethod):  # its own logits always pick "A"; the base model would not
+        def logits_fn(self):
+            def fn(ids, mask, prompt_lengths=None, keep=None):
+                out = torch.zeros(*ids.shape, 257)
+                out[..., tiny_llama.tokenizer.convert_tokens_to_ids("A")] = 1.0
+                return out
+            return fn
+
+    m = Routed(tiny_llama.model, tiny_llama.tokenizer, tiny_llama.spec)
+    assert greedy_generate(m, ["Hi", "The capital of"], max_new_tokens=4) == ["AAAA", "AAAA"]
+
+
 # --- the callback: pre on the unedited model, post on the edited one ----------------------------------------
 def test_fluency_drops_when_the_edit_makes_generations_constant(tmp_path, one_thread):
     cfg = edit_cfg(tmp_path, "dataset=counterfact_plus", "dataset.limit=2", "+model.tiny.initializer_range=0.3",
