@@ -50,7 +50,7 @@ class GroupRunner:
         None means always (the unedited model, the final state)."""
         for g in self.groups:
             if not g.per_record:
-                due = batch_idx is None or getattr(g, "due", lambda m, b: True)(self.mode, batch_idx)
+                due = batch_idx is None or g.due(self.mode, batch_idx)
                 if due and records:
                     records[0].setdefault("groups", {})[g.name] = g.measure(method, requests)[0]
                 continue

@@ -30,6 +30,10 @@ class MetricGroup(ABC):
         missing = [f for f in self.fields if not getattr(req, f)]
         return f"no {missing[0]}" if missing else None
 
+    def due(self, mode: str, batch_idx: int) -> bool:
+        """Whether a model-state group measures the state after batch `batch_idx` (per-record groups: always)."""
+        return True
+
     @abstractmethod
     def measure(self, method, requests: list[EditRequest]) -> list[dict]:
         """Raw measurements of the current model state, one per request (all of them measurable).
