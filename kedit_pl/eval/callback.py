@@ -12,6 +12,7 @@ import torch
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.eval.metrics import summarize
+from kedit_pl.eval.pre_cache import cached_pre_scores
 from kedit_pl.eval.report import print_table, write_summary_files
 from kedit_pl.eval.scoring import score_requests
 from kedit_pl.io import write_text
@@ -43,20 +44,23 @@ class EditEvalCallback(L.Callback):
     """
 
     def __init__(self, output_dir: str | Path, mode: str = "single", eval_batch_size: int = 64,
-                 resume: bool = False, run_info: dict[str, Any] | None = None) -> None:
+                 resume: bool = False, run_info: dict[str, Any] | None = None,
+                 pre_cache: str | Path | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"edit.mode: must be one of {MODES}, got {mode!r}")
         self.out = Path(output_dir)
         self.mode = mode
         self.eval_batch_size = eval_batch_size
         self.run_info = run_info or {}
+        self.pre_cache = pre_cache  # folder of cached pre-edit scores (eval.cache_pre), or None
         self.done = read_done_records(self.out) if resume else []
         self.pre: dict[str, dict] = {}
         self.summary: dict[str, Any] = {}
 
     # --- helpers -------------------------------------------------------------------------------------
-    def _score(self, pl_module, requests: list[EditRequest]) -> list[dict]:
-        return score_requests(pl_module.logits_fn(), pl_module.tok, requests, self.eval_batch_size, pl_module.device)
+    def _score(self, pl_module, requests: list[EditRequest], pre: bool = False) -> list[dict]:
+        return cached_pre_scores(self.pre_cache if pre else None, pl_module.logits_fn(), pl_module.tok, requests,
+                                 self.eval_batch_size, pl_module.device, score_requests)
 
     @staticmethod
     def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
@@ -67,7 +71,7 @@ class EditEvalCallback(L.Callback):
     def on_test_start(self, trainer: L.Trainer, pl_module) -> None:
         requests = trainer.datamodule.requests
         log.info("scoring %d records on the unedited model", len(requests))
-        self.pre = {r["case_id"]: r for r in self._score(pl_module, requests)}
+        self.pre = {r["case_id"]: r for r in self._score(pl_module, requests, pre=True)}
         self._log(trainer, {f"pre/{k}": v for k, v in summarize(self.pre.values()).items()}, step=0)
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch: list[EditRequest],
