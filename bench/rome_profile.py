@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=200)
     cfg = compose("edit", [f"model={args.model}", "method=rome", "paths.output_dir=/tmp/kedit_bench",
                            f"dataset.range={args.start}:{args.start + args.n + 1}"])
     lm = load_model(cfg.model)
