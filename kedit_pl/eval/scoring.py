@@ -5,11 +5,13 @@ the teacher-forced top-1 token accuracy. Metrics (ES/PS/NS, ...) are pure functi
 numbers, in `metrics.py`.
 
 Two exact ways to get the numbers:
-- `score_pairs_full`: one forward pass per (prompt, target) row; works with any `LogitsFn` (SERAC routes rows).
-- `score_prefixed`: a plain model (`ModelLogits`) runs each distinct prompt once, keeps its key/value cache
-  and scores every target of that prompt as a continuation from it. A target's first token is predicted by
-  the prompt's last position, so single-token targets need no second pass at all.
-`score_pairs` picks the second whenever the logits come from the plain model.
+- `score_pairs_full`: one forward pass per (prompt, target) row; works with any `LogitsFn`.
+- `score_prefixed`: each distinct prompt runs once, its key/value cache is kept, and every target of that
+  prompt is scored as a continuation from it. A target's first token is predicted by the prompt's last
+  position, so single-token targets need no second pass at all.
+`score_pairs` picks the second when the logits function says, per prompt, which model continues it from which
+ids (`prefixes`, see `PrefixFn`): the plain model (`ModelLogits`) from the prompt itself; SERAC routes by the
+prompt, so it can say so too (base model from the prompt, or counterfactual model from "[edit] [prompt]").
 """
 from __future__ import annotations
 
@@ -67,6 +69,22 @@ def forward_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep
         return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
 
 
+#: prompts' token ids -> for each, (the model that continues it, the ids it continues from). Prompts routed to
+#: one model from ids of one length share a forward pass.
+PrefixFn = Callable[[list[list[int]]], list[tuple[nn.Module, list[int]]]]
+
+
+@dataclass(frozen=True)
+class RoutedLogits:
+    """A `LogitsFn` that also routes by prompt alone (`prefixes`), so scoring may use the prompt-cache path."""
+
+    logits: LogitsFn
+    prefixes: PrefixFn
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.logits(*args, **kwargs)
+
+
 @dataclass(frozen=True)
 class ModelLogits:
     """The default `LogitsFn`: a plain forward pass of `model`. Scoring recognizes it (the logits are a pure
@@ -77,6 +95,10 @@ class ModelLogits:
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor, prompt_lengths: list[int] | None = None,
                  keep: int | None = None) -> torch.Tensor:
         return forward_logits(self.model, ids, mask, keep)
+
+    def prefixes(self, rows: list[list[int]]) -> list[tuple[nn.Module, list[int]]]:
+        """Every prompt is continued by the model itself, from its own ids."""
+        return [(self.model, r) for r in rows]
 
 
 def model_logits(model: nn.Module) -> LogitsFn:
@@ -98,8 +120,9 @@ def _scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
 def score_pairs(logits_fn: LogitsFn, tok: PreTrainedTokenizerBase, prompts: list[str], targets: list[str],
                 batch_size: int = 64, device: torch.device | str = "cpu") -> list[TargetScore]:
     """Mean NLL and top-1 accuracy of each target after its prompt (from the prompt's cache when possible)."""
-    if isinstance(logits_fn, ModelLogits):
-        return score_prefixed(logits_fn.model, tok, prompts, targets, batch_size, device)
+    prefixes = getattr(logits_fn, "prefixes", None)
+    if prefixes is not None:
+        return score_prefixed(prefixes, tok, prompts, targets, batch_size, device)
     return score_pairs_full(logits_fn, tok, prompts, targets, batch_size, device)
 
 
@@ -127,30 +150,34 @@ def score_pairs_full(logits_fn: LogitsFn, tok: PreTrainedTokenizerBase, prompts:
 
 
 @torch.no_grad()
-def score_prefixed(model: nn.Module, tok: PreTrainedTokenizerBase, prompts: list[str], targets: list[str],
+def score_prefixed(prefixes: PrefixFn, tok: PreTrainedTokenizerBase, prompts: list[str], targets: list[str],
                    batch_size: int = 64, device: torch.device | str = "cpu") -> list[TargetScore]:
     """`score_pairs` with one pass per distinct prompt, each target continuing from the prompt's KV cache.
 
-    Prompts of equal token length share a batch (no padding inside the cached prefix, so positions and
-    attention are exactly those of the prompt + target row). Pass 1 returns the prompt's last-position logits,
+    `prefixes` says which model continues each prompt from which ids. Prompts with the same model and prefix
+    length share a batch (no padding inside the cached prefix, so positions and attention are exactly those of
+    the prefix + target row). Pass 1 returns the prompt's last-position logits,
     which predict every target's first token; pass 2 feeds target tokens 0..n-2 of the targets longer than one
     token, from the cache repeated per target (`DynamicCache.reorder_cache`), right-padded, and reads the rest.
     """
-    p_ids = {p: prompt_ids(tok, p) for p in dict.fromkeys(prompts)}
+    unique = list(dict.fromkeys(prompts))
     t_ids = {t: target_ids(tok, t) for t in dict.fromkeys(targets)}
     wanted: dict[str, list[int]] = {}  # prompt -> indices of its (prompt, target) pairs
     for i, p in enumerate(prompts):
         wanted.setdefault(p, []).append(i)
-    by_len = sorted(p_ids, key=lambda p: (len(p_ids[p]), p))
+    routes = dict(zip(unique, prefixes([prompt_ids(tok, p) for p in unique])))
+    models = {id(m): m for m, _ in routes.values()}
+    groups: dict[tuple[int, int], list[str]] = {}  # (model, prefix length) -> prompts
+    for p in unique:
+        groups.setdefault((id(routes[p][0]), len(routes[p][1])), []).append(p)
     lp_sum = torch.zeros(len(prompts), dtype=torch.float64)
     n_ok = torch.zeros(len(prompts), dtype=torch.float64)
-    for s in range(0, len(by_len), batch_size):
-        chunk = by_len[s:s + batch_size]
-        for n in sorted({len(p_ids[p]) for p in chunk}):
-            group = [p for p in chunk if len(p_ids[p]) == n]
+    for (model_id, _), members in sorted(groups.items(), key=lambda kv: kv[0][1]):
+        for s in range(0, len(members), batch_size):
+            group = members[s:s + batch_size]
             row = {p: r for r, p in enumerate(group)}
             pairs = [i for p in group for i in wanted[p]]
-            _score_group(model, [p_ids[p] for p in group], [row[prompts[i]] for i in pairs],
+            _score_group(models[model_id], [routes[p][1] for p in group], [row[prompts[i]] for i in pairs],
                          [t_ids[targets[i]] for i in pairs], pairs, lp_sum, n_ok, device)
     lengths = [len(t_ids[t]) for t in targets]
     return [TargetScore(float(-lp_sum[i] / lengths[i]), float(n_ok[i] / lengths[i])) for i in range(len(prompts))]
