@@ -77,9 +77,13 @@ def run_config(run_dir: Path, method_config: dict) -> dict[str, Any]:
 
 
 def varying_keys(rows: list[dict]) -> list[str]:
-    """Config keys whose values are not the same in every run (the columns that tell runs apart)."""
-    keys = sorted({k for r in rows for k in r["config"] if not k.startswith(UNDESCRIPTIVE)})
-    return [k for k in keys if len({repr(r["config"].get(k)) for r in rows}) > 1]
+    """Config keys whose values are not the same in every run (the columns that tell runs apart). A group whose
+    `name` differs (method, model, dataset) is already told apart by its column, so its other keys are left out."""
+    shared = set.intersection(*(set(r["config"]) for r in rows)) if rows else set()
+    differs = [k for k in sorted(shared) if not k.startswith(UNDESCRIPTIVE)
+               and len({repr(r["config"][k]) for r in rows}) > 1]
+    renamed = {k[:-len("name")] for k in differs if k.endswith(".name") and k.count(".") == 1}
+    return [k for k in differs if not k.startswith(tuple(renamed))]
 
 
 def columns(rows: list[dict]) -> list[str]:

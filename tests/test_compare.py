@@ -45,3 +45,15 @@ def test_swept_values_become_columns_sorted_by_the_optimized_metric(tmp_path):
     assert len(by_pre) == 3
     table = list(csv.DictReader((tmp_path / "cmp" / "comparison.csv").open()))
     assert [float(t["method.lr"]) for t in table] == [1e-3, 1e-2, 1e-4]
+
+
+def test_runs_of_different_methods_show_no_method_internals(tmp_path):
+    from omegaconf import OmegaConf
+
+    for i, (method, extra) in enumerate([("ft", {"lr": 1e-3}), ("rome", {"layer": 5})]):
+        run = tmp_path / f"{i}_{method}"
+        fake_run(run, method, 90.0 + i, 2.0)
+        (run / ".hydra").mkdir()
+        OmegaConf.save(OmegaConf.create({"method": {"name": method, **extra}, "seed": i}), run / ".hydra" / "config.yaml")
+    header = (compare([tmp_path], tmp_path / "cmp") and (tmp_path / "cmp" / "comparison.md").read_text()).splitlines()[0]
+    assert "seed" in header and "method.lr" not in header and "method.layer" not in header
