@@ -154,11 +154,12 @@ def score_prefixed(prefixes: PrefixFn, tok: PreTrainedTokenizerBase, prompts: li
                    batch_size: int = 64, device: torch.device | str = "cpu") -> list[TargetScore]:
     """`score_pairs` with one pass per distinct prompt, each target continuing from the prompt's KV cache.
 
-    `prefixes` says which model continues each prompt from which ids. Prompts with the same model and prefix
-    length share a batch (no padding inside the cached prefix, so positions and attention are exactly those of
-    the prefix + target row). Pass 1 returns the prompt's last-position logits,
-    which predict every target's first token; pass 2 feeds target tokens 0..n-2 of the targets longer than one
-    token, from the cache repeated per target (`DynamicCache.reorder_cache`), right-padded, and reads the rest.
+    `prefixes` says which model continues each prompt from which ids. Prompts of one model share batches
+    (sorted by length, so little padding). The prefixes are left-padded, with position ids counted from each
+    row's first real token, so every real token sits at the position and attends to the tokens it has in the
+    prefix + target row. Pass 1 returns the prefixes' last-position logits, which predict every target's first
+    token; pass 2 feeds target tokens 0..n-2 of the targets longer than one token, from the cache repeated per
+    target (`DynamicCache.reorder_cache`), right-padded, and reads the rest.
     """
     unique = list(dict.fromkeys(prompts))
     t_ids = {t: target_ids(tok, t) for t in dict.fromkeys(targets)}
@@ -167,12 +168,12 @@ def score_prefixed(prefixes: PrefixFn, tok: PreTrainedTokenizerBase, prompts: li
         wanted.setdefault(p, []).append(i)
     routes = dict(zip(unique, prefixes([prompt_ids(tok, p) for p in unique])))
     models = {id(m): m for m, _ in routes.values()}
-    groups: dict[tuple[int, int], list[str]] = {}  # (model, prefix length) -> prompts
-    for p in unique:
-        groups.setdefault((id(routes[p][0]), len(routes[p][1])), []).append(p)
+    groups: dict[int, list[str]] = {}  # model -> its prompts, shortest prefix first
+    for p in sorted(unique, key=lambda p: len(routes[p][1])):
+        groups.setdefault(id(routes[p][0]), []).append(p)
     lp_sum = torch.zeros(len(prompts), dtype=torch.float64)
     n_ok = torch.zeros(len(prompts), dtype=torch.float64)
-    for (model_id, _), members in sorted(groups.items(), key=lambda kv: kv[0][1]):
+    for model_id, members in groups.items():
         for s in range(0, len(members), batch_size):
             group = members[s:s + batch_size]
             row = {p: r for r, p in enumerate(group)}
@@ -186,10 +187,12 @@ def score_prefixed(prefixes: PrefixFn, tok: PreTrainedTokenizerBase, prompts: li
 def _score_group(model: nn.Module, rows: list[list[int]], owner: list[int], tgts: list[list[int]], pairs: list[int],
                  lp_sum: torch.Tensor, n_ok: torch.Tensor, device: torch.device | str) -> None:
     """Score `tgts` (pair j continues prompt row `owner[j]`) into `lp_sum` / `n_ok` at index `pairs[j]`."""
-    ids = torch.tensor(rows, device=device)
-    mask = torch.ones_like(ids)
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)  # left-padded
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
     with contiguous_head(model):
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
     first = torch.tensor([t[0] for t in tgts], device=device)[:, None]
     at = torch.tensor(owner, device=device)
     lp, ok, _ = _scores(out.logits[:, -1:][at], first)
@@ -200,8 +203,10 @@ def _score_group(model: nn.Module, rows: list[list[int]], owner: list[int], tgts
         cont, cont_mask = right_pad([tgts[j][:-1] for j in more], 0)
         labels, _ = right_pad([tgts[j][1:] for j in more], -100)
         cont, cont_mask, labels = cont.to(device), cont_mask.to(device), labels.to(device)
+        start = mask.sum(-1)[at[more]][:, None]
         logits = model(input_ids=cont, attention_mask=torch.cat([mask[at[more]], cont_mask], 1),
-                       use_cache=True, **cache_kwargs(model, cache)).logits
+                       position_ids=start + torch.arange(cont.shape[1], device=device), use_cache=True,
+                       **cache_kwargs(model, cache)).logits
         lp2, ok2, _ = _scores(logits, labels)
         lp[more] += lp2
         ok[more] += ok2
