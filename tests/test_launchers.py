@@ -20,6 +20,7 @@ def edit_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           env=env, timeout=timeout, cwd=REPO_ROOT)
 
 
+@pytest.mark.slow  # five processes (the sweep and two joblib workers, twice): 30-90 s
 def test_optuna_sweep_on_joblib_runs_two_trials_at_a_time(tmp_path):
     sweep = tmp_path / "sweep"
     p = edit_py("hparams_search=ft_l_optuna", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
@@ -64,7 +65,7 @@ def test_slurm_launcher_renders_an_array_job(tmp_path, monkeypatch):
         assert line in script, script
 
 
-@pytest.mark.slow  # two job processes: ~40 s
+@pytest.mark.slow  # two job processes: 40 s
 def test_submitit_local_runs_the_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     p = edit_py("-m", "hydra/launcher=submitit_local", "method=ft", "method.lr=1e-3,1e-2", *TINY,
