@@ -104,9 +104,11 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
     run_info = {"method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
                 "n_records": len(dm.requests) + len(done_ids), "batch_size": batch_size,
                 "config": OmegaConf.to_container(cfg.method, resolve=True), "skipped": skipped}
+    pre_cache = Path(cfg.paths.cache_dir) / "pre_scores" if cfg.get("eval", {}).get("cache_pre", True) else None
     callback = EditEvalCallback(out, mode=mode, eval_batch_size=cfg.edit.eval_batch_size,
                                 resume=cfg.edit.resume, run_info=run_info, groups=groups,
-                                samples=int(samples.get("k") or 0), sample_tokens=int(samples.get("max_new_tokens", 40)))
+                                samples=int(samples.get("k") or 0), sample_tokens=int(samples.get("max_new_tokens", 40)),
+                                pre_cache=pre_cache)
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, [callback], loggers)
     start = time.perf_counter()

@@ -13,6 +13,7 @@ import torch
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.eval.groups import GroupRunner, MetricGroup
 from kedit_pl.eval.metrics import summarize
+from kedit_pl.eval.pre_cache import cached_pre_scores
 from kedit_pl.eval.report import print_table, write_summary_files
 from kedit_pl.eval.samples import generate_samples, sample_rows, write_samples
 from kedit_pl.eval.scoring import score_requests
@@ -46,13 +47,15 @@ class EditEvalCallback(L.Callback):
 
     def __init__(self, output_dir: str | Path, mode: str = "single", eval_batch_size: int = 64,
                  resume: bool = False, run_info: dict[str, Any] | None = None,
-                 groups: list[MetricGroup] | None = None, samples: int = 0, sample_tokens: int = 40) -> None:
+                 groups: list[MetricGroup] | None = None, samples: int = 0, sample_tokens: int = 40,
+                 pre_cache: str | Path | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"edit.mode: must be one of {MODES}, got {mode!r}")
         self.out = Path(output_dir)
         self.mode = mode
         self.eval_batch_size = eval_batch_size
         self.run_info = run_info or {}
+        self.pre_cache = pre_cache  # folder of cached pre-edit scores (eval.cache_pre), or None
         self.done = read_done_records(self.out) if resume else []
         self.pre: dict[str, dict] = {}
         self.summary: dict[str, Any] = {}
@@ -61,9 +64,12 @@ class EditEvalCallback(L.Callback):
         self.sample_ids: set[str] = set()
 
     # --- helpers -------------------------------------------------------------------------------------
-    def _score(self, pl_module, requests: list[EditRequest], batch_idx: int | None = None) -> list[dict]:
-        """ES/PS/NS scores of each request, plus the selected metric groups and, for sampled records, generations."""
-        recs = score_requests(pl_module.logits_fn(), pl_module.tok, requests, self.eval_batch_size, pl_module.device)
+    def _score(self, pl_module, requests: list[EditRequest], batch_idx: int | None = None,
+               pre: bool = False) -> list[dict]:
+        """ES/PS/NS scores of each request (pre-edit ones from the cache when enabled), plus the selected metric
+        groups and, for sampled records, generations."""
+        recs = cached_pre_scores(self.pre_cache if pre else None, pl_module.logits_fn(), pl_module.tok, requests,
+                                 self.eval_batch_size, pl_module.device, score_requests)
         self.groups.measure(pl_module, requests, recs, batch_idx)
         sampled = [(req, rec) for req, rec in zip(requests, recs) if req.case_id in self.sample_ids]
         if sampled:
@@ -85,7 +91,7 @@ class EditEvalCallback(L.Callback):
         done_ids = {d["case_id"] for d in self.done}
         self.sample_ids = {r.case_id for r in requests[:max(0, self.n_samples - len(done_ids))]}
         log.info("scoring %d records on the unedited model", len(requests))
-        self.pre = {r["case_id"]: r for r in self._score(pl_module, requests)}
+        self.pre = {r["case_id"]: r for r in self._score(pl_module, requests, pre=True)}
         self._log(trainer, {f"pre/{k}": v for k, v in self._numbers(list(self.pre.values())).items()}, step=0)
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch: list[EditRequest],
