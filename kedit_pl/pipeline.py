@@ -5,6 +5,7 @@ import logging
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -147,9 +148,20 @@ def metric_value(summary: dict[str, Any], path: str) -> float | None:
     return None if value is None else float(value)
 
 
+def quiet_libraries() -> None:
+    """Silence library chatter a user cannot act on: deprecations inside libraries, Lightning's tips and
+    hardware banner (GPU/TPU available), and its note on our own `transfer_batch_to_device`."""
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run an entry point: user errors become one line on stderr, and a failed run leaves no files."""
     out = output_dir(cfg)
+    quiet_libraries()
     try:
         return fn(cfg)
     except KEditError as e:

@@ -3,7 +3,8 @@
 - Ownership: a writer holds an exclusive `fcntl.flock` on `<folder>/.kedit.lock` for the whole run; a second
   process fails fast (the kernel drops the lock when its holder dies, so a crashed run never blocks a resume).
 - Identity: `run.json` records what produced the results (method, model, dataset selection, mode, batch size,
-  seed, the method's resolved config). A resume must match it; the first difference is named.
+  seed, the method's resolved config). A resume must match it (it may only raise dataset.limit); the first
+  difference is named.
 - A fresh run refuses a folder that already holds results, unless `edit.overwrite=true` (which removes them).
 """
 from __future__ import annotations
@@ -46,6 +47,15 @@ def first_difference(old: Any, new: Any, path: str = "") -> str | None:
                 return diff
         return None
     return None if old == new else f"{path}: {old!r} in the folder, {new!r} now"
+
+
+def _extendable(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`old` with its dataset.limit taken from `new` if `new` only raises it: the records done are then a prefix
+    of the new selection (same order), so a resume may extend a run, never shrink or reshuffle it."""
+    lo, hi = (old.get("dataset") or {}).get("limit"), (new.get("dataset") or {}).get("limit")
+    if isinstance(lo, int) and (hi is None or (isinstance(hi, int) and hi >= lo)):
+        return old | {"dataset": old["dataset"] | {"limit": hi}}
+    return old
 
 
 class RunFolder:
@@ -107,7 +117,7 @@ class RunFolder:
             old = read_json(ident)
         except ValueError as e:
             raise ConfigError(f"edit.resume: {ident} is damaged ({e}); rerun with edit.overwrite=true") from None
-        diff = first_difference(old, self.identity)
+        diff = first_difference(_extendable(old, self.identity), self.identity)
         if diff:
             raise ConfigError(f"edit.resume: this run differs from the one in {self.path}: {diff}; resume with the "
                               f"same settings, or use another hydra.run.dir (or edit.overwrite=true)")

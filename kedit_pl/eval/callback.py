@@ -35,8 +35,7 @@ def read_done_records(output_dir: str | Path) -> list[dict]:
                 log.warning("ignoring a torn line in %s", path)
                 continue
             n += 1
-            by_id.pop(str(d["case_id"]), None)  # a case_id written twice counts once: its last line
-            by_id[str(d["case_id"])] = d
+            by_id[str(d["case_id"])] = d  # a case_id written twice counts once (its last line, first position)
     if n > len(by_id):
         log.warning("%s: %d duplicate line(s) by case_id ignored (each record counts once)", path, n - len(by_id))
     return list(by_id.values())
