@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".kedit.lock"
 IDENTITY_FILE = "run.json"
+#: Hydra rewrites <folder>/.hydra/ before any job code runs; the owner's copy is kept here and put back
+#: when a refused run (busy, used, mismatched) has overwritten it
+HYDRA_DIR, HYDRA_COPY = ".hydra", ".hydra.owner"
 #: files holding a run's results (removed by edit.overwrite=true); run.json alone is no result
 RESULT_FILES = ("records.jsonl", "summary.json", "metrics.png", "retention.png")
 #: dataset fields that decide which records a run edits
@@ -77,6 +81,7 @@ class RunFolder:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
+            self._restore_hydra()
             raise RunFolderBusy(f"hydra.run.dir: {self.path} is being written by another running process "
                                 f"(pid {holder}); wait for it, or pick another hydra.run.dir") from None
         os.ftruncate(fd, 0)
@@ -85,8 +90,10 @@ class RunFolder:
         try:
             self._claim()
         except BaseException:
+            self._restore_hydra()
             self.__exit__(None, None, None)
             raise
+        self._keep_hydra()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -94,6 +101,19 @@ class RunFolder:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+    def _keep_hydra(self) -> None:
+        src, dst = self.path / HYDRA_DIR, self.path / HYDRA_COPY
+        if src.is_dir():
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
+
+    def _restore_hydra(self) -> None:
+        """Put back the owner's .hydra/ (config, overrides) that this refused run's Hydra overwrote."""
+        src, dst = self.path / HYDRA_COPY, self.path / HYDRA_DIR
+        if src.is_dir():
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
 
     def _claim(self) -> None:
         used = self.results()

@@ -28,11 +28,16 @@ def _no_model(monkeypatch):
 
 
 def test_fresh_run_refuses_a_used_folder_and_resume_checks_identity(tmp_path, monkeypatch):
+    hydra_cfg = tmp_path / ".hydra" / "config.yaml"
+    hydra_cfg.parent.mkdir()
+    hydra_cfg.write_text("the owner's config")  # Hydra writes it before the job starts
     run_edit(edit_cfg(tmp_path, *FT, "dataset.limit=2"))
     with monkeypatch.context() as m:
         _no_model(m)  # every refusal below comes before the model loads
+        hydra_cfg.write_text("the refused run's config")
         with pytest.raises(ConfigError, match="already holds results.*edit.resume=true.*edit.overwrite=true"):
             run_edit(edit_cfg(tmp_path, *FT, "dataset.limit=2"))
+        assert hydra_cfg.read_text() == "the owner's config"  # the folder still describes its results
         for args, field in [(["method=ft_l", "dataset.limit=2"], "method: 'ft' in the folder, 'ft_l' now"),
                             ([*FT, "method.lr=0.5", "dataset.limit=2"], "method_config.lr"),
                             ([*FT, "dataset.limit=1"], "dataset.limit: 2 in the folder, 1 now"),
