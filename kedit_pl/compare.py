@@ -18,8 +18,12 @@ from kedit_pl.io import atomic_path, read_json, write_text
 METRICS = ("es", "ps", "ns", "score")
 #: token accuracies: on zsRE the efficacy / generalization / specificity of the MEND and MEMIT papers
 ACCURACIES = ("rewrite_acc", "paraphrase_acc", "loc_acc")
-COLUMNS = ("method", "model", "dataset", "mode", "n") + tuple(f"pre_{m}" for m in METRICS + ACCURACIES) + \
-    tuple(f"post_{m}" for m in METRICS + ACCURACIES) + ("s_per_edit", "peak_rss_mb", "run_dir")
+#: the metric groups of `eval.metrics` (kedit_pl/eval/groups): fluency (ROME's GE), portability (token accuracy,
+#: share of answers made more likely: post only), distracting-neighborhood NS, alias ES, WikiText perplexity
+GROUP_METRICS = ("fluency_ge", "port_acc", "port_rise", "dn_ns", "alias_es", "ppl")
+ALL_METRICS = METRICS + ACCURACIES + GROUP_METRICS
+COLUMNS = ("method", "model", "dataset", "mode", "n") + tuple(f"pre_{m}" for m in ALL_METRICS) + \
+    tuple(f"post_{m}" for m in ALL_METRICS) + ("s_per_edit", "peak_rss_mb", "run_dir")
 
 
 def find_summaries(dirs: list[str | Path]) -> list[Path]:
@@ -39,7 +43,7 @@ def row(path: Path) -> dict[str, Any]:
     r: dict[str, Any] = {k: run.get(k, "") for k in ("method", "model", "dataset", "mode")}
     r["n"] = int(s.get("timing", {}).get("n_edits", 0))
     for g in ("pre", "post"):
-        for m in METRICS + ACCURACIES:
+        for m in ALL_METRICS:
             r[f"{g}_{m}"] = s.get(g, {}).get(m)
     r["s_per_edit"] = s.get("timing", {}).get("seconds_per_edit")
     r["peak_rss_mb"] = s.get("timing", {}).get("peak_rss_mb")

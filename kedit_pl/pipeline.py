@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from kedit_pl.data.datamodule import EditDataModule
 from kedit_pl.errors import ConfigError, InvalidRecord, KEditError, RunFolderBusy
 from kedit_pl.eval.callback import EditEvalCallback, read_done_records
+from kedit_pl.eval.groups import CORE, build_groups
 from kedit_pl.eval.report import print_table
 from kedit_pl.io import read_json, write_json
 from kedit_pl.methods.base import EditMethod
@@ -105,6 +106,9 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int) -> dict[str, Any]:
     done_ids = {d["case_id"] for d in read_done_records(out)} if cfg.edit.resume else set()
     dm = EditDataModule(cfg.dataset, edit_batch_size=batch_size, exclude_ids=done_ids, seed=cfg.seed)
     dm.prepare_requests()  # fail on bad data before loading anything heavy
+    ev = OmegaConf.to_container(cfg.eval, resolve=True) if cfg.get("eval") else {}
+    groups = build_groups(list(ev.get("metrics") or [CORE]), ev)  # and on a bad eval.metrics
+    samples = ev.get("samples") or {}
     if done_ids and not dm.requests:
         return finished_summary(out, len(done_ids))
     L.seed_everything(cfg.seed, verbose=False)
@@ -114,7 +118,8 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int) -> dict[str, Any]:
                 "n_records": len(dm.requests) + len(done_ids), "batch_size": batch_size,
                 "config": OmegaConf.to_container(cfg.method, resolve=True), "skipped": skipped}
     callback = EditEvalCallback(out, mode=mode, eval_batch_size=cfg.edit.eval_batch_size,
-                                resume=cfg.edit.resume, run_info=run_info)
+                                resume=cfg.edit.resume, run_info=run_info, groups=groups,
+                                samples=int(samples.get("k") or 0), sample_tokens=int(samples.get("max_new_tokens", 40)))
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, [callback], loggers)
     start = time.perf_counter()

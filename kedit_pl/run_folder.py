@@ -39,7 +39,8 @@ def run_identity(cfg: DictConfig, batch_size: int) -> dict[str, Any]:
     data = OmegaConf.to_container(cfg.dataset, resolve=True)
     return {"method": cfg.method.name, "model": cfg.model.name,
             "dataset": {k: data.get(k) for k in SELECTION}, "mode": cfg.edit.mode, "batch_size": batch_size,
-            "seed": cfg.seed, "method_config": OmegaConf.to_container(cfg.method, resolve=True)}
+            "seed": cfg.seed, "method_config": OmegaConf.to_container(cfg.method, resolve=True),
+            "eval": OmegaConf.to_container(cfg.eval, resolve=True) if cfg.get("eval") else None}
 
 
 def first_difference(old: Any, new: Any, path: str = "") -> str | None:
