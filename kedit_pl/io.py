@@ -82,7 +82,8 @@ def load_torch_checkpoint(path: str | os.PathLike, what: str) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
         # torch's message advises weights_only=False (running arbitrary pickled code); we never do that
-        reason = "not a pickle-free torch checkpoint" if "weights_only" in str(e) else _first_line(e)
+        reason = ("damaged, or not a pickle-free torch checkpoint (holds objects other than tensors)"
+                  if "weights_only" in str(e) else _first_line(e))
         raise DamagedFile(f"{what}: cannot read {path} ({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict):
         raise DamagedFile(f"{what}: {path} holds a {type(ckpt).__name__}, not a checkpoint dict")
