@@ -15,3 +15,11 @@ class InvalidRecord(KEditError):
 
 class EditFailed(KEditError):
     """An edit could not be computed (NaN/inf, subject not found in context). The model is unchanged."""
+
+
+class DamagedFile(KEditError):
+    """A file the run needs cannot be read or fails its checksum (the message names the file)."""
+
+
+class RunFolderBusy(ConfigError):
+    """Another live process holds the run folder's lock (its files must not be touched)."""

@@ -1,7 +1,9 @@
 """Atomic, pickle-free file writing and reading: a crash never leaves a half-written file behind."""
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import tempfile
 from contextlib import contextmanager
@@ -9,7 +11,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from kedit_pl.errors import DamagedFile
+
+log = logging.getLogger(__name__)
+
+#: safetensors metadata field holding the digest of a cache file's tensors (see `save_cache`)
+DIGEST_KEY = "kedit_tensor_digest"
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -52,6 +62,70 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
     return load_file(str(path), device=device)
+
+
+def read_tensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a file that cannot be read raises one-line `DamagedFile`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise DamagedFile(f"{what}: {path} is damaged or not a safetensors file ({_first_line(e)})") from None
+
+
+def load_torch_checkpoint(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A Lightning/torch checkpoint loaded without pickle (weights_only=True); garbage raises `DamagedFile`."""
+    import pickle
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        # torch's message advises weights_only=False (running arbitrary pickled code); we never do that
+        reason = ("damaged, or not a pickle-free torch checkpoint (holds objects other than tensors)"
+                  if "weights_only" in str(e) else _first_line(e))
+        raise DamagedFile(f"{what}: cannot read {path} ({type(e).__name__}: {reason})") from None
+    if not isinstance(ckpt, dict):
+        raise DamagedFile(f"{what}: {path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """Digest of names, dtypes, shapes and exact bytes of every tensor (order-independent)."""
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(tensors):
+        t = tensors[k].detach().contiguous().cpu()
+        h.update(f"{k}{t.dtype}{tuple(t.shape)}".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def save_cache(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A cache entry: `save_tensors` plus a digest of its tensors, so that `read_cache` detects any damage."""
+    save_tensors(path, tensors, (metadata or {}) | {DIGEST_KEY: tensor_digest(tensors)})
+
+
+def read_cache(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor] | None:
+    """A cache entry's tensors, or None for a miss: absent, unreadable, or failing its digest. A damaged entry
+    is named in a warning and removed, so the caller recomputes and replaces it. Entries written before
+    digests existed are accepted unverified."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        tensors, meta = read_tensors(path, what)
+        if DIGEST_KEY in meta and meta[DIGEST_KEY] != tensor_digest(tensors):
+            raise DamagedFile(f"{what}: {path} is damaged (its tensors do not match the digest stored in it)")
+    except DamagedFile as e:
+        log.warning("%s; treating it as a cache miss: recomputing and replacing it", e)
+        path.unlink(missing_ok=True)
+        return None
+    return tensors
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _jsonable(x: Any) -> Any:

@@ -5,6 +5,7 @@ import logging
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,13 +15,18 @@ from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.data.datamodule import EditDataModule
-from kedit_pl.errors import ConfigError, InvalidRecord, KEditError
+from kedit_pl.errors import ConfigError, InvalidRecord, KEditError, RunFolderBusy
 from kedit_pl.eval.callback import EditEvalCallback, read_done_records
 from kedit_pl.eval.groups import CORE, build_groups
-from kedit_pl.io import write_json
+from kedit_pl.eval.report import print_table
+from kedit_pl.io import read_json, write_json
 from kedit_pl.methods.base import EditMethod
+from kedit_pl.run_folder import RESULT_FILES, RunFolder, run_identity
+from kedit_pl.validate import validate_edit_config
 
 log = logging.getLogger("kedit_pl")
+#: train.py outputs a failed run must not delete
+KEEP = ("checkpoints", "editor", "train_summary.json")
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -87,20 +93,27 @@ def drop_uneditable(method: EditMethod, dm: EditDataModule, skip: bool) -> list[
 
 def run_edit(cfg: DictConfig) -> dict[str, Any]:
     """Apply and evaluate edits per `edit.mode`; returns the summary written to summary.json."""
-    out = output_dir(cfg)
+    validate_edit_config(cfg)  # every bad value is one line before anything heavy (or any file) is made
     mode = cfg.edit.mode
-    if mode == "sequential" and cfg.edit.resume:
-        raise ConfigError("edit.resume: a sequential run cannot resume (its accumulated edits are gone); rerun it")
     batch_size = 1 if mode == "single" else int(cfg.edit.batch_size)
+    with RunFolder(output_dir(cfg), run_identity(cfg, batch_size), resume=cfg.edit.resume,
+                   overwrite=bool(cfg.edit.get("overwrite", False))):
+        return _run_edit(cfg, mode, batch_size)
+
+
+def _run_edit(cfg: DictConfig, mode: str, batch_size: int) -> dict[str, Any]:
+    out = output_dir(cfg)
     done_ids = {d["case_id"] for d in read_done_records(out)} if cfg.edit.resume else set()
     dm = EditDataModule(cfg.dataset, edit_batch_size=batch_size, exclude_ids=done_ids, seed=cfg.seed)
     dm.prepare_requests()  # fail on bad data before loading anything heavy
     ev = OmegaConf.to_container(cfg.eval, resolve=True) if cfg.get("eval") else {}
     groups = build_groups(list(ev.get("metrics") or [CORE]), ev)  # and on a bad eval.metrics
     samples = ev.get("samples") or {}
+    if done_ids and not dm.requests:
+        return finished_summary(out, len(done_ids))
     L.seed_everything(cfg.seed, verbose=False)
     method = build_method(cfg)
-    skipped = drop_uneditable(method, dm, skip=bool(cfg.edit.get("skip_invalid", True)))
+    skipped = dm.invalid + drop_uneditable(method, dm, skip=bool(cfg.edit.get("skip_invalid", True)))
     run_info = {"method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
                 "n_records": len(dm.requests) + len(done_ids), "batch_size": batch_size,
                 "config": OmegaConf.to_container(cfg.method, resolve=True), "skipped": skipped}
@@ -120,6 +133,18 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
     return callback.summary
 
 
+def finished_summary(out: Path, n_done: int) -> dict[str, Any]:
+    """Resuming a finished run: nothing to edit; its summary as written (exit 0)."""
+    path = out / "summary.json"
+    if not path.is_file():
+        raise ConfigError(f"edit.resume: all {n_done} records are in {out / 'records.jsonl'} but the run wrote no "
+                          f"summary.json; rerun it with edit.overwrite=true")
+    summary = read_json(path)
+    log.info("edit.resume: nothing to do, all %d records of this run are done; results in %s", n_done, out)
+    print_table(summary)
+    return summary
+
+
 def metric_value(summary: dict[str, Any], path: str) -> float | None:
     """'post/score' -> summary['post']['score'] (what a sweep maximizes); None, with a warning, if absent."""
     group, _, name = path.partition("/")
@@ -130,15 +155,26 @@ def metric_value(summary: dict[str, Any], path: str) -> float | None:
     return None if value is None else float(value)
 
 
+def quiet_libraries() -> None:
+    """Silence library chatter a user cannot act on: deprecations inside libraries, Lightning's tips and
+    hardware banner (GPU/TPU available), and its note on our own `transfer_batch_to_device`."""
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run an entry point: user errors become one line on stderr, and a failed run leaves no files."""
     out = output_dir(cfg)
-    fresh = not cfg.get("edit", {}).get("resume", False) and not cfg.get("resume", False)
+    quiet_libraries()
     try:
         return fn(cfg)
     except KEditError as e:
         print(f"error: {e}", file=sys.stderr)
-        if fresh and out.exists() and not any(out.glob("*.jsonl")) and not (out / "summary.json").exists():
+        keep = isinstance(e, RunFolderBusy) or any((out / f).exists() for f in RESULT_FILES + KEEP)
+        if out.exists() and not keep:  # nothing but Hydra's own files: leave nothing behind
             logging.shutdown()
             shutil.rmtree(out, ignore_errors=True)
         sys.exit(2)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +11,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 from kedit_pl.config import REPO_ROOT, compose  # noqa: E402
 
-DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+#: the benchmark data, found as the code finds it (conf/paths/default.yaml): $KEDIT_DATA_DIR, else ../shared/data
+DATA_DIR = Path(os.environ.get("KEDIT_DATA_DIR") or REPO_ROOT.parent / "shared" / "data")
 
 
 def edit_cfg(tmp_path, *overrides: str, config_name: str = "edit"):

@@ -3,12 +3,12 @@ import json
 
 import pytest
 
-from kedit_pl.config import REPO_ROOT
+from tests.conftest import DATA_DIR
 from kedit_pl.data.datamodule import load_split, select
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, InvalidRecord
 
-DATA = REPO_ROOT.parent / "shared" / "data"
+DATA = DATA_DIR
 CF = DATA / "counterfact" / "derived" / "counterfact_rome_format_union.json"
 
 

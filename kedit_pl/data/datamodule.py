@@ -28,6 +28,11 @@ def parse_range(spec: str | Sequence[int] | None) -> tuple[int, int] | None:
 
 def load_split(path: str, fmt: str, on_invalid: str = "error") -> list[EditRequest]:
     """Read and validate every record; invalid records raise, or are skipped with a warning on request."""
+    return load_split_and_skips(path, fmt, on_invalid)[0]
+
+
+def load_split_and_skips(path: str, fmt: str, on_invalid: str = "error") -> tuple[list[EditRequest], list[dict]]:
+    """`load_split`, plus the skipped records as [{"case_id", "reason"}] (listed in summary.json)."""
     if on_invalid not in ("error", "skip"):
         raise ConfigError(f"dataset.on_invalid: must be 'error' or 'skip', got {on_invalid!r}")
     good, bad = [], []
@@ -40,7 +45,7 @@ def load_split(path: str, fmt: str, on_invalid: str = "error") -> list[EditReque
         log.warning("skipping invalid record: %s", e)
     if bad:
         log.warning("skipped %d invalid records of %d in %s", len(bad), len(bad) + len(good), path)
-    return good
+    return good, [{"case_id": getattr(e, "case_id", None), "reason": f"invalid record: {e}"} for e in bad]
 
 
 def select(requests: list[EditRequest], limit: int | None = None, range_: Any = None,
@@ -95,12 +100,14 @@ class EditDataModule(L.LightningDataModule):
         self.exclude_ids = exclude_ids or set()
         self.seed = seed
         self.requests: list[EditRequest] = []
+        self.invalid: list[dict] = []  # records dataset.on_invalid=skip dropped: [{"case_id", "reason"}]
         self.train_requests: list[EditRequest] = []
         self.val_requests: list[EditRequest] = []
 
     def prepare_requests(self) -> list[EditRequest]:
         c = self.cfg
-        all_reqs = load_split(c["path"], c.get("format", "counterfact"), c.get("on_invalid", "error"))
+        all_reqs, self.invalid = load_split_and_skips(c["path"], c.get("format", "counterfact"),
+                                                      c.get("on_invalid", "error"))
         self.requests = select(all_reqs, c.get("limit"), c.get("range"), c.get("ids"), self.exclude_ids)
         if c.get("merge"):  # probe fields of the same records from other files (metric groups)
             self.requests = merge_probes(self.requests, c.get("format", "counterfact"), c["merge"])

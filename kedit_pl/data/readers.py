@@ -76,7 +76,8 @@ READERS: dict[str, Reader] = {
 def read_json_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"dataset.path: file not found: {path} (point dataset.path=FILE at a data file)")
+        raise ConfigError(f"dataset.path: file not found: {path} (the benchmark data must be in ../shared/data beside "
+                          f"the clone, or in $KEDIT_DATA_DIR; or point dataset.path=FILE at a data file)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -119,8 +120,11 @@ def read_requests(fmt: str, path: str | Path) -> list[tuple[EditRequest | None, 
             (req,) = list(READERS[fmt]([row]))
             out.append((req.validate(), None))
         except InvalidRecord as e:
+            e.case_id = str(row.get("case_id", i) if isinstance(row, dict) else i)
             out.append((None, e))
         except (KeyError, TypeError, IndexError, AttributeError) as e:
             cid = row.get("case_id", i) if isinstance(row, dict) else i
-            out.append((None, InvalidRecord(f"record case_id={cid}: missing or malformed field {e} for format {fmt!r}")))
+            err = InvalidRecord(f"record case_id={cid}: missing or malformed field {e} for format {fmt!r}")
+            err.case_id = str(cid)
+            out.append((None, err))
     return out

@@ -28,14 +28,20 @@ RECORDS_FILE = "records.jsonl"
 def read_done_records(output_dir: str | Path) -> list[dict]:
     """Per-record results already written by an interrupted run (a torn last line is ignored)."""
     path = Path(output_dir) / RECORDS_FILE
-    done = []
+    by_id: dict[str, dict] = {}
+    n = 0
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                done.append(json.loads(line))
+                d = json.loads(line)
             except json.JSONDecodeError:
                 log.warning("ignoring a torn line in %s", path)
-    return done
+                continue
+            n += 1
+            by_id[str(d["case_id"])] = d  # a case_id written twice counts once (its last line, first position)
+    if n > len(by_id):
+        log.warning("%s: %d duplicate line(s) by case_id ignored (each record counts once)", path, n - len(by_id))
+    return list(by_id.values())
 
 
 class EditEvalCallback(L.Callback):
@@ -144,6 +150,7 @@ class EditEvalCallback(L.Callback):
         flat = {f"{g}/{k}": v for g in ("pre", "post", "final") if g in summary for k, v in summary[g].items()}
         flat.update({f"timing/{k}": v for k, v in summary["timing"].items()})
         self._log(trainer, flat, step=len(done) + 1)
+        set_run_summary(trainer.loggers, flat)
         paths = write_summary_files(self.out, summary)
         for lg in trainer.loggers:
             if hasattr(lg, "log_image") and paths.get("plot"):
@@ -151,6 +158,18 @@ class EditEvalCallback(L.Callback):
         run = summary["run"]
         write_samples(self.out, sample_rows(done), trainer.loggers, f"{run.get('method', '')} on {run.get('model', '')}")
         print_table(summary)
+
+
+def set_run_summary(loggers: list, flat: dict[str, float]) -> None:
+    """A W&B run's summary defaults to each key's last logged value, i.e. the last record's `edit/...`; make it
+    show the run's aggregates instead, and the per-edit keys the mean over all records (= `post/...`)."""
+    for lg in loggers:
+        summary = getattr(getattr(lg, "experiment", None), "summary", None)
+        if summary is None or not hasattr(summary, "update"):
+            continue
+        per_edit = {f"edit/{k.removeprefix('post/')}": v for k, v in flat.items() if k.startswith("post/")}
+        per_edit["edit/seconds_per_edit"] = flat.get("timing/seconds_per_edit")
+        summary.update(flat | per_edit)
 
 
 def retention_by_batch(done: list[dict]) -> list[dict]:

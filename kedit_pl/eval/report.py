@@ -24,25 +24,54 @@ def write_summary_files(out_dir: str | Path, summary: dict[str, Any]) -> dict[st
     return paths
 
 
+#: printed under the table whenever magnitudes are shown
+LEGEND = ("em/pm/nm: mean P(new)-P(true) on rewrite/paraphrase prompts, P(true)-P(new) on neighbors, in points "
+          "(P = exp(-mean token NLL))")
+
+
+def table_rows(summary: dict[str, Any]) -> tuple[str, list[str], list[list[str]], str]:
+    """(title, header, rows, caption) of the result table."""
+    run = summary.get("run", {})
+    title = "kedit_pl results  " + " · ".join(str(run[k]) for k in ("method", "model", "dataset", "mode") if k in run)
+    groups = [g for g in GROUPS if g in summary]
+    names = [k for k in HEADLINE if any(k in summary[g] for g in groups)]
+    rows = [[k, *[f"{summary[g][k]:.1f}" if k in summary[g] else "" for g in groups]] for k in names]
+    t = summary.get("timing", {})
+    caption = (f"{int(t['n_edits'])} edits · {t['seconds_per_edit']:.2f} s/edit · peak RSS {t['peak_rss_mb']:.0f} MB"
+               if t else "")
+    return title, ["metric", *groups], rows, caption
+
+
+def plain_table(summary: dict[str, Any]) -> str:
+    """The table as plain aligned text (for logs and pipes: no box drawing, no terminal width)."""
+    title, header, rows, caption = table_rows(summary)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    lines = [title, fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)]
+    return "\n".join(lines + ([caption] if caption else []))
+
+
 def print_table(summary: dict[str, Any]) -> None:
+    """A rich table on a terminal, plain text otherwise; with the em/pm/nm legend when they are shown."""
+    import sys
+
+    title, header, rows, caption = table_rows(summary)
+    legend = any(r[0] in ("em", "pm", "nm") for r in rows)
+    if not sys.stdout.isatty():
+        print(plain_table(summary) + (f"\n{LEGEND}" if legend else ""), flush=True)
+        return
     from rich.console import Console
     from rich.table import Table
 
-    run = summary.get("run", {})
-    title = " · ".join(str(run[k]) for k in ("method", "model", "dataset", "mode") if k in run)
-    table = Table(title=f"kedit_pl results  {title}")
-    table.add_column("metric")
-    groups = [g for g in GROUPS if g in summary]
-    for g in groups:
-        table.add_column(g, justify="right")
-    names = [k for k in HEADLINE if any(k in summary[g] for g in groups)]
-    for k in names:
-        table.add_row(k, *[f"{summary[g][k]:.1f}" if k in summary[g] else "" for g in groups])
-    t = summary.get("timing", {})
-    if t:
-        table.caption = (f"{int(t['n_edits'])} edits · {t['seconds_per_edit']:.2f} s/edit · "
-                         f"peak RSS {t['peak_rss_mb']:.0f} MB")
-    Console().print(table)
+    table = Table(title=title, caption=caption or None)
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    console = Console()
+    console.print(table)
+    if legend:
+        console.print(LEGEND, style="dim")
 
 
 def bar_chart_pre_post(summary: dict[str, Any], path: Path) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, fields
@@ -26,11 +27,12 @@ from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.errors import ConfigError
 from kedit_pl.hooks import StopForward, capture, stop_after
-from kedit_pl.io import load_tensors, save_tensors
+from kedit_pl.io import read_cache, save_cache
 from kedit_pl.models.spec import ModelSpec
 from kedit_pl.tokens import pad_id, prompt_ids, right_pad
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -147,6 +149,23 @@ def _paths(cfg: StatsConfig, key: dict) -> tuple[Path, Path]:
     return d / f"{stem}.safetensors", d / f"{stem}.partial.safetensors"
 
 
+def _read_mom2(path: Path) -> torch.Tensor | None:
+    """A cached E[kkᵀ], or None (a miss) if the file is absent, damaged, or not a second moment at all: every
+    E[kkᵀ] is symmetric with a finite, non-negative diagonal (catches damage in files written without a digest)."""
+    t = read_cache(path, "statistics cache")
+    mom2 = None if t is None else t.get("mom2")
+    if mom2 is None or mom2.ndim != 2 or mom2.shape[0] != mom2.shape[1]:
+        ok = False
+    else:
+        d = torch.diagonal(mom2)
+        ok = bool(torch.isfinite(mom2).all() and (d >= 0).all() and torch.allclose(mom2, mom2.T, rtol=1e-5, atol=1e-8))
+    if t is not None and not ok:
+        log.warning("statistics cache: %s is damaged (not a symmetric second moment); recomputing and replacing it",
+                    path)
+        path.unlink(missing_ok=True)
+    return mom2 if ok else None
+
+
 def _batches(chunks: list[list[int]], start: int, size: int,
              pad: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     for c0 in range(start, len(chunks), size):
@@ -172,8 +191,8 @@ def second_moment(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelSpe
 
     out: dict[int, torch.Tensor] = {}
     for layer in layers:
-        if paths and paths[layer][0].is_file():
-            out[layer] = load_tensors(paths[layer][0])["mom2"].to(dtype)
+        if paths and (mom2 := _read_mom2(paths[layer][0])) is not None:
+            out[layer] = mom2.to(dtype)
     todo = [layer for layer in layers if layer not in out]
     if todo:
         out.update(_accumulate(model, tok, spec, todo, cfg, dtype, keys, paths))
@@ -190,14 +209,14 @@ def _accumulate(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelSpec,
     sums: dict[int, torch.Tensor | None] = {layer: None for layer in layers}
     done = {layer: 0 for layer in layers}  # chunks already accumulated per layer
     for layer in layers:
-        if paths and paths[layer][1].is_file():
-            part = load_tensors(paths[layer][1])
+        part = read_cache(paths[layer][1], "statistics checkpoint") if paths else None
+        if part is not None:
             sums[layer], done[layer] = part["sum"].to(dtype), int(part["chunks_done"])
 
     def checkpoint() -> None:
         for layer in layers:
             if paths and sums[layer] is not None:
-                save_tensors(paths[layer][1], {"sum": sums[layer], "chunks_done": torch.tensor(done[layer])},
+                save_cache(paths[layer][1], {"sum": sums[layer], "chunks_done": torch.tensor(done[layer])},
                              metadata={"key": json.dumps(keys[layer])})
 
     start = min(done.values())
@@ -239,7 +258,7 @@ def _accumulate(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelSpec,
         result[layer] = mom2
         if paths:
             meta = {"key": json.dumps(keys[layer]), "count": str(count)}
-            save_tensors(paths[layer][0], {"mom2": mom2, "count": torch.tensor(count)}, metadata=meta)
+            save_cache(paths[layer][0], {"mom2": mom2, "count": torch.tensor(count)}, metadata=meta)
             paths[layer][1].unlink(missing_ok=True)
     return result
 

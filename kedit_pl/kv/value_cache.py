@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kedit_pl.data.requests import EditRequest
-from kedit_pl.io import load_tensors, save_tensors
+from kedit_pl.io import read_cache, save_cache
 from kedit_pl.kv.values import ValueResult
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,15 @@ def request_file(folder: Path, req: EditRequest) -> Path:
 
 
 def _save(path: Path, res: ValueResult, i: int) -> None:
-    save_tensors(path, {"delta": res.delta[i], "v_init": res.v_init[i], "nll": res.nll[i], "kl": res.kl[i],
+    save_cache(path, {"delta": res.delta[i], "v_init": res.v_init[i], "nll": res.nll[i], "kl": res.kl[i],
                         "steps": torch.tensor(res.steps[i])})
 
 
-def _load(path: Path, device: torch.device) -> ValueResult:
-    t = load_tensors(path)
+def _load(path: Path, device: torch.device) -> ValueResult | None:
+    """The cached z of one request, or None (a miss: absent, or damaged and removed)."""
+    t = read_cache(path, "z cache")
+    if t is None:
+        return None
     return ValueResult(t["delta"][None].to(device), t["v_init"][None].to(device), t["nll"][None].to(device),
                        t["kl"][None].to(device), [int(t["steps"])], 0.0)
 
@@ -64,7 +67,7 @@ def cached_values(folder: Path, requests: list[EditRequest], compute: Callable[[
     seconds, computed = 0.0, 0
     while True:
         for i, f in enumerate(files):  # present from an earlier run, or written meanwhile by another process
-            if parts[i] is None and f.is_file():
+            if parts[i] is None:
                 parts[i] = _load(f, device)
         idx = [i for i, p in enumerate(parts) if p is None][:group]
         if not idx:

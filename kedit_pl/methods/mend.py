@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors import safe_open
 from torch.func import functional_call
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError
 from kedit_pl.hooks import capture, edit_outputs
-from kedit_pl.io import load_tensors, save_tensors, write_json
+from kedit_pl.io import load_torch_checkpoint, read_tensors, save_tensors, write_json
 from kedit_pl.methods.base import EditMethod
 from kedit_pl.methods.mend_net import EditorConfig, Factors, MendEditor
 from kedit_pl.models.spec import linear_weight
@@ -257,14 +255,13 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
                           f"{WEIGHTS_FILE}, or a Lightning .ckpt")
     try:
         if p.suffix == ".safetensors":
-            with safe_open(str(p), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["mend"])
-            return _checked(meta, p), load_tensors(p)
+            tensors, meta = read_tensors(p, "method.checkpoint")
+            return _checked(json.loads(meta["mend"]), p), tensors
         if p.suffix == ".ckpt":
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+            ckpt = load_torch_checkpoint(p, "method.checkpoint")
             state = {k.removeprefix("editor."): v for k, v in ckpt["state_dict"].items() if k.startswith("editor.")}
             return _checked(ckpt["mend"], p), state
-    except (KeyError, ValueError, RuntimeError, OSError, pickle.UnpicklingError) as e:
+    except (KeyError, ValueError, AttributeError) as e:
         raise ConfigError(f"method.checkpoint: {p} is not a MEND editor checkpoint ({type(e).__name__}: {e})"
                           ) from None
     raise ConfigError(f"method.checkpoint: {p} must be a directory, a .safetensors or a .ckpt file")

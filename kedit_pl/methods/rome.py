@@ -49,6 +49,8 @@ class CovarianceSolver:
 
     def __init__(self, C: torch.Tensor) -> None:
         C = C.double()
+        if not (torch.isfinite(C).all() and C.diagonal().mean() > 0):  # else the ridge loop below never ends
+            raise EditFailed("key second moment C has non-finite entries or a non-positive trace (damaged statistics?)")
         C = (C + C.T) / 2
         factor, info = torch.linalg.cholesky_ex(C)
         ridge = 0.0

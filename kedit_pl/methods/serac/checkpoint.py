@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kedit_pl.errors import ConfigError
-from kedit_pl.io import load_tensors, read_json, save_tensors, write_json
+from kedit_pl.errors import ConfigError, DamagedFile
+from kedit_pl.io import load_torch_checkpoint, read_json, read_tensors, save_tensors, write_json
 
 FORMAT = "kedit_pl.serac/1"
 CLASSIFIER, COUNTERFACTUAL, CONFIG = "classifier.safetensors", "counterfactual.safetensors", "config.json"
@@ -52,16 +52,18 @@ def read_state(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], di
     if path.is_dir():
         if not (path / CONFIG).is_file():
             raise ConfigError(f"method.checkpoint: {path} has no {CONFIG} (an unfinished export?); {HOW}")
-        config = read_json(path / CONFIG)
+        try:
+            config = read_json(path / CONFIG)
+        except (ValueError, OSError) as e:
+            raise DamagedFile(f"method.checkpoint: {path / CONFIG} is damaged ({e})") from None
         if config.get("format") != FORMAT:
             raise ConfigError(f"method.checkpoint: {path / CONFIG} is not a SERAC editor (format {config.get('format')!r})")
-        return {attr: load_tensors(path / file) for attr, file in PARTS.items()}, config
+        return {attr: read_tensors(path / file, "method.checkpoint")[0] for attr, file in PARTS.items()}, config
     if path.is_file():
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            state = ckpt["state_dict"]
-        except Exception as e:  # pickle-free loading refuses anything but tensors and plain containers
-            raise ConfigError(f"method.checkpoint: cannot read {path} as a Lightning checkpoint ({e})") from None
+        ckpt = load_torch_checkpoint(path, "method.checkpoint")  # pickle-free: tensors and plain containers only
+        state = ckpt.get("state_dict")
+        if not isinstance(state, dict):
+            raise ConfigError(f"method.checkpoint: {path} is not a Lightning checkpoint (no state_dict)")
         parts = {attr: {k[len(attr) + 1:]: v for k, v in state.items() if k.startswith(attr + ".")} for attr in PARTS}
         return parts, dict(ckpt.get("serac") or {})
     raise ConfigError(f"method.checkpoint: {path} does not exist; {HOW}")

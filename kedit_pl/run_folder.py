@@ -1,0 +1,144 @@
+"""A run folder has one owner and one identity, so its results always come from the run it names.
+
+- Ownership: a writer holds an exclusive `fcntl.flock` on `<folder>/.kedit.lock` for the whole run; a second
+  process fails fast (the kernel drops the lock when its holder dies, so a crashed run never blocks a resume).
+- Identity: `run.json` records what produced the results (method, model, dataset selection, mode, batch size,
+  seed, the method's resolved config). A resume must match it (it may only raise dataset.limit); the first
+  difference is named.
+- A fresh run refuses a folder that already holds results, unless `edit.overwrite=true` (which removes them).
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from kedit_pl.errors import ConfigError, RunFolderBusy
+from kedit_pl.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".kedit.lock"
+IDENTITY_FILE = "run.json"
+#: Hydra rewrites <folder>/.hydra/ before any job code runs; the owner's copy is kept here and put back
+#: when a refused run (busy, used, mismatched) has overwritten it
+HYDRA_DIR, HYDRA_COPY = ".hydra", ".hydra.owner"
+#: files holding a run's results (removed by edit.overwrite=true); run.json alone is no result
+RESULT_FILES = ("records.jsonl", "summary.json", "metrics.png", "retention.png")
+#: dataset fields that decide which records a run edits
+SELECTION = ("name", "path", "format", "limit", "range", "ids", "on_invalid")
+
+
+def run_identity(cfg: DictConfig, batch_size: int) -> dict[str, Any]:
+    """What a run's results depend on, in the order differences are reported."""
+    data = OmegaConf.to_container(cfg.dataset, resolve=True)
+    return {"method": cfg.method.name, "model": cfg.model.name,
+            "dataset": {k: data.get(k) for k in SELECTION}, "mode": cfg.edit.mode, "batch_size": batch_size,
+            "seed": cfg.seed, "method_config": OmegaConf.to_container(cfg.method, resolve=True),
+            "eval": OmegaConf.to_container(cfg.eval, resolve=True) if cfg.get("eval") else None}
+
+
+def first_difference(old: Any, new: Any, path: str = "") -> str | None:
+    """'dataset.limit: 5 in the folder, 8 now' for the first differing leaf, None if equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in list(old) + [k for k in new if k not in old]:
+            diff = first_difference(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{path}.{k}" if path else k)
+            if diff:
+                return diff
+        return None
+    return None if old == new else f"{path}: {old!r} in the folder, {new!r} now"
+
+
+def _extendable(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """`old` with its dataset.limit taken from `new` if `new` only raises it: the records done are then a prefix
+    of the new selection (same order), so a resume may extend a run, never shrink or reshuffle it."""
+    lo, hi = (old.get("dataset") or {}).get("limit"), (new.get("dataset") or {}).get("limit")
+    if isinstance(lo, int) and (hi is None or (isinstance(hi, int) and hi >= lo)):
+        return old | {"dataset": old["dataset"] | {"limit": hi}}
+    return old
+
+
+class RunFolder:
+    """Context manager owning `path` for one edit run; see the module docstring for the rules."""
+
+    def __init__(self, path: str | Path, identity: dict[str, Any], resume: bool = False,
+                 overwrite: bool = False) -> None:
+        self.path, self.identity, self.resume, self.overwrite = Path(path), identity, resume, overwrite
+        self._fd: int | None = None
+
+    def results(self) -> list[str]:
+        return [f for f in RESULT_FILES if (self.path / f).exists()]
+
+    def __enter__(self) -> "RunFolder":
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            self._restore_hydra()
+            raise RunFolderBusy(f"hydra.run.dir: {self.path} is being written by another running process "
+                                f"(pid {holder}); wait for it, or pick another hydra.run.dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # informational only; the flock is the guard
+        self._fd = fd
+        try:
+            self._claim()
+        except BaseException:
+            self._restore_hydra()
+            self.__exit__(None, None, None)
+            raise
+        self._keep_hydra()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def _keep_hydra(self) -> None:
+        src, dst = self.path / HYDRA_DIR, self.path / HYDRA_COPY
+        if src.is_dir():
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
+
+    def _restore_hydra(self) -> None:
+        """Put back the owner's .hydra/ (config, overrides) that this refused run's Hydra overwrote."""
+        src, dst = self.path / HYDRA_COPY, self.path / HYDRA_DIR
+        if src.is_dir():
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
+
+    def _claim(self) -> None:
+        used = self.results()
+        if used and self.overwrite:
+            log.warning("edit.overwrite=true: removing the earlier results in %s (%s)", self.path, ", ".join(used))
+            for f in used:
+                (self.path / f).unlink()
+        elif used and not self.resume:
+            raise ConfigError(f"hydra.run.dir: {self.path} already holds results ({', '.join(used)}); continue "
+                              f"it with edit.resume=true, replace it with edit.overwrite=true, or pick another folder")
+        elif used:
+            self._check_resume()
+        write_json(self.path / IDENTITY_FILE, self.identity)
+
+    def _check_resume(self) -> None:
+        ident = self.path / IDENTITY_FILE
+        if not ident.is_file():
+            raise ConfigError(f"edit.resume: {self.path} has results but no {IDENTITY_FILE} saying what made them "
+                              f"(an older run?); rerun it with edit.overwrite=true")
+        try:
+            old = read_json(ident)
+        except ValueError as e:
+            raise ConfigError(f"edit.resume: {ident} is damaged ({e}); rerun with edit.overwrite=true") from None
+        diff = first_difference(_extendable(old, self.identity), self.identity)
+        if diff:
+            raise ConfigError(f"edit.resume: this run differs from the one in {self.path}: {diff}; resume with the "
+                              f"same settings, or use another hydra.run.dir (or edit.overwrite=true)")

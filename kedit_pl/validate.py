@@ -1,0 +1,49 @@
+"""Up-front checks of an edit run's config: every bad value is one line before anything heavy loads."""
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+from kedit_pl.data.datamodule import parse_range
+from kedit_pl.errors import ConfigError
+from kedit_pl.eval.callback import MODES
+
+
+def _positive_int(field: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        what = "a positive integer" + (" or null" if allow_none else "")
+        raise ConfigError(f"{field}: must be {what}, got {value!r}")
+
+
+def _bool(field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{field}: must be true or false, got {value!r}")
+
+
+def validate_edit_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first bad field of `edit.*`, `dataset.*` selection or `seed`."""
+    e, d = cfg.edit, cfg.dataset
+    if e.mode not in MODES:
+        raise ConfigError(f"edit.mode: must be one of {', '.join(MODES)}, got {e.mode!r}")
+    _positive_int("edit.batch_size", e.batch_size)
+    _positive_int("edit.eval_batch_size", e.eval_batch_size)
+    for name in ("resume", "overwrite", "skip_invalid"):
+        _bool(f"edit.{name}", e.get(name, False))
+    if e.get("resume") and e.get("overwrite"):
+        raise ConfigError("edit.resume and edit.overwrite: pick one (resume continues a run, overwrite restarts it)")
+    if e.mode == "sequential" and e.resume:
+        raise ConfigError("edit.resume: a sequential run cannot resume (its accumulated edits are gone); rerun it")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ConfigError(f"seed: must be an integer, got {cfg.seed!r}")
+    _positive_int("dataset.limit", d.get("limit"), allow_none=True)
+    r = parse_range(d.get("range"))
+    if r is not None and not 0 <= r[0] < r[1]:
+        raise ConfigError(f"dataset.range: expected 'START:END' with 0 <= START < END, got {d.get('range')!r}")
+    ids = d.get("ids")
+    if ids is not None and (isinstance(ids, (str, int)) or len(ids) == 0):
+        raise ConfigError(f"dataset.ids: must be a non-empty list of case_ids or null, got {ids!r}")
+    if d.get("on_invalid", "error") not in ("error", "skip"):
+        raise ConfigError(f"dataset.on_invalid: must be 'error' or 'skip', got {d.get('on_invalid')!r}")
