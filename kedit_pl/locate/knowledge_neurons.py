@@ -299,6 +299,9 @@ class NeuronLocator:
         fact = FactNeurons(req.case_id, req.relation_id, r.neurons, r.p, prompts, [len(c) for c in coarse],
                            p_clean, known, seconds)
         self.memo[key] = fact
+        if seconds:
+            log.info("located case_id=%s (%s): %d neurons at p=%.2f, coarse per prompt %s, %.1f s", req.case_id,
+                     req.relation_id, len(r.neurons), r.p, fact.coarse_sizes, seconds)
         return fact
 
 
