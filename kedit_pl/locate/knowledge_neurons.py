@@ -10,8 +10,9 @@ By completeness, Σ_i Attr(w_i^(l)) ≈ P(x) − P(x with w̄^(l) = 0 at the las
 
 Speed: positions before the last prompt token do not depend on its intermediate activations (causal attention),
 so the m scaled copies × many layers run as one batch of single-token rows on a shared prefix key/value cache,
-one forward and one backward per chunk of `batch_rows` rows (`prefix_cache=False` runs the plain full-sequence
-computation, which the tests compare against).
+one forward and one backward per chunk of `batch_rows` rows of contiguous layers. The layers below a chunk see the
+same clean state in every row: they run on one row, widened to the batch where the chunk starts, and the backward
+stops there. `prefix_cache=False` runs the plain full-sequence computation, which the tests compare against.
 
 Refining (§3.3): coarse neurons of a prompt have Attr ≥ t × max (max over all layers, t = 0.2); a fact's neurons
 are the coarse neurons shared by ≥ p of its bag of prompts, p adapted from 0.7 in steps of 0.05 until 2..5 remain.
@@ -102,13 +103,19 @@ class NeuronAttributor:
         acts = torch.stack([cap.inputs[n][0, -1] for n in self.names]).float()
         return torch.softmax(logits[0, -1].float(), -1), acts, kv
 
-    def _rows(self, ids: list[int], kv: list | None, n: int) -> tuple[torch.Tensor, dict]:
-        """Inputs of a batch of `n` rows: the last token on a repeated prefix cache, or the whole prompt."""
+    def _rows(self, ids: list[int], kv: list | None, n: int, first: int) -> tuple[torch.Tensor, dict, dict]:
+        """Inputs, forward kwargs and input edits for `n` rows patched at layers >= `first`.
+
+        With a prefix cache, layers below `first` compute the same clean state for every row, so they run on ONE
+        row (their cache entries stay batch 1) and the hidden state is widened to `n` rows as it enters layer
+        `first`; without one, the whole prompt runs `n` times (the plain computation)."""
         if kv is None:
-            return torch.tensor([ids], device=self.device).expand(n, -1), {}
-        cache = new_cache(self.model, [(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous())
-                                       for k, v in kv])
-        return torch.tensor([ids[-1:]], device=self.device).expand(n, -1), cache_kwargs(self.model, cache)
+            return torch.tensor([ids], device=self.device).expand(n, -1), {}, {}
+        cache = new_cache(self.model, [(k, v) if j < first else
+                                       (k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous())
+                                       for j, (k, v) in enumerate(kv)])
+        widen = {self.spec.module_name("layer", first): lambda h: h.expand(n, *h.shape[1:]).contiguous()}
+        return torch.tensor([ids[-1:]], device=self.device), cache_kwargs(self.model, cache), widen
 
     def attribute(self, prompt: str, target: str) -> PromptAttribution:
         """Eq. 3 for every neuron of every layer; chunks of whole layers × m steps share one forward/backward."""
@@ -122,8 +129,8 @@ class NeuronAttributor:
             chunk = list(range(c0, min(L, c0 + per_fwd)))
             scaled = {layer: (alphas[:, None] * acts[layer][None]).requires_grad_(True) for layer in chunk}
             edits = {self.names[layer]: _patch_last(scaled[layer], ci * m) for ci, layer in enumerate(chunk)}
-            x, kw = self._rows(ids, kv, len(chunk) * m)
-            with torch.enable_grad(), edit_inputs(self.model, {**edits, **self._contiguous}):
+            x, kw, widen = self._rows(ids, kv, len(chunk) * m, chunk[0])
+            with torch.enable_grad(), edit_inputs(self.model, {**widen, **edits, **self._contiguous}):
                 logits = self.model(input_ids=x, use_cache=False, logits_to_keep=1, **kw).logits[:, -1]
                 torch.softmax(logits.float(), -1)[:, answer].sum().backward()
             for layer in chunk:
