@@ -188,7 +188,9 @@ def refine(coarse: Sequence[set[Neuron]], p: float = 0.7, step: float = 0.05, lo
     closest to that range."""
     counts = Counter(n for c in coarse for n in c)
     best: Refined | None = None
+    tested = p
     for _ in range(max_iter):
+        tested = p
         kept = sorted(n for n, c in counts.items() if c >= p * len(coarse) - 1e-9)
         if lo <= len(kept) <= hi:
             return Refined(kept, round(p, 4))
@@ -198,7 +200,7 @@ def refine(coarse: Sequence[set[Neuron]], p: float = 0.7, step: float = 0.05, lo
         p = p - step if len(kept) < lo else p + step
         if not 0 < p <= 1 + 1e-9:
             break
-    return best or Refined([], round(p, 4))
+    return best or Refined([], round(tested, 4))
 
 
 def _distance(r: Refined, lo: int, hi: int) -> int:
