@@ -45,7 +45,8 @@ class KnowledgeNeuronsEdit(EditMethod):
             raise ConfigError(f"method.target_embedding: {target_embedding!r}; use one of {EMBEDDING_RULES}")
         if not 0 <= shared_frac < 1:
             raise ConfigError(f"method.shared_frac: must be in [0, 1), got {shared_frac}")
-        self.lambda_true, self.lambda_new, self.target_embedding = float(lambda_true), float(lambda_new), target_embedding
+        self.lambda_true, self.lambda_new = float(lambda_true), float(lambda_new)
+        self.target_embedding = target_embedding
         self.shared_frac = float(shared_frac)
         self.pool_path, self.pool_format, self.pool_limit = pool_path, pool_format, int(pool_limit)
         self._pool: dict[str, list[EditRequest]] | None = None
