@@ -1,0 +1,22 @@
+"""Locate where a model keeps facts; the method is a config group (conf/locate/).
+
+    python locate.py locate=knowledge_neurons                       # KN: suppress/amplify, layer histogram, erase
+    python locate.py locate=knowledge_neurons locate.n_records=20 model=gemma3_270m
+    python locate.py locate=causal_trace locate.n_records=20        # causal tracing (= python trace.py)
+    python locate.py ... resume=true hydra.run.dir=DIR              # continue an interrupted run
+"""
+import hydra
+from omegaconf import DictConfig
+
+import kedit_pl.config  # noqa: F401  (registers the ${kedit_root:} resolver)
+from kedit_pl.locate.run import run_locate
+from kedit_pl.pipeline import cli
+
+
+@hydra.main(config_path="conf", config_name="locate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    cli(run_locate, cfg)
+
+
+if __name__ == "__main__":
+    main()
