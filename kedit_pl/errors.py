@@ -15,3 +15,7 @@ class InvalidRecord(KEditError):
 
 class EditFailed(KEditError):
     """An edit could not be computed (NaN/inf, subject not found in context). The model is unchanged."""
+
+
+class Collapsed(KEditError):
+    """A sequential run stopped early: the model's general ability collapsed (perplexity past its limit)."""

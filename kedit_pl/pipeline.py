@@ -14,8 +14,9 @@ from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.data.datamodule import EditDataModule
-from kedit_pl.errors import ConfigError, InvalidRecord, KEditError
+from kedit_pl.errors import Collapsed, ConfigError, InvalidRecord, KEditError
 from kedit_pl.eval.callback import EditEvalCallback, read_done_records
+from kedit_pl.eval.lifelong import LifelongCallback, plot_curves
 from kedit_pl.io import write_json
 from kedit_pl.methods.base import EditMethod
 
@@ -102,15 +103,36 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
                 "config": OmegaConf.to_container(cfg.method, resolve=True), "skipped": skipped}
     callback = EditEvalCallback(out, mode=mode, eval_batch_size=cfg.edit.eval_batch_size,
                                 resume=cfg.edit.resume, run_info=run_info)
+    lifelong = lifelong_callback(cfg, out) if mode == "sequential" else None
     loggers = build_loggers(cfg)
-    trainer = build_trainer(cfg, [callback], loggers)
+    trainer = build_trainer(cfg, [callback] + ([lifelong] if lifelong else []), loggers)
     start = time.perf_counter()
-    trainer.test(method, datamodule=dm, verbose=False)
-    callback.summary["timing"]["wall_seconds"] = time.perf_counter() - start
-    write_json(out / "summary.json", callback.summary)  # again, now with the run's wall time
-    finish_loggers(loggers)
+    try:
+        trainer.test(method, datamodule=dm, verbose=False)
+    except Collapsed:
+        # summarize the edits made up to the collapse, then fail the run with the reason
+        edited = {str(r.case_id) for r in lifelong.edited}
+        dm.requests = [r for r in dm.requests if str(r.case_id) in edited]
+        callback.on_test_end(trainer, method)
+        raise
+    finally:
+        if callback.summary:
+            callback.summary["timing"]["wall_seconds"] = time.perf_counter() - start
+            if lifelong:
+                callback.summary["lifelong"] = lifelong.summary()
+                plot_curves({cfg.method.name: lifelong.rows}, out / "lifelong.png")
+            write_json(out / "summary.json", callback.summary)  # again, with the wall time and lifelong rows
+            finish_loggers(loggers)
     log.info("results in %s", out)
     return callback.summary
+
+
+def lifelong_callback(cfg: DictConfig, out: Path) -> LifelongCallback | None:
+    """The lifelong protocol (eval/lifelong.py) of a sequential run, unless `edit.lifelong.every=0`."""
+    lcfg = cfg.edit.get("lifelong")
+    if lcfg is None or not lcfg.get("every"):
+        return None
+    return LifelongCallback(out, OmegaConf.to_container(lcfg, resolve=True), cfg.edit.eval_batch_size)
 
 
 def metric_value(summary: dict[str, Any], path: str) -> float | None:
