@@ -40,23 +40,20 @@ def run_command(method: str, args: argparse.Namespace, folder: Path) -> list[str
 
 
 def run_method(method: str, args: argparse.Namespace) -> dict:
-    """Run one method unless its summary exists; returns {"returncode", "wall_seconds"}."""
+    """Run one method unless its summary exists; returns {"returncode", "wall_seconds", "command"}."""
     folder = Path(args.out) / method
-    done = folder / "summary.json"
-    walls = Path(args.out) / "wall_seconds.json"
-    record = read_json(walls) if walls.is_file() else {}
-    if done.is_file():
-        return record.get(method, {})
+    wall = Path(args.out) / f"{method}.wall.json"  # one file per method: several study processes may run at once
+    if (folder / "summary.json").is_file():
+        return read_json(wall) if wall.is_file() else {}
     shutil.rmtree(folder, ignore_errors=True)  # an interrupted sequential run restarts from scratch
     cmd = run_command(method, args, folder)
     print("+", " ".join(cmd), flush=True)
     start = time.perf_counter()
     with open(Path(args.out) / f"{method}.log", "w") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-    record = read_json(walls) if walls.is_file() else {}
-    record[method] = {"returncode": rc, "wall_seconds": time.perf_counter() - start, "command": " ".join(cmd)}
-    write_json(walls, record)
-    return record[method]
+    result = {"returncode": rc, "wall_seconds": time.perf_counter() - start, "command": " ".join(cmd)}
+    write_json(wall, result)
+    return result
 
 
 def table_row(method: str, summary: dict, wall: dict) -> dict:
@@ -89,14 +86,14 @@ def markdown(rows: list[dict]) -> str:
 
 def report(args: argparse.Namespace) -> str:
     out = Path(args.out)
-    walls = read_json(out / "wall_seconds.json") if (out / "wall_seconds.json").is_file() else {}
     rows, curves = [], {}
     for method in args.methods:
         path = out / method / "summary.json"
         if not path.is_file():
             continue
         summary = read_json(path)
-        rows.append(table_row(method, summary, walls.get(method, {})))
+        wall = out / f"{method}.wall.json"
+        rows.append(table_row(method, summary, read_json(wall) if wall.is_file() else {}))
         curves[method] = (summary.get("lifelong") or {}).get("rows", [])
     text = markdown(rows)
     write_text(out / "table.md", text)
