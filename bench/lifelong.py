@@ -3,7 +3,7 @@
     python bench/lifelong.py [--model smollm2_135m] [--n-edits 100] [--rome-batch 1] [--memit-batch 20]
                              [--methods rome r_rome memit emmet alphaedit] [--rome-every 10] [--memit-every 1]
                              [--sample 100] [--out /work/runs/lifelong/study] [--figure docs/figures/lifelong.png]
-                             [--report-only] [--set key=value ...]
+                             [--report-only] [--set key=value ...] [--variant LABEL=METHOD:key=value,...]
 
 Each method is one `edit.py` run in sequential mode with the lifelong protocol (kedit_pl/eval/lifelong.py:
 ES/PS/NS over a fixed sample of the edits so far, WikiText-2 perplexity and ‖ΔW‖ every k batches, stop on
@@ -31,12 +31,22 @@ ROME_FAMILY = ("rome", "r_rome")
 METHODS = ("rome", "r_rome", "memit", "emmet", "alphaedit")
 
 
-def run_command(method: str, args: argparse.Namespace, folder: Path) -> list[str]:
+def parse_variant(spec: str) -> tuple[str, str, list[str]]:
+    """'LABEL=METHOD:key=value,key=value' -> (label, method, overrides): a method with other settings."""
+    label, _, rest = spec.partition("=")
+    method, _, overrides = rest.partition(":")
+    if not label or method not in METHODS:
+        raise SystemExit(f"--variant {spec!r}: expected LABEL=METHOD[:key=value,...] with METHOD in {METHODS}")
+    return label, method, [o for o in overrides.split(",") if o]
+
+
+def run_command(label: str, args: argparse.Namespace, folder: Path) -> list[str]:
+    method, extra = args.runs[label]
     rome = method in ROME_FAMILY
     return [sys.executable, str(REPO_ROOT / "edit.py"), f"model={args.model}", f"method={method}",
             "edit.mode=sequential", f"edit.batch_size={args.rome_batch if rome else args.memit_batch}",
             f"dataset.limit={args.n_edits}", f"edit.lifelong.every={args.rome_every if rome else args.memit_every}",
-            f"edit.lifelong.sample={args.sample}", "logger=csv", f"hydra.run.dir={folder}", *args.set]
+            f"edit.lifelong.sample={args.sample}", "logger=csv", f"hydra.run.dir={folder}", *args.set, *extra]
 
 
 def run_method(method: str, args: argparse.Namespace) -> dict:
@@ -87,7 +97,7 @@ def markdown(rows: list[dict]) -> str:
 def report(args: argparse.Namespace) -> str:
     out = Path(args.out)
     rows, curves = [], {}
-    for method in args.methods:
+    for method in args.runs:
         path = out / method / "summary.json"
         if not path.is_file():
             continue
@@ -118,10 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--figure", default=str(REPO_ROOT / "docs" / "figures" / "lifelong.png"))
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run")
+    p.add_argument("--variant", nargs="*", default=[], help="LABEL=METHOD:key=value,... extra runs")
     args = p.parse_args(argv)
+    args.runs = {m: (m, []) for m in args.methods}
+    args.runs.update({label: (m, extra) for label, m, extra in map(parse_variant, args.variant)})
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        for method in args.methods:
+        for method in args.runs:
             result = run_method(method, args)
             print(method, json.dumps(result), flush=True)
             report(args)
