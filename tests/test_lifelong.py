@@ -22,6 +22,7 @@ from kedit_pl.methods.rome import ROME, CovarianceSolver, rank_one_update
 from kedit_pl.pipeline import cli, run_edit
 from kedit_pl.tokens import prompt_ids
 from tests.conftest import edit_cfg
+from tests.test_memit import random_problem
 from tests.test_rome import REQ, REQ2, TEXT, assert_untouched, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -168,14 +169,6 @@ def test_accumulated_keys_state_is_a_snapshot():
 
 
 # --- EMMET -----------------------------------------------------------------------------------------------
-def random_problem(n: int, d_k: int = 10, d_out: int = 6, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    K = torch.randn(n, d_k, generator=g, dtype=torch.float64)
-    R = torch.randn(n, d_out, generator=g, dtype=torch.float64)
-    A = torch.randn(d_k, 4 * d_k, generator=g, dtype=torch.float64)
-    return K, R, A @ A.T / (4 * d_k)
-
-
 @pytest.mark.parametrize("alpha", [1.0, 1000.0])
 def test_emmet_with_one_edit_equals_rome_closed_form(alpha):
     K, R, C = random_problem(1)
