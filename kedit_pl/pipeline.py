@@ -120,7 +120,10 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
             callback.summary["timing"]["wall_seconds"] = time.perf_counter() - start
             if lifelong:
                 callback.summary["lifelong"] = lifelong.summary()
-                plot_curves({cfg.method.name: lifelong.rows}, out / "lifelong.png")
+                try:
+                    plot_curves({cfg.method.name: lifelong.rows}, out / "lifelong.png")
+                except Exception as e:  # a plot must never cost the results
+                    log.warning("lifelong plot failed: %s", e)
             write_json(out / "summary.json", callback.summary)  # again, with the wall time and lifelong rows
             finish_loggers(loggers)
     log.info("results in %s", out)
