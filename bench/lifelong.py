@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from kedit_pl.config import REPO_ROOT
-from kedit_pl.eval.lifelong import plot_curves
+from kedit_pl.eval.lifelong import ROWS_FILE, plot_curves
 from kedit_pl.io import read_json, write_json, write_text
 
 ROME_FAMILY = ("rome", "r_rome")
@@ -94,18 +94,30 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curve_table(curves: dict[str, list[dict]]) -> str:
+    """Every lifelong checkpoint: ES/PS/NS over the edits so far, perplexity and ‖ΔW‖, per method."""
+    lines = ["| method | edits | ES | PS | NS | perplexity | ‖ΔW‖ |", "|---|---|---|---|---|---|---|"]
+    for label, rows in curves.items():
+        for r in rows:
+            cells = [r.get(k) for k in ("es", "ps", "ns")] + [r.get("perplexity"), r.get("delta_norm_total")]
+            lines.append(f"| {label} | {r['n_edits']} | " + " | ".join("" if v is None else f"{v:.1f}" if k < 3
+                         else f"{v:.2f}" for k, v in enumerate(cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def report(args: argparse.Namespace) -> str:
     out = Path(args.out)
     rows, curves = [], {}
     for method in args.runs:
-        path = out / method / "summary.json"
-        if not path.is_file():
-            continue
-        summary = read_json(path)
-        wall = out / f"{method}.wall.json"
-        rows.append(table_row(method, summary, read_json(wall) if wall.is_file() else {}))
-        curves[method] = (summary.get("lifelong") or {}).get("rows", [])
-    text = markdown(rows)
+        path, partial = out / method / "summary.json", out / method / ROWS_FILE
+        if path.is_file():
+            summary = read_json(path)
+            wall = out / f"{method}.wall.json"
+            rows.append(table_row(method, summary, read_json(wall) if wall.is_file() else {}))
+            curves[method] = (summary.get("lifelong") or {}).get("rows", [])
+        elif partial.is_file():  # still running (or killed): its checkpoints so far, in the curves only
+            curves[f"{method} (unfinished)"] = [json.loads(x) for x in partial.read_text().splitlines() if x.strip()]
+    text = markdown(rows) + "\n" + curve_table(curves)
     write_text(out / "table.md", text)
     write_json(out / "table.json", rows)
     if curves:

@@ -38,5 +38,7 @@ def test_table_row_and_report(tmp_path):
     args = type("A", (), {"out": str(tmp_path), "runs": {"memit": ("memit", []), "rome": ("rome", [])},
                           "figure": str(tmp_path / "f.png")})
     text = study.report(args)
-    assert text.count("\n") == 3 and "| memit | 5 | 10 | 85.0 |" in text  # header, rule, the one finished run
+    runs, checkpoints = text.split("\n\n")
+    assert runs.count("\n") == 2 and "| memit | 5 | 10 | 85.0 |" in runs  # header, rule, the one finished run
+    assert "| memit | 10 | 90.0 | 80.0 | 60.0 | 25.00 | 3.50 |" in checkpoints
     assert (tmp_path / "f.png").stat().st_size > 0 and json.loads((tmp_path / "table.json").read_text())[0]["wall_s"] == 120.0
