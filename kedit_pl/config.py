@@ -1,12 +1,18 @@
 """Hydra/OmegaConf glue: resolvers the configs use, and composing configs outside an entry point."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
+
+# conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml carry the launcher plugins' own names, so Hydra
+# checks their values against the plugins' schemas (wanted); it warns that this matching is deprecated
+warnings.filterwarnings("ignore", message=r"\n?'hydra/launcher/\w+' is validated against ConfigStore schema",
+                        category=UserWarning)
 
 if not OmegaConf.has_resolver("kedit_root"):
     # ${kedit_root:} -> the repository root, so data paths work from any working directory

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from kedit_pl.data.datamodule import EditDataModule
 from kedit_pl.errors import Collapsed, ConfigError, InvalidRecord, KEditError
 from kedit_pl.eval.callback import EditEvalCallback, read_done_records
+from kedit_pl.eval.groups import CORE, build_groups
 from kedit_pl.eval.lifelong import LifelongCallback, plot_curves
 from kedit_pl.io import write_json
 from kedit_pl.methods.base import EditMethod
@@ -95,14 +96,20 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
     done_ids = {d["case_id"] for d in read_done_records(out)} if cfg.edit.resume else set()
     dm = EditDataModule(cfg.dataset, edit_batch_size=batch_size, exclude_ids=done_ids, seed=cfg.seed)
     dm.prepare_requests()  # fail on bad data before loading anything heavy
+    ev = OmegaConf.to_container(cfg.eval, resolve=True) if cfg.get("eval") else {}
+    groups = build_groups(list(ev.get("metrics") or [CORE]), ev)  # and on a bad eval.metrics
+    samples = ev.get("samples") or {}
     L.seed_everything(cfg.seed, verbose=False)
     method = build_method(cfg)
     skipped = drop_uneditable(method, dm, skip=bool(cfg.edit.get("skip_invalid", True)))
     run_info = {"method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
                 "n_records": len(dm.requests) + len(done_ids), "batch_size": batch_size,
                 "config": OmegaConf.to_container(cfg.method, resolve=True), "skipped": skipped}
+    pre_cache = Path(cfg.paths.cache_dir) / "pre_scores" if cfg.get("eval", {}).get("cache_pre", True) else None
     callback = EditEvalCallback(out, mode=mode, eval_batch_size=cfg.edit.eval_batch_size,
-                                resume=cfg.edit.resume, run_info=run_info)
+                                resume=cfg.edit.resume, run_info=run_info, groups=groups,
+                                samples=int(samples.get("k") or 0), sample_tokens=int(samples.get("max_new_tokens", 40)),
+                                pre_cache=pre_cache)
     lifelong = lifelong_callback(cfg, out) if mode == "sequential" else None
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, [callback] + ([lifelong] if lifelong else []), loggers)

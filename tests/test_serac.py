@@ -240,3 +240,32 @@ def test_validation_can_hold_many_edits_in_memory_at_once(monkeypatch):
     assert module.memory == []
     with pytest.raises(ValueError, match="val_edits_per_apply"):
         vc.EditValidationCallback(edits_per_apply=0)
+
+
+def test_prompt_routed_cache_scores_equal_routed_pairs(serac, reqs):
+    """With edits in memory, scoring from each prompt's KV cache (routed once per prompt) gives the row-routed
+    scores: in-scope prompts continue "[edit] [prompt]" on the counterfactual model, the rest the base model."""
+    from kedit_pl.eval.scoring import score_pairs_full, score_requests
+    from kedit_pl.eval import scoring
+
+    serac.apply(reqs[:2])
+    fn = serac.logits_fn()
+    prompts = [p for r in reqs for p in [r.rewrite, *r.paraphrases, *r.neighborhood, r.loc] if p]
+    c = serac.memory.nearest(serac._embed(prompts))[0].sort().values
+    i = len(c) // 4 + int((c[len(c) // 4 + 1: 3 * len(c) // 4] - c[len(c) // 4: 3 * len(c) // 4 - 1]).argmax())
+    set_threshold(serac, float(c[i] + c[i + 1]) / 2)  # in the widest gap mid-way: both routes, no borderline prompt
+    old = scoring.score_pairs
+    try:
+        hit, _, _ = serac.route(prompts)
+        assert 0 < int(hit.sum()) < len(prompts)
+        fast = score_requests(fn, serac.tok, reqs, batch_size=3)
+        scoring.score_pairs = score_pairs_full
+        ref = score_requests(fn, serac.tok, reqs, batch_size=3)
+    finally:
+        scoring.score_pairs = old
+        set_threshold(serac, 0.5)
+    for a, b in zip(fast, ref):
+        for group in set(a) - {"case_id"}:
+            for kind in a[group]:
+                for x, y in zip(a[group][kind], b[group][kind]):
+                    assert x["nll"] == pytest.approx(y["nll"], abs=1e-5) and x["acc"] == pytest.approx(y["acc"], abs=1e-6)

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 import lightning as L
 from torch.utils.data import DataLoader
 
-from kedit_pl.data.readers import read_requests
+from kedit_pl.data.readers import merge_probes, read_requests
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, InvalidRecord
 
@@ -102,6 +102,8 @@ class EditDataModule(L.LightningDataModule):
         c = self.cfg
         all_reqs = load_split(c["path"], c.get("format", "counterfact"), c.get("on_invalid", "error"))
         self.requests = select(all_reqs, c.get("limit"), c.get("range"), c.get("ids"), self.exclude_ids)
+        if c.get("merge"):  # probe fields of the same records from other files (metric groups)
+            self.requests = merge_probes(self.requests, c.get("format", "counterfact"), c["merge"])
         return self.requests
 
     def prepare_training(self) -> None:

@@ -18,15 +18,25 @@ def _template(case_id: Any, text: str, subject: str, field: str) -> str:
     return text.replace(subject, "{}", 1)
 
 
+def _portability(value: Any) -> tuple[tuple[str, str], ...]:
+    """EasyEdit's `portability` ({"New Question", "New Answer"}, or a list of them) as (question, answer) pairs."""
+    items = value if isinstance(value, list) else [value] if value else []
+    return tuple((str(p["New Question"]), normalize_target(str(p["New Answer"]))) for p in items)
+
+
 def counterfact_rome(rows: list[dict]) -> Iterable[EditRequest]:
-    """ROME's CounterFact format (`requested_rewrite`, `paraphrase_prompts`, `neighborhood_prompts`)."""
+    """ROME's CounterFact format (`requested_rewrite`, `paraphrase_prompts`, `neighborhood_prompts`), with the
+    probes of `generation_prompts` and of EasyEdit's CounterFact-plus files where a record has them."""
     for r in rows:
         rw = r["requested_rewrite"]
         yield EditRequest(
             case_id=str(r["case_id"]), subject=rw["subject"], prompt=rw["prompt"],
             target_true=normalize_target(rw["target_true"]["str"]), target_new=normalize_target(rw["target_new"]["str"]),
             paraphrases=tuple(r.get("paraphrase_prompts", ())), neighborhood=tuple(r.get("neighborhood_prompts", ())),
-            relation_id=rw.get("relation_id"))
+            relation_id=rw.get("relation_id"), generation_prompts=tuple(r.get("generation_prompts") or ()),
+            portability=_portability(r.get("portability")),
+            distracting_neighborhood=tuple(r.get("distracting_neighborhood_prompts") or ()),
+            alternative_subject=(r.get("alternative_subject") or "").strip() or None)
 
 
 def counterfact_easyedit(rows: list[dict]) -> Iterable[EditRequest]:
@@ -74,6 +84,27 @@ def read_json_records(path: str | Path) -> list[dict]:
     if not isinstance(data, list):
         raise ConfigError(f"dataset.path: {path} must hold a JSON list of records")
     return data
+
+
+def merge_probes(requests: list[EditRequest], fmt: str, paths: Iterable[str | Path]) -> list[EditRequest]:
+    """Fill each request's empty probe fields (`EditRequest.PROBE_FIELDS`) from the record of the same case_id
+    in other files, e.g. `alternative_subject` from CounterFact-plus's subject-replace file. Records of those
+    files that are not in `requests` are ignored; a record whose edit differs is an error."""
+    from dataclasses import replace
+
+    by_id = {r.case_id: r for r in requests}
+    for path in paths:
+        for other, _ in read_requests(fmt, path):
+            mine = by_id.get(other.case_id) if other else None
+            if mine is None:
+                continue
+            if (mine.subject, mine.prompt, mine.target_new) != (other.subject, other.prompt, other.target_new):
+                raise ConfigError(f"dataset.merge: case_id {mine.case_id} in {path} edits a different fact than the "
+                                  f"main file ({other.subject!r} -> {other.target_new!r})")
+            fill = {f: getattr(other, f) for f in EditRequest.PROBE_FIELDS if not getattr(mine, f) and getattr(other, f)}
+            if fill:
+                by_id[mine.case_id] = replace(mine, **fill)
+    return [by_id[r.case_id] for r in requests]
 
 
 def read_requests(fmt: str, path: str | Path) -> list[tuple[EditRequest | None, InvalidRecord | None]]:

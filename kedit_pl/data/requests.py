@@ -14,6 +14,8 @@ class EditRequest:
     leading space; tokenization adds the separating space (see `kedit_pl.tokens`).
     Paraphrase and neighborhood prompts are complete strings (subject already filled in).
     """
+    #: fields that a metric group may require (see `kedit_pl.eval.groups`)
+    PROBE_FIELDS = ("generation_prompts", "portability", "distracting_neighborhood", "alternative_subject")
 
     case_id: str
     subject: str
@@ -25,6 +27,11 @@ class EditRequest:
     loc: str | None = None
     loc_ans: str | None = None
     relation_id: str | None = None
+    # probes of the extra metric groups (kedit_pl/eval/groups); empty where a file does not carry them
+    generation_prompts: tuple[str, ...] = ()            # fluency: greedy generations from these
+    portability: tuple[tuple[str, str], ...] = ()       # one-hop (question, answer) pairs the edit implies
+    distracting_neighborhood: tuple[str, ...] = ()      # neighborhood prompts with the edited fact stated first
+    alternative_subject: str | None = None              # another name of the subject (efficacy under an alias)
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property

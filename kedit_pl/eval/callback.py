@@ -11,8 +11,11 @@ import lightning as L
 import torch
 
 from kedit_pl.data.requests import EditRequest
+from kedit_pl.eval.groups import GroupRunner, MetricGroup
 from kedit_pl.eval.metrics import summarize
+from kedit_pl.eval.pre_cache import cached_pre_scores
 from kedit_pl.eval.report import print_table, write_summary_files
+from kedit_pl.eval.samples import generate_samples, sample_rows, write_samples
 from kedit_pl.eval.scoring import score_requests
 from kedit_pl.io import write_text
 
@@ -43,20 +46,39 @@ class EditEvalCallback(L.Callback):
     """
 
     def __init__(self, output_dir: str | Path, mode: str = "single", eval_batch_size: int = 64,
-                 resume: bool = False, run_info: dict[str, Any] | None = None) -> None:
+                 resume: bool = False, run_info: dict[str, Any] | None = None,
+                 groups: list[MetricGroup] | None = None, samples: int = 0, sample_tokens: int = 40,
+                 pre_cache: str | Path | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"edit.mode: must be one of {MODES}, got {mode!r}")
         self.out = Path(output_dir)
         self.mode = mode
         self.eval_batch_size = eval_batch_size
         self.run_info = run_info or {}
+        self.pre_cache = pre_cache  # folder of cached pre-edit scores (eval.cache_pre), or None
         self.done = read_done_records(self.out) if resume else []
         self.pre: dict[str, dict] = {}
         self.summary: dict[str, Any] = {}
+        self.groups = GroupRunner(groups or [], mode)  # metric groups beyond ES/PS/NS (eval.metrics)
+        self.n_samples, self.sample_tokens = int(samples), int(sample_tokens)
+        self.sample_ids: set[str] = set()
 
     # --- helpers -------------------------------------------------------------------------------------
-    def _score(self, pl_module, requests: list[EditRequest]) -> list[dict]:
-        return score_requests(pl_module.logits_fn(), pl_module.tok, requests, self.eval_batch_size, pl_module.device)
+    def _score(self, pl_module, requests: list[EditRequest], batch_idx: int | None = None,
+               pre: bool = False) -> list[dict]:
+        """ES/PS/NS scores of each request (pre-edit ones from the cache when enabled), plus the selected metric
+        groups and, for sampled records, generations."""
+        recs = cached_pre_scores(self.pre_cache if pre else None, pl_module.logits_fn(), pl_module.tok, requests,
+                                 self.eval_batch_size, pl_module.device, score_requests)
+        self.groups.measure(pl_module, requests, recs, batch_idx)
+        sampled = [(req, rec) for req, rec in zip(requests, recs) if req.case_id in self.sample_ids]
+        if sampled:
+            for (_, rec), smp in zip(sampled, generate_samples(pl_module, [r for r, _ in sampled], self.sample_tokens)):
+                rec["samples"] = smp
+        return recs
+
+    def _numbers(self, records: list[dict], pre: list[dict] | None = None) -> dict[str, float]:
+        return summarize(records) | self.groups.summarize(records, pre)
 
     @staticmethod
     def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
@@ -66,15 +88,17 @@ class EditEvalCallback(L.Callback):
     # --- Lightning hooks --------------------------------------------------------------------------------
     def on_test_start(self, trainer: L.Trainer, pl_module) -> None:
         requests = trainer.datamodule.requests
+        done_ids = {d["case_id"] for d in self.done}
+        self.sample_ids = {r.case_id for r in requests[:max(0, self.n_samples - len(done_ids))]}
         log.info("scoring %d records on the unedited model", len(requests))
-        self.pre = {r["case_id"]: r for r in self._score(pl_module, requests)}
-        self._log(trainer, {f"pre/{k}": v for k, v in summarize(self.pre.values()).items()}, step=0)
+        self.pre = {r["case_id"]: r for r in self._score(pl_module, requests, pre=True)}
+        self._log(trainer, {f"pre/{k}": v for k, v in self._numbers(list(self.pre.values())).items()}, step=0)
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch: list[EditRequest],
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         handle = pl_module.last_handle
         try:
-            post = self._score(pl_module, batch)
+            post = self._score(pl_module, batch, batch_idx)
         finally:
             if self.mode != "sequential" and handle is not None:
                 pl_module.restore(handle)
@@ -87,22 +111,20 @@ class EditEvalCallback(L.Callback):
                 f.write(json.dumps(line) + "\n")
             f.flush()
         self.done.extend(lines)
-        step_metrics = summarize(rec for rec in post)
+        step_metrics = self._numbers(post, [self.pre[r.case_id] for r in batch])
         step_metrics["seconds_per_edit"] = handle.seconds / len(batch)
         self._log(trainer, {f"edit/{k}": v for k, v in step_metrics.items()}, step=batch_idx + 1)
 
     def on_test_end(self, trainer: L.Trainer, pl_module) -> None:
         done = self.done
-        summary: dict[str, Any] = {
-            "pre": summarize(d["pre"] for d in done),
-            "post": summarize(d["post"] for d in done),
-        }
+        pres = [d["pre"] for d in done]
+        summary: dict[str, Any] = {"pre": self._numbers(pres), "post": self._numbers([d["post"] for d in done], pres)}
         if self.mode == "sequential":
             requests = trainer.datamodule.requests
             log.info("re-scoring all %d edited records after the last edit (retention)", len(requests))
             final = self._score(pl_module, requests)
-            summary["final"] = summarize(final)
             by_id = {r["case_id"]: r for r in final}
+            summary["final"] = self._numbers([by_id.get(d["case_id"]) or {} for d in done], pres)
             for d in done:
                 d["final"] = by_id.get(d["case_id"])
             summary["retention"] = retention_by_batch(done)
@@ -115,6 +137,8 @@ class EditEvalCallback(L.Callback):
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         }
+        if self.groups.groups:
+            summary["metric_groups"] = self.groups.counts(done)
         summary["run"] = self.run_info | {"mode": self.mode}
         self.summary = summary
         flat = {f"{g}/{k}": v for g in ("pre", "post", "final") if g in summary for k, v in summary[g].items()}
@@ -124,6 +148,8 @@ class EditEvalCallback(L.Callback):
         for lg in trainer.loggers:
             if hasattr(lg, "log_image") and paths.get("plot"):
                 lg.log_image(key="metrics", images=[str(paths["plot"])])
+        run = summary["run"]
+        write_samples(self.out, sample_rows(done), trainer.loggers, f"{run.get('method', '')} on {run.get('model', '')}")
         print_table(summary)
 
 

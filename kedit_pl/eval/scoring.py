@@ -3,18 +3,29 @@
 For every evaluation prompt we measure, for target_new and target_true, the mean per-token NLL and
 the teacher-forced top-1 token accuracy. Metrics (ES/PS/NS, ...) are pure functions of these
 numbers, in `metrics.py`.
+
+Two exact ways to get the numbers:
+- `score_pairs_full`: one forward pass per (prompt, target) row; works with any `LogitsFn`.
+- `score_prefixed`: each distinct prompt runs once, its key/value cache is kept, and every target of that
+  prompt is scored as a continuation from it. A target's first token is predicted by the prompt's last
+  position, so single-token targets need no second pass at all.
+`score_pairs` picks the second when the logits function says, per prompt, which model continues it from which
+ids (`prefixes`, see `PrefixFn`): the plain model (`ModelLogits`) from the prompt itself; SERAC routes by the
+prompt, so it can say so too (base model from the prompt, or counterfactual model from "[edit] [prompt]").
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.data.requests import EditRequest
-from kedit_pl.tokens import encode_targets, label_logprobs, prompt_ids
+from kedit_pl.models.kv_cache import cache_kwargs, output_cache
+from kedit_pl.tokens import encode_targets, label_logprobs, prompt_ids, right_pad, target_ids
 
 #: prompt groups and which targets each is scored against
 GROUPS = ("rewrite", "paraphrase", "neighborhood")
@@ -37,23 +48,62 @@ def group_prompts(req: EditRequest) -> dict[str, list[str]]:
 LogitsFn = Callable[..., torch.Tensor]
 
 
-def forward_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: int | None = None) -> torch.Tensor:
-    """Logits of a plain forward pass; with `keep`, the LM head runs on the last `keep` positions only."""
-    if keep is None:
-        return model(input_ids=ids, attention_mask=mask).logits
-    # the model slices its hidden states (a strided view); CPU matmuls on such views are several times slower
-    # than on a contiguous copy (measured 3.5 s vs 0.5 s for Gemma 3's 262k-row head), so copy it first
+@contextmanager
+def contiguous_head(model: nn.Module) -> Iterator[None]:
+    """With `logits_to_keep`, the model slices its hidden states (a strided view); CPU matmuls on such views are
+    several times slower than on a contiguous copy (measured 3.5 s vs 0.5 s for Gemma 3's 262k-row head), so
+    the LM head gets a contiguous copy while this is active."""
     head = model.get_output_embeddings()
     hook = head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(),) + tuple(args[1:]))
     try:
-        return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+        yield
     finally:
         hook.remove()
 
 
+def forward_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: int | None = None) -> torch.Tensor:
+    """Logits of a plain forward pass; with `keep`, the LM head runs on the last `keep` positions only."""
+    if keep is None:
+        return model(input_ids=ids, attention_mask=mask).logits
+    with contiguous_head(model):
+        return model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+
+
+#: prompts' token ids -> for each, (the model that continues it, the ids it continues from). Prompts routed to
+#: one model from ids of one length share a forward pass.
+PrefixFn = Callable[[list[list[int]]], list[tuple[nn.Module, list[int]]]]
+
+
+@dataclass(frozen=True)
+class RoutedLogits:
+    """A `LogitsFn` that also routes by prompt alone (`prefixes`), so scoring may use the prompt-cache path."""
+
+    logits: LogitsFn
+    prefixes: PrefixFn
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        return self.logits(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class ModelLogits:
+    """The default `LogitsFn`: a plain forward pass of `model`. Scoring recognizes it (the logits are a pure
+    function of the weights), so it may reuse a prompt's key/value cache and cache pre-edit scores on disk."""
+
+    model: nn.Module
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, prompt_lengths: list[int] | None = None,
+                 keep: int | None = None) -> torch.Tensor:
+        return forward_logits(self.model, ids, mask, keep)
+
+    def prefixes(self, rows: list[list[int]]) -> list[tuple[nn.Module, list[int]]]:
+        """Every prompt is continued by the model itself, from its own ids."""
+        return [(self.model, r) for r in rows]
+
+
 def model_logits(model: nn.Module) -> LogitsFn:
     """The default way to get logits: a plain forward pass."""
-    return lambda ids, mask, prompt_lengths=None, keep=None: forward_logits(model, ids, mask, keep)
+    return ModelLogits(model)
 
 
 def last_positions(batch) -> int:
@@ -61,10 +111,25 @@ def last_positions(batch) -> int:
     return batch.input_ids.shape[1] - min(batch.prompt_lengths) + 1
 
 
-@torch.no_grad()
+def _scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: summed label log-probability, number of correct top-1 labels, number of labels (-100 ignored)."""
+    mask = labels != -100
+    return label_logprobs(logits, labels).sum(-1), ((logits.argmax(-1) == labels) & mask).sum(-1), mask.sum(-1)
+
+
 def score_pairs(logits_fn: LogitsFn, tok: PreTrainedTokenizerBase, prompts: list[str], targets: list[str],
                 batch_size: int = 64, device: torch.device | str = "cpu") -> list[TargetScore]:
-    """Mean NLL and top-1 accuracy of each target after its prompt."""
+    """Mean NLL and top-1 accuracy of each target after its prompt (from the prompt's cache when possible)."""
+    prefixes = getattr(logits_fn, "prefixes", None)
+    if prefixes is not None:
+        return score_prefixed(prefixes, tok, prompts, targets, batch_size, device)
+    return score_pairs_full(logits_fn, tok, prompts, targets, batch_size, device)
+
+
+@torch.no_grad()
+def score_pairs_full(logits_fn: LogitsFn, tok: PreTrainedTokenizerBase, prompts: list[str], targets: list[str],
+                     batch_size: int = 64, device: torch.device | str = "cpu") -> list[TargetScore]:
+    """`score_pairs` with one forward pass over prompt + target per pair (any `LogitsFn`)."""
     out: list[TargetScore] = []
     # batch prompts of equal token length together: little padding, and the LM head then runs on few positions
     n_prompt = [len(prompt_ids(tok, p)) for p in prompts]
@@ -75,17 +140,79 @@ def score_pairs(logits_fn: LogitsFn, tok: PreTrainedTokenizerBase, prompts: list
         batch = encode_targets(tok, [prompts[i] for i in idx], [targets[i] for i in idx]).to(device)
         keep = min(last_positions(batch), batch.input_ids.shape[1])
         logits = logits_fn(batch.input_ids, batch.attention_mask, batch.prompt_lengths, keep)[:, -keep:]
-        labels = batch.labels[:, -keep:]
-        lp = label_logprobs(logits, labels)
-        mask = labels != -100
-        n = mask.sum(-1).clamp_min(1)
-        nll = -(lp.sum(-1) / n)
-        correct = ((logits.argmax(-1) == labels) & mask).sum(-1) / n
+        lp, correct, n = _scores(logits, batch.labels[:, -keep:])
+        n = n.clamp_min(1)
         for j, i in enumerate(idx):
-            results[i] = TargetScore(float(nll[j]), float(correct[j]))
+            results[i] = TargetScore(float(-lp[j] / n[j]), float(correct[j] / n[j]))
     for i in range(len(prompts)):
         out.append(results[i])
     return out
+
+
+@torch.no_grad()
+def score_prefixed(prefixes: PrefixFn, tok: PreTrainedTokenizerBase, prompts: list[str], targets: list[str],
+                   batch_size: int = 64, device: torch.device | str = "cpu") -> list[TargetScore]:
+    """`score_pairs` with one pass per distinct prompt, each target continuing from the prompt's KV cache.
+
+    `prefixes` says which model continues each prompt from which ids. Prompts of one model share batches
+    (sorted by length, so little padding). The prefixes are left-padded, with position ids counted from each
+    row's first real token, so every real token sits at the position and attends to the tokens it has in the
+    prefix + target row. Pass 1 returns the prefixes' last-position logits, which predict every target's first
+    token; pass 2 feeds target tokens 0..n-2 of the targets longer than one token, from the cache repeated per
+    target (`DynamicCache.reorder_cache`), right-padded, and reads the rest.
+    """
+    unique = list(dict.fromkeys(prompts))
+    t_ids = {t: target_ids(tok, t) for t in dict.fromkeys(targets)}
+    wanted: dict[str, list[int]] = {}  # prompt -> indices of its (prompt, target) pairs
+    for i, p in enumerate(prompts):
+        wanted.setdefault(p, []).append(i)
+    routes = dict(zip(unique, prefixes([prompt_ids(tok, p) for p in unique])))
+    models = {id(m): m for m, _ in routes.values()}
+    groups: dict[int, list[str]] = {}  # model -> its prompts, shortest prefix first
+    for p in sorted(unique, key=lambda p: len(routes[p][1])):
+        groups.setdefault(id(routes[p][0]), []).append(p)
+    lp_sum = torch.zeros(len(prompts), dtype=torch.float64)
+    n_ok = torch.zeros(len(prompts), dtype=torch.float64)
+    for model_id, members in groups.items():
+        for s in range(0, len(members), batch_size):
+            group = members[s:s + batch_size]
+            row = {p: r for r, p in enumerate(group)}
+            pairs = [i for p in group for i in wanted[p]]
+            _score_group(models[model_id], [routes[p][1] for p in group], [row[prompts[i]] for i in pairs],
+                         [t_ids[targets[i]] for i in pairs], pairs, lp_sum, n_ok, device)
+    lengths = [len(t_ids[t]) for t in targets]
+    return [TargetScore(float(-lp_sum[i] / lengths[i]), float(n_ok[i] / lengths[i])) for i in range(len(prompts))]
+
+
+def _score_group(model: nn.Module, rows: list[list[int]], owner: list[int], tgts: list[list[int]], pairs: list[int],
+                 lp_sum: torch.Tensor, n_ok: torch.Tensor, device: torch.device | str) -> None:
+    """Score `tgts` (pair j continues prompt row `owner[j]`) into `lp_sum` / `n_ok` at index `pairs[j]`."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)  # left-padded
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with contiguous_head(model):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    first = torch.tensor([t[0] for t in tgts], device=device)[:, None]
+    at = torch.tensor(owner, device=device)
+    lp, ok, _ = _scores(out.logits[:, -1:][at], first)
+    more = [j for j, t in enumerate(tgts) if len(t) > 1]
+    if more:  # targets of 2+ tokens: tokens 0..n-2 continue the cached prompt and predict tokens 1..n-1
+        cache = output_cache(out)
+        cache.reorder_cache(at[more])
+        cont, cont_mask = right_pad([tgts[j][:-1] for j in more], 0)
+        labels, _ = right_pad([tgts[j][1:] for j in more], -100)
+        cont, cont_mask, labels = cont.to(device), cont_mask.to(device), labels.to(device)
+        start = mask.sum(-1)[at[more]][:, None]
+        logits = model(input_ids=cont, attention_mask=torch.cat([mask[at[more]], cont_mask], 1),
+                       position_ids=start + torch.arange(cont.shape[1], device=device), use_cache=True,
+                       **cache_kwargs(model, cache)).logits
+        lp2, ok2, _ = _scores(logits, labels)
+        lp[more] += lp2
+        ok[more] += ok2
+    idx = torch.tensor(pairs)
+    lp_sum[idx] = lp.double().cpu()
+    n_ok[idx] = ok.double().cpu()
 
 
 def score_requests(logits_fn: LogitsFn, tok: PreTrainedTokenizerBase, requests: list[EditRequest],

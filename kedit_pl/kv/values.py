@@ -9,7 +9,8 @@ the KL ("essence") prompt "{subject} is a". The loss per request is
 with δ projected onto the ball ‖δ‖ ≤ clamp_norm_factor · ‖v‖ after each Adam step, where v is the original
 output at the insertion point on the plain rewrite prompt (template "{}"). Requests in one batch never
 interact (each owns its rows), so batching them gives each the same trajectory as optimizing it alone; a
-request that reaches `stop_loss` is frozen, as ROME stops its loop.
+request that reaches `stop_loss` is frozen, as ROME stops its loop, and its rows leave the batch (`narrow`): the
+later steps compute only the requests still optimizing.
 
 Speed (fast=True): δ only changes the computation at and after the subject's last token, and only from the
 edit layer up. So one no-grad pass caches the keys/values of every row's prefix (the tokens before the subject's
@@ -161,6 +162,12 @@ class _FullRunner:
         except StopForward:
             pass
 
+    def narrow(self, keep: torch.Tensor) -> None:
+        """Keep only rows `keep` (indices in the current rows) for the following steps."""
+        self.req, self.pos = self.req[keep], self.pos[keep]
+        self.rows = torch.arange(len(keep), device=self.device)
+        self.inputs = _take_rows(self.inputs, keep)
+
     @torch.no_grad()
     def prepare(self) -> torch.Tensor:
         """The original output of the insertion module at every row's subject-last token."""
@@ -265,6 +272,37 @@ class _FastRunner(_FullRunner):
     def gather(self, h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         return h[rows, cols - self.start[rows]]
 
+    def narrow(self, keep: torch.Tensor) -> None:
+        super().narrow(keep)
+        self.start = self.start[keep]
+        self.suffix = _take_rows(self.suffix, keep)
+        self.kv = [(k[keep], v[keep]) for k, v in self.kv]
+        self.cache["in"], self.cache["out"] = self.cache["in"][keep], self.cache["out"][keep]
+
+
+def _take_rows(inputs: dict, keep: torch.Tensor) -> dict:
+    """Forward kwargs with every tensor restricted to rows `keep`."""
+    return {k: v[keep] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+@dataclass
+class _Rows:
+    """Where the loss reads, in the current rows' coordinates (rebuilt when done requests leave the batch)."""
+
+    lab: torch.Tensor  # (B, T) labels
+    req: torch.Tensor  # (B,) request of each row
+    kl: torch.Tensor  # (B,) bool: KL row
+    edit_pos: torch.Tensor  # (B,) subject's last token
+
+    def __post_init__(self) -> None:
+        self.tr, self.tc = (self.lab != -100).nonzero(as_tuple=True)  # target positions
+        self.n_tok = (self.lab != -100).sum(1).clamp_min(1)
+        self.kl_rows = self.kl.nonzero().flatten()
+        self.kl_pos, self.kl_req = self.edit_pos[self.kl_rows], self.req[self.kl_rows]
+
+    def take(self, keep: torch.Tensor) -> "_Rows":
+        return _Rows(self.lab[keep], self.req[keep], self.kl[keep], self.edit_pos[keep])
+
 
 def _logprobs(model: nn.Module, spec: ModelSpec, h: torch.Tensor) -> torch.Tensor:
     """log softmax(lm_head(final_norm(h))) for selected hidden states (N, d) -> (N, V)."""
@@ -305,46 +343,48 @@ def _optimize_group(model, tok, spec, requests, templates, layer, insert, loss_l
     v_all = run.prepare()
     v_init = v_all[batch.init_rows.to(run.device)].detach()
     dev = run.device
-    lab = batch.labels.to(dev)
-    tr, tc = (lab != -100).nonzero(as_tuple=True)  # target positions
-    n_tok = (lab != -100).sum(1).clamp_min(1)
-    rw_rows = (lab != -100).any(1)
-    rows_per_req = torch.zeros(n_req, device=dev).index_add_(0, batch.row_req.to(dev)[rw_rows],
-                                                             torch.ones(int(rw_rows.sum()), device=dev))
-    kl_rows, kl_pos = batch.kl_rows.to(dev), batch.edit_pos.to(dev)[batch.kl_rows]
-    kl_req = batch.row_req.to(dev)[batch.kl_rows]
-    kl_per_req = torch.zeros(n_req, device=dev).index_add_(0, kl_req, torch.ones(len(kl_req), device=dev))
+    kl_mask = torch.zeros(len(batch.row_req), dtype=torch.bool)
+    kl_mask[batch.kl_rows] = True
+    rows = _Rows(batch.labels.to(dev), batch.row_req.to(dev), kl_mask.to(dev), batch.edit_pos.to(dev))
+    ones = torch.ones(len(rows.req), device=dev)
+    rw = ~rows.kl & (rows.lab != -100).any(1)
+    rows_per_req = torch.zeros(n_req, device=dev).index_add_(0, rows.req[rw], ones[rw])
+    kl_per_req = torch.zeros(n_req, device=dev).index_add_(0, rows.kl_req, ones[rows.kl_rows])
 
     delta = torch.zeros_like(v_init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
     max_norm = clamp_norm_factor * v_init.norm(dim=-1)
     v_sq = v_init.norm(dim=-1) ** 2
-    kl_init = None
+    kl_init = None  # (KL rows of the current batch, V): the unedited distribution
     done = torch.zeros(n_req, dtype=torch.bool, device=dev)
+    nll_out, kl_out = torch.zeros(n_req, device=dev), torch.zeros(n_req, device=dev)
     taken = [steps - 1] * n_req
     for it in range(steps):
         h = run.hidden(delta)
-        lp = _logprobs(model, spec, run.gather(h, tr, tc)).gather(-1, lab[tr, tc].unsqueeze(-1)).squeeze(-1)
-        nll_row = torch.zeros(len(lab), device=dev).index_add(0, tr, -lp) / n_tok
-        nll = torch.zeros(n_req, device=dev).index_add(0, batch.row_req.to(dev), nll_row) / rows_per_req
-        kl_lp = _logprobs(model, spec, run.gather(h, kl_rows, kl_pos))
+        lp = _logprobs(model, spec, run.gather(h, rows.tr, rows.tc))
+        lp = lp.gather(-1, rows.lab[rows.tr, rows.tc].unsqueeze(-1)).squeeze(-1)
+        nll_row = torch.zeros(len(rows.lab), device=dev).index_add(0, rows.tr, -lp) / rows.n_tok
+        nll = torch.zeros(n_req, device=dev).index_add(0, rows.req, nll_row) / rows_per_req
+        kl_lp = _logprobs(model, spec, run.gather(h, rows.kl_rows, rows.kl_pos))
         if kl_init is None:
             kl_init = kl_lp.detach()
         kl_each = F.kl_div(kl_init, kl_lp, log_target=True, reduction="none").sum(-1)  # KL(P_δ ‖ P)
-        kl = kl_factor * torch.zeros(n_req, device=dev).index_add(0, kl_req, kl_each) / kl_per_req
+        kl = kl_factor * torch.zeros(n_req, device=dev).index_add(0, rows.kl_req, kl_each) / kl_per_req
         wd = weight_decay * delta.norm(dim=-1) / v_sq
-        loss = nll + kl + wd
-        if not torch.isfinite(loss).all():
-            bad = [requests[i].case_id for i in (~torch.isfinite(loss)).nonzero().flatten().tolist()]
+        loss = nll + kl + wd  # rows of requests that left the batch contribute nothing (their entries unused)
+        if not torch.isfinite(loss[~done]).all():
+            bad = [requests[i].case_id for i in (~torch.isfinite(loss) & ~done).nonzero().flatten().tolist()]
             raise EditFailed(f"value optimization: non-finite loss at step {it} for case_id(s) {bad}")
-        newly = (loss.detach() < stop_loss) & ~done
+        active = ~done
+        nll_out[active], kl_out[active] = nll.detach()[active], kl.detach()[active]
+        newly = (loss.detach() < stop_loss) & active
         for i in newly.nonzero().flatten().tolist():
             taken[i] = it
         done |= newly
         if bool(done.all()) or it == steps - 1:
             break
         opt.zero_grad()
-        loss.sum().backward()
+        loss[~done].sum().backward()
         frozen = delta.detach().clone()
         opt.step()
         with torch.no_grad():
@@ -352,4 +392,9 @@ def _optimize_group(model, tok, spec, requests, templates, layer, insert, loss_l
             norm = delta.norm(dim=-1)
             scale = torch.where(norm > max_norm, max_norm / norm.clamp_min(1e-12), torch.ones_like(norm))
             delta.mul_(scale.unsqueeze(-1))
-    return ValueResult(delta.detach(), v_init, nll.detach(), kl.detach(), taken, time.perf_counter() - start)
+        if bool(newly.any()):  # finished requests leave the batch: later steps skip their rows
+            keep = (~done[rows.req]).nonzero().flatten()
+            kl_init = kl_init[(~done[rows.kl_req]).nonzero().flatten()]
+            run.narrow(keep)
+            rows = rows.take(keep)
+    return ValueResult(delta.detach(), v_init, nll_out, kl_out, taken, time.perf_counter() - start)

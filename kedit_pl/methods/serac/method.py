@@ -21,7 +21,7 @@ import torch
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError
-from kedit_pl.eval.scoring import LogitsFn, forward_logits
+from kedit_pl.eval.scoring import LogitsFn, RoutedLogits, forward_logits, model_logits
 from kedit_pl.methods.base import EditHandle, EditMethod
 from kedit_pl.methods.serac import checkpoint as ckpt_io
 from kedit_pl.methods.serac.classifier import ScopeClassifier, load_encoder
@@ -164,7 +164,17 @@ class Serac(SeracTraining, EditMethod):
         return prob > 0.5, idx, prob
 
     def logits_fn(self) -> LogitsFn:
-        return self.routed_logits
+        """Routed logits; with an empty memory every row is out of scope, i.e. exactly the plain base model (which
+        scoring may then serve from a prompt's KV cache and the pre-edit score cache)."""
+        return RoutedLogits(self.routed_logits, self.prompt_prefixes) if len(self.memory) else model_logits(self.model)
+
+    @torch.no_grad()
+    def prompt_prefixes(self, rows: list[list[int]]) -> list[tuple[torch.nn.Module, list[int]]]:
+        """Routed by the prompt as `routed_logits` routes a row: out of scope, the base model continues the
+        prompt's ids; in scope, the counterfactual model continues "[edit] [prompt]" (`Conditioner`'s ids)."""
+        hit, idx, _ = self.route(self.tok.batch_decode(rows, skip_special_tokens=True))
+        return [(self.cf_model, self.cond.generation_ids(self._context(int(i)), row)) if h else (self.model, row)
+                for row, h, i in zip(rows, hit.tolist(), idx.tolist())]
 
     @torch.no_grad()
     def routed_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

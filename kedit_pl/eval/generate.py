@@ -1,0 +1,76 @@
+"""Batched greedy generation with the model's key/value cache (fluency, samples).
+
+Prompts are left-padded so every row's next token sits in the last column; position ids follow each row's real
+tokens. Every row generates exactly `max_new_tokens` tokens (no stop at EOS), as ROME's fluency evaluation does.
+A method that routes its logits (SERAC) is generated through its `logits_fn` without a cache (one full forward
+per token), so generations always come from the edited system, never from a bypassed base model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from kedit_pl.models.kv_cache import cache_kwargs, output_cache
+from kedit_pl.tokens import pad_id, prompt_ids, right_pad
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = torch.tensor(r)
+        mask[b, width - len(r):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def _greedy_cached(model: nn.Module, rows: list[list[int]], pad: int, max_new_tokens: int) -> list[list[int]]:
+    device = next(model.parameters()).device
+    ids, mask = (t.to(device) for t in _left_pad(rows, pad))
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    new = [out.logits[:, -1].argmax(-1)]
+    for _ in range(max_new_tokens - 1):
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=new[-1][:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                    **cache_kwargs(model, output_cache(out)))
+        new.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(new, dim=1).tolist()
+
+
+@torch.no_grad()
+def _greedy_routed(logits_fn, rows: list[list[int]], pad: int, max_new_tokens: int, device) -> list[list[int]]:
+    plens = [len(r) for r in rows]
+    seqs = [list(r) for r in rows]
+    for _ in range(max_new_tokens):
+        ids, mask = (t.to(device) for t in right_pad(seqs, pad))
+        logits = logits_fn(ids, mask, plens, None)
+        for b, s in enumerate(seqs):
+            s.append(int(logits[b, len(s) - 1].argmax()))
+    return [s[n:] for s, n in zip(seqs, plens)]
+
+
+def greedy_generate(method, prompts: list[str], max_new_tokens: int = 100, batch_size: int = 16) -> list[str]:
+    """The continuation (decoded, special tokens dropped) of each prompt under the method's current model.
+
+    Weight editors generate from `method.model` with its KV cache; a method whose `logits_fn` is its own
+    (routing) generates through it. Identical prompts are generated once."""
+    from kedit_pl.methods.base import EditMethod
+
+    tok: PreTrainedTokenizerBase = method.tok
+    routed = type(method).logits_fn is not EditMethod.logits_fn
+    unique = list(dict.fromkeys(prompts))
+    texts: dict[str, str] = {}
+    for s in range(0, len(unique), int(batch_size)):
+        chunk = unique[s:s + int(batch_size)]
+        rows = [prompt_ids(tok, p) for p in chunk]
+        if routed:
+            new = _greedy_routed(method.logits_fn(), rows, pad_id(tok), max_new_tokens, method.device)
+        else:
+            new = _greedy_cached(method.model, rows, pad_id(tok), max_new_tokens)
+        for p, ids in zip(chunk, new):
+            texts[p] = tok.decode(ids, skip_special_tokens=True)
+    return [texts[p] for p in prompts]

@@ -1,0 +1,93 @@
+"""Metric groups beyond ES/PS/NS, selected by `eval.metrics` and run by the evaluation callback.
+
+    eval.metrics=[es_ps_ns,fluency,portability,distracting,alias,general]
+
+Each group is one module (`fluency.py`, `scored.py`, `general.py`) implementing `base.MetricGroup`. The runner
+below measures the selected groups on a model state, stores raw measurements in each record line
+(`pre/post/final -> groups -> <name>`, or `groups_skipped -> <name>: reason`), and turns them into summary
+numbers. Adding a group = a class + one line in GROUPS.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Mapping
+
+from kedit_pl.data.requests import EditRequest
+from kedit_pl.errors import ConfigError
+from kedit_pl.eval.groups.base import MetricGroup, mean_numbers
+from kedit_pl.eval.groups.fluency import Fluency
+from kedit_pl.eval.groups.general import GeneralAbility
+from kedit_pl.eval.groups.scored import DistractingNeighborhood, Portability, SubjectAlias
+
+#: ES/PS/NS (and the token accuracies) are the callback's own scoring; every run measures them
+CORE = "es_ps_ns"
+GROUPS: dict[str, type[MetricGroup]] = {g.name: g for g in (Fluency, Portability, DistractingNeighborhood,
+                                                             SubjectAlias, GeneralAbility)}
+
+
+def build_groups(names: list[str] | tuple[str, ...], settings: Mapping[str, Any] | None = None) -> list[MetricGroup]:
+    """The groups named in `eval.metrics`, each with its `eval.<name>` settings."""
+    names = list(names or [CORE])
+    unknown = [n for n in names if n != CORE and n not in GROUPS]
+    if unknown:
+        raise ConfigError(f"eval.metrics: unknown metric group {unknown[0]!r}; choose from {[CORE, *GROUPS]}")
+    if CORE not in names:
+        raise ConfigError(f"eval.metrics: {CORE} is measured by every run and cannot be left out; got {names}")
+    settings = settings or {}
+    return [GROUPS[n](**dict(settings.get(n) or {})) for n in dict.fromkeys(names) if n != CORE]
+
+
+class GroupRunner:
+    """Measures the selected groups on the current model state and summarizes what the records hold."""
+
+    def __init__(self, groups: list[MetricGroup], mode: str = "single") -> None:
+        self.groups = groups
+        self.mode = mode
+
+    def measure(self, method, requests: list[EditRequest], records: list[dict], batch_idx: int | None = None) -> None:
+        """Add each group's raw measurement (or why it skipped) to `records` (aligned with `requests`).
+        A model-state group (general ability) goes into the first record only, when it is due; `batch_idx`
+        None means always (the unedited model, the final state)."""
+        for g in self.groups:
+            if not g.per_record:
+                due = batch_idx is None or g.due(self.mode, batch_idx)
+                if due and records:
+                    records[0].setdefault("groups", {})[g.name] = g.measure(method, requests)[0]
+                continue
+            ok = []
+            for req, rec in zip(requests, records):
+                why = g.problem(req, method.tok)
+                if why is None:
+                    ok.append((req, rec))
+                else:
+                    rec.setdefault("groups_skipped", {})[g.name] = why
+            if ok:
+                for (_, rec), raw in zip(ok, g.measure(method, [r for r, _ in ok])):
+                    rec.setdefault("groups", {})[g.name] = raw
+
+    def summarize(self, records: list[dict], pre: list[dict] | None = None) -> dict[str, float]:
+        """Mean numbers of every group over the records measured; with `pre` (aligned), also the paired ones."""
+        out: dict[str, float] = {}
+        for g in self.groups:
+            idx = [i for i, r in enumerate(records) if g.name in (r or {}).get("groups", {})]
+            out.update(mean_numbers(g.numbers(records[i]["groups"][g.name]) for i in idx))
+            if pre is not None:
+                both = [i for i in idx if g.name in (pre[i] or {}).get("groups", {})]
+                out.update(mean_numbers(g.paired(pre[i]["groups"][g.name], records[i]["groups"][g.name]) for i in both))
+        return out
+
+    def counts(self, done: list[dict]) -> dict[str, dict[str, Any]]:
+        """Per group, over the record lines: records measured and skipped (and why) on the unedited model;
+        for a model-state group, how many states it measured (pre, post, final)."""
+        out = {}
+        for g in self.groups:
+            if not g.per_record:
+                out[g.name] = {f"states_{st}": sum(g.name in (d.get(st) or {}).get("groups", {}) for d in done)
+                               for st in ("pre", "post", "final") if any(st in d for d in done)}
+                continue
+            pres = [d["pre"] for d in done]
+            reasons = Counter(r.get("groups_skipped", {}).get(g.name) for r in pres)
+            reasons.pop(None, None)
+            out[g.name] = {"measured": sum(g.name in r.get("groups", {}) for r in pres),
+                           "skipped": sum(reasons.values()), "skipped_because": dict(reasons)}
+        return out

@@ -1,0 +1,34 @@
+"""General ability: perplexity of a fixed WikiText-2 validation slice (`eval/perplexity.py`), per model state.
+
+It is what shows collapse under mass and sequential editing. It is measured once on the unedited model, once
+after every batch in batch/sequential mode (and after the last edit: `final`), and in single mode after the
+edits of the first `single_records` records only (each single edit is restored before the next, so the
+state differs per record, and 20k tokens per record would cost more than the edit itself); null measures every
+record. SERAC leaves the base model untouched and routes out-of-scope text to it, so its perplexity is the base
+model's by construction.
+"""
+from __future__ import annotations
+
+from kedit_pl.data.requests import EditRequest
+from kedit_pl.eval.groups.base import MetricGroup
+from kedit_pl.eval.perplexity import perplexity
+
+
+class GeneralAbility(MetricGroup):
+    name = "general"
+    per_record = False
+
+    def measure(self, method, requests: list[EditRequest]) -> list[dict]:
+        s = self.settings
+        ppl = perplexity(method.model, method.tok, s["corpus"], int(s.get("n_tokens", 20_000)),
+                         int(s.get("seq_len", 512)), int(s.get("batch_size", 4)))
+        return [{"ppl": ppl}]
+
+    def due(self, mode: str, batch_idx: int) -> bool:
+        """Whether the state after batch `batch_idx` is measured (see the module docstring)."""
+        limit = self.settings.get("single_records", 5)
+        return mode != "single" or limit is None or batch_idx < int(limit)
+
+    @staticmethod
+    def numbers(raw: dict) -> dict[str, float]:
+        return {"ppl": float(raw["ppl"])}

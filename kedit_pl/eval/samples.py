@@ -1,0 +1,65 @@
+"""Generations people can read: before/after greedy continuations of the rewrite prompt and one neighborhood
+prompt for the first k records, as `samples.md` in the run folder and a W&B Table (`eval.samples`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from kedit_pl.data.requests import EditRequest
+from kedit_pl.eval.generate import greedy_generate
+from kedit_pl.io import write_text
+
+COLUMNS = ["case_id", "prompt_kind", "prompt", "target_true", "target_new", "before", "after"]
+
+
+def sample_prompts(req: EditRequest) -> dict[str, str]:
+    out = {"rewrite": req.rewrite}
+    if req.neighborhood:
+        out["neighborhood"] = req.neighborhood[0]
+    return out
+
+
+def generate_samples(method, requests: list[EditRequest], max_new_tokens: int = 40) -> list[dict]:
+    """Per request: {"targets": [true, new], <prompt kind>: {"prompt", "text"}} under the current model."""
+    keyed = [(i, kind, p) for i, r in enumerate(requests) for kind, p in sample_prompts(r).items()]
+    texts = greedy_generate(method, [p for *_, p in keyed], max_new_tokens) if keyed else []
+    out: list[dict] = [{"targets": [r.target_true, r.target_new]} for r in requests]
+    for (i, kind, p), t in zip(keyed, texts):
+        out[i][kind] = {"prompt": p, "text": t}
+    return out
+
+
+def sample_rows(done: list[dict]) -> list[list[str]]:
+    """Table rows (COLUMNS) of the records that carry samples before and after."""
+    rows = []
+    for d in done:
+        pre, post = d["pre"].get("samples"), d["post"].get("samples")
+        if not pre or not post:
+            continue
+        true, new = pre["targets"]
+        for kind in ("rewrite", "neighborhood"):
+            if kind in pre and kind in post:
+                rows.append([d["case_id"], kind, pre[kind]["prompt"], true, new, pre[kind]["text"], post[kind]["text"]])
+    return rows
+
+
+def samples_markdown(rows: list[list[str]], title: str = "") -> str:
+    lines = [f"# Generations before and after editing{' · ' + title if title else ''}", ""]
+    for case_id, kind, prompt, true, new, before, after in rows:
+        lines += [f"## case {case_id} · {kind} prompt · {true} → {new}", "", f"**Prompt:** {prompt}", "",
+                  f"- **before:** {prompt} **{_md(before)}**", f"- **after:** {prompt} **{_md(after)}**", ""]
+    return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    return " ".join(text.split()).replace("*", r"\*")
+
+
+def write_samples(out_dir: Path, rows: list[list[str]], loggers: list, title: str = "") -> Path | None:
+    if not rows:
+        return None
+    path = Path(out_dir) / "samples.md"
+    write_text(path, samples_markdown(rows, title))
+    for lg in loggers:
+        if hasattr(lg, "log_table"):
+            lg.log_table(key="samples", columns=COLUMNS, data=rows)
+    return path

@@ -1,0 +1,175 @@
+"""Head to head: every method family on the same model, records and evaluation, then one comparison.
+
+    python -m kedit_pl.head_to_head [hydra overrides...]      (conf/experiment/head_to_head.yaml)
+
+Resumable: a method whose run folder holds a summary.json is complete and is not rerun; a folder with records
+but no summary (an interrupted single/batch run) continues with edit.resume=true. Learned editors (MEND,
+SERAC, any method with `trainable = True`) use `head_to_head.checkpoints.<name>`; without one they are skipped
+with a message, or trained first (`head_to_head.train_missing=true`, with `head_to_head.train.<name>`).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from kedit_pl.config import compose
+from kedit_pl.errors import ConfigError, KEditError
+from kedit_pl.io import read_json, write_json
+
+log = logging.getLogger("kedit_pl.head_to_head")
+EXPERIMENT = "experiment=head_to_head"
+
+
+def is_complete(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file()
+
+
+def _trainable(cfg: DictConfig) -> bool:
+    try:
+        return bool(getattr(hydra.utils.get_class(cfg.method._target_), "trainable", False))
+    except Exception as e:
+        raise ConfigError(f"method._target_: cannot import {cfg.method.get('_target_')!r} ({e})") from None
+
+
+def _checkpoint(name: str, h: DictConfig, out: Path, overrides: list[str]) -> tuple[str | None, str | None]:
+    """(checkpoint, None) for a learned editor, training it first when asked; (None, why skipped) otherwise."""
+    ckpt = (h.get("checkpoints") or {}).get(name)
+    if ckpt:
+        return str(ckpt), None
+    if not h.get("train_missing"):
+        return None, (f"{name}: no trained checkpoint (set head_to_head.checkpoints.{name}=<train run>/editor, "
+                      f"or head_to_head.train_missing=true to train it first)")
+    train_dir = out / "_train" / name
+    if (train_dir / "editor").is_dir() and (train_dir / "train_summary.json").is_file():
+        return str(train_dir / "editor"), None  # trained by an earlier invocation
+    from kedit_pl.pipeline import run_train
+
+    model_args = [o for o in overrides if o.startswith("model=")]
+    tcfg = compose("train", [f"method={name}", *model_args, *(h.get("train") or {}).get(name, []),
+                             f"paths.output_dir={train_dir}", "train.resume=true"])
+    log.info("training %s first (head_to_head.train_missing=true) into %s", name, train_dir)
+    run_train(tcfg)
+    return str(train_dir / "editor"), None
+
+
+def run_head_to_head(overrides: list[str]) -> dict[str, Any]:
+    """Run every configured method (skipping complete ones), then compare them; returns head_to_head.json."""
+    from kedit_pl.compare import compare
+    from kedit_pl.pipeline import run_edit
+
+    base = compose("edit", [EXPERIMENT, *overrides, "paths.output_dir=/dev/null"])
+    h = base.head_to_head
+    out = Path(h.out_dir)
+    start = time.perf_counter()
+    status: dict[str, dict[str, Any]] = {}
+    for name in h.methods:
+        run_dir = out / name
+        if is_complete(run_dir):
+            log.info("%s: complete in %s, not rerun", name, run_dir)
+            status[name] = {"status": "complete (earlier)", "run_dir": str(run_dir)}
+            continue
+        extra = list((h.get("overrides") or {}).get(name, []))
+        mcfg = compose("edit", [EXPERIMENT, *overrides, f"method={name}", *extra, "paths.output_dir=/dev/null"])
+        if _trainable(mcfg):
+            ckpt, why = _checkpoint(name, h, out, overrides)
+            if why:
+                log.warning("skipping %s", why)
+                status[name] = {"status": "skipped", "reason": why}
+                continue
+            extra.append(f"method.checkpoint={ckpt}")
+        resume = (run_dir / "records.jsonl").is_file() and mcfg.edit.mode != "sequential"
+        cfg = compose("edit", [EXPERIMENT, *overrides, f"method={name}", *extra, f"paths.output_dir={run_dir}",
+                               f"edit.resume={str(resume).lower()}"])
+        log.info("%s: running into %s%s", name, run_dir, " (resuming)" if resume else "")
+        t0 = time.perf_counter()
+        try:
+            run_edit(cfg)
+            status[name] = {"status": "ran", "run_dir": str(run_dir), "wall_seconds": time.perf_counter() - t0}
+        except KEditError as e:
+            log.error("%s failed: %s", name, e)
+            status[name] = {"status": "failed", "reason": str(e), "wall_seconds": time.perf_counter() - t0}
+    done = [out / n for n in h.methods if is_complete(out / n)]
+    result: dict[str, Any] = {"methods": status, "config": OmegaConf.to_container(h, resolve=True),
+                              "wall_seconds_this_invocation": time.perf_counter() - start}
+    if done:
+        rows = compare(done, out)
+        walls = [read_json(d / "summary.json").get("timing", {}).get("wall_seconds") for d in done]
+        result["wall_seconds_all_runs"] = sum(w for w in walls if w)
+        result["figure"] = str(tradeoff_chart(rows, out / "tradeoffs.png"))
+    write_json(out / "head_to_head.json", result)
+    return result
+
+
+#: the trade-offs chart: post-edit rates per method (all percent), then fluency and perplexity beside pre
+RATES = (("post_es", "ES"), ("post_ps", "PS"), ("post_ns", "NS"), ("post_alias_es", "alias ES"),
+         ("post_dn_ns", "distracting NS"), ("post_port_acc", "portability acc"), ("post_port_rise", "portability rise"))
+
+
+def tradeoff_chart(rows: list[dict], path: Path) -> Path:
+    """ES / PS / NS / aliases / distracting NS / portability per method, and fluency (GE) and perplexity
+    before (hatched) and after each method's edits: what separates the families, at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from kedit_pl.io import atomic_path
+
+    rates = [(k, lab) for k, lab in RATES if any(r.get(k) is not None for r in rows)]
+    labels = [r["method"] for r in rows]
+    x = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 3, figsize=(max(10, 1.6 * len(rows) + 8), 4.2), gridspec_kw={"width_ratios": [4, 1.3, 1.3]})
+    w = 0.8 / max(1, len(rates))
+    for i, (k, lab) in enumerate(rates):
+        axes[0].bar(x + i * w - 0.4 + w / 2, [r.get(k) or 0 for r in rows], w, label=lab)
+    axes[0].set_xticks(x, labels)
+    axes[0].set_ylim(0, 105)
+    axes[0].set_ylabel("post-edit %")
+    axes[0].legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, 1.17))
+    for ax, key, title, fmt in ((axes[1], "fluency_ge", "fluency GE (×100 bits)", "%.1f"),
+                                (axes[2], "ppl", "WikiText ppl", "%.2f")):
+        pre, post = ([r.get(f"{g}_{key}") or 0 for r in rows] for g in ("pre", "post"))
+        ax.bar_label(ax.bar(x - 0.2, pre, 0.4, hatch="//", color="lightgray", label="unedited"), fmt=fmt,
+                     fontsize=6, rotation=90, padding=2)
+        ax.bar_label(ax.bar(x + 0.2, post, 0.4, color="tab:blue", label="edited"), fmt=fmt, fontsize=6,
+                     rotation=90, padding=2)
+        vals = [v for v in pre + post if v]
+        if vals:  # the differences are small: zoom in on the values (the axis does not start at 0)
+            lo, hi = min(vals), max(vals)
+            ax.set_ylim(lo - 0.1 * (hi - lo + 1e-3) - 0.02 * hi, hi + 0.35 * (hi - lo + 1e-3) + 0.02 * hi)
+        ax.set_xticks(x, labels, fontsize=7, rotation=30)
+        ax.set_title(title, fontsize=9)
+    axes[2].legend(fontsize=7, loc="lower right")
+    model = rows[0].get("model", "") if rows else ""
+    fig.suptitle(f"head to head on {model} ({rows[0].get('n', '') if rows else ''} records per method)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        result = run_head_to_head(list(sys.argv[1:] if argv is None else argv))
+    except KEditError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for name, st in result["methods"].items():
+        print(f"{name}: {st['status']}{' - ' + st['reason'] if st.get('reason') else ''}")
+    out = Path(result["config"]["out_dir"])
+    if (out / "comparison.md").is_file():
+        print((out / "comparison.md").read_text())
+    print(f"wrote {out}/comparison.md, comparison.csv, comparison.png, tradeoffs.png, head_to_head.json")
+
+
+if __name__ == "__main__":
+    main()
