@@ -23,3 +23,7 @@ class DamagedFile(KEditError):
 
 class RunFolderBusy(ConfigError):
     """Another live process holds the run folder's lock (its files must not be touched)."""
+
+
+class Collapsed(KEditError):
+    """A sequential run stopped early: the model's general ability collapsed (perplexity past its limit)."""

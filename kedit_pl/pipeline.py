@@ -15,9 +15,10 @@ from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.data.datamodule import EditDataModule
-from kedit_pl.errors import ConfigError, InvalidRecord, KEditError, RunFolderBusy
+from kedit_pl.errors import Collapsed, ConfigError, InvalidRecord, KEditError, RunFolderBusy
 from kedit_pl.eval.callback import EditEvalCallback, read_done_records
 from kedit_pl.eval.groups import CORE, build_groups
+from kedit_pl.eval.lifelong import LifelongCallback, plot_curves
 from kedit_pl.eval.report import print_table
 from kedit_pl.io import read_json, write_json
 from kedit_pl.methods.base import EditMethod
@@ -122,13 +123,29 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int) -> dict[str, Any]:
                                 resume=cfg.edit.resume, run_info=run_info, groups=groups,
                                 samples=int(samples.get("k") or 0), sample_tokens=int(samples.get("max_new_tokens", 40)),
                                 pre_cache=pre_cache)
+    lifelong = lifelong_callback(cfg, out) if mode == "sequential" else None
     loggers = build_loggers(cfg)
-    trainer = build_trainer(cfg, [callback], loggers)
+    trainer = build_trainer(cfg, [callback] + ([lifelong] if lifelong else []), loggers)
     start = time.perf_counter()
-    trainer.test(method, datamodule=dm, verbose=False)
-    callback.summary["timing"]["wall_seconds"] = time.perf_counter() - start
-    write_json(out / "summary.json", callback.summary)  # again, now with the run's wall time
-    finish_loggers(loggers)
+    try:
+        trainer.test(method, datamodule=dm, verbose=False)
+    except Collapsed:
+        # summarize the edits made up to the collapse, then fail the run with the reason
+        edited = {str(r.case_id) for r in lifelong.edited}
+        dm.requests = [r for r in dm.requests if str(r.case_id) in edited]
+        callback.on_test_end(trainer, method)
+        raise
+    finally:
+        if callback.summary:
+            callback.summary["timing"]["wall_seconds"] = time.perf_counter() - start
+            if lifelong:
+                callback.summary["lifelong"] = lifelong.summary()
+                try:
+                    plot_curves({cfg.method.name: lifelong.rows}, out / "lifelong.png")
+                except Exception as e:  # a plot must never cost the results
+                    log.warning("lifelong plot failed: %s", e)
+            write_json(out / "summary.json", callback.summary)  # again, with the wall time and lifelong rows
+            finish_loggers(loggers)
     log.info("results in %s", out)
     return callback.summary
 
@@ -143,6 +160,14 @@ def finished_summary(out: Path, n_done: int) -> dict[str, Any]:
     log.info("edit.resume: nothing to do, all %d records of this run are done; results in %s", n_done, out)
     print_table(summary)
     return summary
+
+
+def lifelong_callback(cfg: DictConfig, out: Path) -> LifelongCallback | None:
+    """The lifelong protocol (eval/lifelong.py) of a sequential run, unless `edit.lifelong.every=0`."""
+    lcfg = cfg.edit.get("lifelong")
+    if lcfg is None or not lcfg.get("every"):
+        return None
+    return LifelongCallback(out, OmegaConf.to_container(lcfg, resolve=True), cfg.edit.eval_batch_size)
 
 
 def metric_value(summary: dict[str, Any], path: str) -> float | None:

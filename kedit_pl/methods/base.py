@@ -34,6 +34,7 @@ class EditHandle:
     info: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     n_requests: int = 0
+    method_state: Any = None  # method-side state that `restore` also rolls back (AlphaEdit's accumulated keys)
 
 
 def snapshot(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:

@@ -182,7 +182,7 @@ class MEMIT(ROME):
                              groups=self.key_groups)
             H = block_outputs(self.model, self.tok, self.spec, self.layer, requests).double()
             resid = (Z - H) / (len(self.layers) - i)  # spread the remaining error over the remaining layers
-            delta_w = memit_update(K, resid, mom2[layer], self.mom2_update_weight)  # eq. 14
+            delta_w = self.layer_update(layer, K, resid, mom2[layer])
             W = linear_weight(self.spec.module(self.model, "mlp_out", layer))
             with torch.no_grad():
                 W.add_(delta_w.to(W.dtype))
@@ -190,4 +190,15 @@ class MEMIT(ROME):
                                    "update_norm": delta_w.norm().item()})
         H = block_outputs(self.model, self.tok, self.spec, self.layer, requests).double()
         info["final_z_error"] = (Z - H).norm(dim=-1).mean().item()
+        info.update(self.after_edit(requests))
         return info
+
+    # --- what the MEMIT family (AlphaEdit, EMMET) changes -----------------------------------------------
+    def layer_update(self, layer: int, keys: torch.Tensor, resid: torch.Tensor,
+                     C: torch.Tensor | None) -> torch.Tensor:
+        """ΔW (d_out, d_k) at `layer` from the keys (n, d_k) and residuals (n, d_out): MEMIT's eq. 14."""
+        return memit_update(keys, resid, C, self.mom2_update_weight)
+
+    def after_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
+        """Called once every layer is updated (AlphaEdit accumulates the new keys here); returns diagnostics."""
+        return {}
