@@ -1,6 +1,7 @@
 """Apply and evaluate knowledge edits with any method.
 
-    python edit.py                                   # FT-L on smollm2_135m, 100 CounterFact records
+    python edit.py                                   # FT-L on smollm2_135m, the first 10 CounterFact records
+    python edit.py dataset.limit=100                 # the 100-record table of the README
     python edit.py method=rome dataset.limit=200 edit.mode=single
     python edit.py -m method=ft,ft_l                 # Hydra multirun; compare with python -m kedit_pl.compare
 """
