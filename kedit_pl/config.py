@@ -8,6 +8,8 @@ from omegaconf import DictConfig, OmegaConf
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
 
+import kedit_pl.models.infer  # noqa: E402,F401  (registers ${kedit_hf_arch:...} and friends for conf/model/hf.yaml)
+
 if not OmegaConf.has_resolver("kedit_root"):
     # ${kedit_root:} -> the repository root, so data paths work from any working directory
     OmegaConf.register_new_resolver("kedit_root", lambda: str(REPO_ROOT))
