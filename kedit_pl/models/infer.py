@@ -142,12 +142,12 @@ def _final_norm(model: nn.Module, blocks: str, kind: str) -> str:
 def method_defaults(n_layers: int) -> dict[str, Any]:
     """Per-method layers for a model without a family YAML (the shipped models' choices, as fractions of depth).
 
-    ROME edits layer ≈ 0.18·L (SmolLM2 5/30, GPT-J 5/28, Llama-2 6/32), MEMIT the five layers around it (MEMIT's
-    GPT-J range 3..8), FT that layer, MEND the last three; the loss layer is the last one.
+    ROME edits layer ≈ 0.18·L (SmolLM2 5/30, GPT-J 5/28, Llama-2 6/32), MEMIT the five layers around it, below
+    the last (MEMIT's GPT-J range 3..8), FT that layer, MEND the last three; the loss layer is the last one.
     """
     last = n_layers - 1
     rome = min(last, round(0.18 * n_layers))
-    memit = list(range(max(0, rome - 2), min(last, rome + 2) + 1))
+    memit = list(range(max(0, rome - 2), max(1, min(last - 1, rome + 2)) + 1))  # z's layer needs layers above it
     return {"rome": {"layer": rome, "loss_layer": last}, "memit": {"layers": memit}, "ft": {"layers": [rome]},
             "mend": {"layers": list(range(max(0, n_layers - 3), n_layers))}}
 
@@ -158,10 +158,13 @@ def _hf_arch(path: str) -> dict[str, Any]:
     return infer_arch(skeleton(pretrained_config(str(path))))
 
 
-def _hf_defaults(path: str) -> dict[str, Any]:
+def _hf_default(path: str, key: str) -> Any:
+    """One entry of `method_defaults` ('rome.layer', ...) for the model at `path` (one resolver per field: OmegaConf
+    cannot interpolate into a node that a resolver returned)."""
     from kedit_pl.models.hub import pretrained_config
 
-    return method_defaults(int(pretrained_config(str(path)).get_text_config().num_hidden_layers))
+    method, field = key.split(".")
+    return method_defaults(int(pretrained_config(str(path)).get_text_config().num_hidden_layers))[method][field]
 
 
 def _hf_name(path: str) -> str:
@@ -170,6 +173,6 @@ def _hf_name(path: str) -> str:
     return "hf_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", tail)
 
 
-for _name, _fn in (("kedit_hf_arch", _hf_arch), ("kedit_hf_defaults", _hf_defaults), ("kedit_hf_name", _hf_name)):
+for _name, _fn in (("kedit_hf_arch", _hf_arch), ("kedit_hf_default", _hf_default), ("kedit_hf_name", _hf_name)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn, use_cache=True)

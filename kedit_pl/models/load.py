@@ -66,8 +66,10 @@ def _plain(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
     try:
         out = OmegaConf.to_container(node, resolve=True)
     except Exception as e:  # a resolver (models/infer.py) raised a ConfigError: OmegaConf wraps it
-        cause = e.__cause__ or e.__context__
-        if isinstance(cause, ConfigError):
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
             raise cause from None
         raise
     if not isinstance(out, dict):
