@@ -18,6 +18,7 @@ from kedit_pl.errors import ConfigError, InvalidRecord, KEditError
 from kedit_pl.eval.callback import EditEvalCallback, read_done_records
 from kedit_pl.io import write_json
 from kedit_pl.methods.base import EditMethod
+from kedit_pl.persist import edit_hooks, finish_hooks
 
 log = logging.getLogger("kedit_pl")
 
@@ -100,12 +101,14 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
     run_info = {"method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
                 "n_records": len(dm.requests) + len(done_ids), "batch_size": batch_size,
                 "config": OmegaConf.to_container(cfg.method, resolve=True), "skipped": skipped}
+    hooks = edit_hooks(cfg, method, dm.requests, out)  # edit.save=patch|model, edit.show=k
     callback = EditEvalCallback(out, mode=mode, eval_batch_size=cfg.edit.eval_batch_size,
-                                resume=cfg.edit.resume, run_info=run_info)
+                                resume=cfg.edit.resume, run_info=run_info, on_edit=hooks)
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, [callback], loggers)
     start = time.perf_counter()
     trainer.test(method, datamodule=dm, verbose=False)
+    finish_hooks(cfg, method, hooks, out)
     callback.summary["timing"]["wall_seconds"] = time.perf_counter() - start
     write_json(out / "summary.json", callback.summary)  # again, now with the run's wall time
     finish_loggers(loggers)

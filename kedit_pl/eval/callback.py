@@ -5,7 +5,7 @@ import json
 import logging
 import resource
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -43,13 +43,15 @@ class EditEvalCallback(L.Callback):
     """
 
     def __init__(self, output_dir: str | Path, mode: str = "single", eval_batch_size: int = 64,
-                 resume: bool = False, run_info: dict[str, Any] | None = None) -> None:
+                 resume: bool = False, run_info: dict[str, Any] | None = None,
+                 on_edit: list[Callable] | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"edit.mode: must be one of {MODES}, got {mode!r}")
         self.out = Path(output_dir)
         self.mode = mode
         self.eval_batch_size = eval_batch_size
         self.run_info = run_info or {}
+        self.on_edit = list(on_edit or [])  # fn(method, handle, batch, batch_idx) while the edit is in place
         self.done = read_done_records(self.out) if resume else []
         self.pre: dict[str, dict] = {}
         self.summary: dict[str, Any] = {}
@@ -74,6 +76,8 @@ class EditEvalCallback(L.Callback):
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         handle = pl_module.last_handle
         try:
+            for fn in self.on_edit:  # edit.save=patch, edit.show: before any restore
+                fn(pl_module, handle, batch, batch_idx)
             post = self._score(pl_module, batch)
         finally:
             if self.mode != "sequential" and handle is not None:
