@@ -250,15 +250,21 @@ def find_patches(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def save_model(model: nn.Module, tokenizer, folder: str | Path) -> Path:
+EDITS_FILE = "kedit_edits.json"
+
+
+def save_model(model: nn.Module, tokenizer, folder: str | Path, edits: list | None = None) -> Path:
     """`save_pretrained` of the model and tokenizer into `folder`, written in a temp folder and renamed into place,
-    so `AutoModelForCausalLM.from_pretrained(folder)` loads the (edited) model."""
+    so `AutoModelForCausalLM.from_pretrained(folder)` loads the (edited) model. `edits` (requests) are listed in
+    `kedit_edits.json` beside the weights."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if edits is not None:
+            write_json(tmp / EDITS_FILE, [_request(r) for r in edits])
         tmp.chmod(0o755)
         if folder.exists():
             shutil.rmtree(folder)

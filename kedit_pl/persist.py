@@ -55,13 +55,13 @@ def edit_hooks(cfg: DictConfig, method: EditMethod, requests: list, out: Path) -
     return hooks
 
 
-def finish_hooks(cfg: DictConfig, method: EditMethod, hooks: list[Callable], out: Path) -> None:
+def finish_hooks(cfg: DictConfig, method: EditMethod, hooks: list[Callable], out: Path, requests: list) -> None:
     """After the last edit: print the show table, save the edited model (sequential + edit.save=model)."""
     for hook in hooks:
         if isinstance(hook, EditShow):
             hook.print()
     if cfg.edit.get("save") == "model":
-        folder = save_model(method.model, method.tok, out / "model")
+        folder = save_model(method.model, method.tok, out / "model", edits=requests)
         log.info("edited model saved to %s (AutoModelForCausalLM.from_pretrained loads it)", folder)
     elif cfg.edit.get("save") == "patch":
         log.info("patches in %s (python -m kedit_pl.patch list %s)", out / "patches", out / "patches")

@@ -108,7 +108,7 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg, [callback], loggers)
     start = time.perf_counter()
     trainer.test(method, datamodule=dm, verbose=False)
-    finish_hooks(cfg, method, hooks, out)
+    finish_hooks(cfg, method, hooks, out, dm.requests)
     callback.summary["timing"]["wall_seconds"] = time.perf_counter() - start
     write_json(out / "summary.json", callback.summary)  # again, now with the run's wall time
     finish_loggers(loggers)
