@@ -13,6 +13,7 @@ CONF_DIR = REPO_ROOT / "conf"
 # checks their values against the plugins' schemas (wanted); it warns that this matching is deprecated
 warnings.filterwarnings("ignore", message=r"\n?'hydra/launcher/\w+' is validated against ConfigStore schema",
                         category=UserWarning)
+import kedit_pl.models.infer  # noqa: E402,F401  (registers ${kedit_hf_arch:...} and friends for conf/model/hf.yaml)
 
 if not OmegaConf.has_resolver("kedit_root"):
     # ${kedit_root:} -> the repository root, so data paths work from any working directory

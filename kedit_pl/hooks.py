@@ -16,6 +16,32 @@ def _first(x):
     return x[0] if isinstance(x, tuple) else x
 
 
+@contextmanager
+def _token_grid(model: nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """A function that views a module's (batch·tokens, width) tensor as (batch, tokens, width).
+
+    Some decoders flatten the tokens into rows inside a block (OPT runs fc1/fc2 on (B·T, d)); hooks then still see
+    the (B, T, d) layout every caller indexes. The grid comes from the input_ids of the model's current forward.
+    """
+    grid: list[tuple[int, int]] = []
+
+    def pre(_mod, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            grid[:] = [tuple(ids.shape)]
+
+    def view(t: torch.Tensor) -> torch.Tensor:
+        if grid and t.dim() == 2 and t.shape[0] == grid[0][0] * grid[0][1] != grid[0][0]:
+            return t.view(*grid[0], t.shape[-1])
+        return t
+
+    h = model.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield view
+    finally:
+        h.remove()
+
+
 class Capture:
     """Holds what `capture()` recorded: `inputs[name]` (first positional input) and `outputs[name]`."""
 
@@ -34,17 +60,18 @@ def capture(model: nn.Module, names: list[str], inputs: bool = False, outputs: b
     def make(name: str):
         def hook(_mod, args, out):
             if inputs:
-                t = _first(args)
+                t = grid(_first(args))
                 cap.inputs[name] = t.detach() if detach else t
             if outputs:
-                t = _first(out)
+                t = grid(_first(out))
                 cap.outputs[name] = t.detach() if detach else t
         return hook
 
     try:
-        for n in names:
-            handles.append(model.get_submodule(n).register_forward_hook(make(n)))
-        yield cap
+        with _token_grid(model) as grid:
+            for n in names:
+                handles.append(model.get_submodule(n).register_forward_hook(make(n)))
+            yield cap
     finally:
         for h in handles:
             h.remove()
@@ -59,16 +86,20 @@ def edit_outputs(model: nn.Module, edits: dict[str, OutputEdit]) -> Iterator[Non
     handles = []
 
     def make(fn: OutputEdit):
+        def apply(t: torch.Tensor) -> torch.Tensor:
+            return fn(grid(t)).reshape(t.shape)
+
         def hook(_mod, _args, out):
             if isinstance(out, tuple):
-                return (fn(out[0]),) + tuple(out[1:])
-            return fn(out)
+                return (apply(out[0]),) + tuple(out[1:])
+            return apply(out)
         return hook
 
     try:
-        for n, fn in edits.items():
-            handles.append(model.get_submodule(n).register_forward_hook(make(fn)))
-        yield
+        with _token_grid(model) as grid:
+            for n, fn in edits.items():
+                handles.append(model.get_submodule(n).register_forward_hook(make(fn)))
+            yield
     finally:
         for h in handles:
             h.remove()

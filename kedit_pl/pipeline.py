@@ -24,6 +24,7 @@ from kedit_pl.io import read_json, write_json
 from kedit_pl.methods.base import EditMethod
 from kedit_pl.run_folder import RESULT_FILES, RunFolder, run_identity
 from kedit_pl.validate import validate_edit_config
+from kedit_pl.persist import edit_hooks, finish_hooks
 
 log = logging.getLogger("kedit_pl")
 #: train.py outputs a failed run must not delete
@@ -118,17 +119,19 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int) -> dict[str, Any]:
     run_info = {"method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
                 "n_records": len(dm.requests) + len(done_ids), "batch_size": batch_size,
                 "config": OmegaConf.to_container(cfg.method, resolve=True), "skipped": skipped}
+    hooks = edit_hooks(cfg, method, dm.requests, out)  # edit.save=patch|model, edit.show=k
     pre_cache = Path(cfg.paths.cache_dir) / "pre_scores" if cfg.get("eval", {}).get("cache_pre", True) else None
     callback = EditEvalCallback(out, mode=mode, eval_batch_size=cfg.edit.eval_batch_size,
                                 resume=cfg.edit.resume, run_info=run_info, groups=groups,
                                 samples=int(samples.get("k") or 0), sample_tokens=int(samples.get("max_new_tokens", 40)),
-                                pre_cache=pre_cache)
+                                pre_cache=pre_cache, on_edit=hooks)
     lifelong = lifelong_callback(cfg, out) if mode == "sequential" else None
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, [callback] + ([lifelong] if lifelong else []), loggers)
     start = time.perf_counter()
     try:
         trainer.test(method, datamodule=dm, verbose=False)
+        finish_hooks(cfg, method, hooks, out, dm.requests)  # edit.save=model
     except Collapsed:
         # summarize the edits made up to the collapse, then fail the run with the reason
         edited = {str(r.case_id) for r in lifelong.edited}

@@ -5,7 +5,7 @@ import json
 import logging
 import resource
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -54,7 +54,7 @@ class EditEvalCallback(L.Callback):
     def __init__(self, output_dir: str | Path, mode: str = "single", eval_batch_size: int = 64,
                  resume: bool = False, run_info: dict[str, Any] | None = None,
                  groups: list[MetricGroup] | None = None, samples: int = 0, sample_tokens: int = 40,
-                 pre_cache: str | Path | None = None) -> None:
+                 pre_cache: str | Path | None = None, on_edit: list[Callable] | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"edit.mode: must be one of {MODES}, got {mode!r}")
         self.out = Path(output_dir)
@@ -62,6 +62,7 @@ class EditEvalCallback(L.Callback):
         self.eval_batch_size = eval_batch_size
         self.run_info = run_info or {}
         self.pre_cache = pre_cache  # folder of cached pre-edit scores (eval.cache_pre), or None
+        self.on_edit = list(on_edit or [])  # fn(method, handle, batch, batch_idx) while the edit is in place
         self.done = read_done_records(self.out) if resume else []
         self.pre: dict[str, dict] = {}
         self.summary: dict[str, Any] = {}
@@ -104,6 +105,8 @@ class EditEvalCallback(L.Callback):
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         handle = pl_module.last_handle
         try:
+            for fn in self.on_edit:  # edit.save=patch, edit.show: before any restore
+                fn(pl_module, handle, batch, batch_idx)
             post = self._score(pl_module, batch, batch_idx)
         finally:
             if self.mode != "sequential" and handle is not None:

@@ -69,8 +69,8 @@ class AlphaEdit(MEMIT):
         super().prepare()
         self.null_spaces()  # a threshold keeping none or all directions fails here, before any edit
 
-    def layer_update(self, layer: int, keys: torch.Tensor, resid: torch.Tensor,
-                     C: torch.Tensor | None) -> torch.Tensor:
+    def layer_update(self, layer: int, keys: torch.Tensor, resid: torch.Tensor, C: torch.Tensor | None,
+                     factors: list[torch.Tensor] | None = None) -> torch.Tensor:
         prev = self.keys.get(layer, keys.shape[1]) if self.keys.count else None
         return alphaedit_update(keys, resid, self.null_spaces()[layer].projector, prev, self.l2)
 

@@ -35,6 +35,10 @@ class EditHandle:
     seconds: float = 0.0
     n_requests: int = 0
     method_state: Any = None  # method-side state that `restore` also rolls back (AlphaEdit's accumulated keys)
+    #: parameter name -> the low-rank updates (left, right) written to it, in order: the parameter changed by
+    #: `param += (left @ right).to(param.dtype)` for each (methods that know their update is low rank say so
+    #: with `EditMethod.record_low_rank`; patch.py stores these factors instead of a dense delta)
+    low_rank: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
 def snapshot(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -69,6 +73,7 @@ class EditMethod(L.LightningModule):
         self.tok = tokenizer
         self.spec = spec
         self.last_handle: EditHandle | None = None
+        self._low_rank: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         if model is not None:
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -96,6 +101,7 @@ class EditMethod(L.LightningModule):
         """Apply the edits. On any failure the model is restored before the error propagates."""
         names = self.edited_parameters(requests)
         originals = snapshot(self.model, names)
+        self._low_rank = {}
         start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
@@ -111,7 +117,15 @@ class EditMethod(L.LightningModule):
             raise
         finally:
             self.model.train(was_training)
-        return EditHandle(originals, info or {}, time.perf_counter() - start, len(requests))
+        return EditHandle(originals, info or {}, time.perf_counter() - start, len(requests), self._low_rank)
+
+    def record_low_rank(self, module_name: str, left: torch.Tensor, right: torch.Tensor) -> None:
+        """Note that `compute_edit` just added `(left @ right)` ((out, r) @ (r, in), float64) to the weight of
+        `module_name` in (out, in) orientation; stored in the parameter's own orientation (GPT-2's Conv1D: (in, out))."""
+        module = self.model.get_submodule(module_name)
+        if type(module).__name__ == "Conv1D":
+            left, right = right.T, left.T
+        self._low_rank.setdefault(f"{module_name}.weight", []).append((left.detach().cpu(), right.detach().cpu()))
 
     def restore(self, handle: EditHandle) -> None:
         """Undo an edit: every touched weight returns to its exact original bits."""

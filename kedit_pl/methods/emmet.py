@@ -44,8 +44,8 @@ class EMMET(MEMIT):
         self.emmet_lambda, self.update_norm_lambda = float(emmet_lambda), float(update_norm_lambda)
         self._solvers: dict[int, CovarianceSolver] = {}
 
-    def layer_update(self, layer: int, keys: torch.Tensor, resid: torch.Tensor,
-                     C: torch.Tensor | None) -> torch.Tensor:
+    def layer_update(self, layer: int, keys: torch.Tensor, resid: torch.Tensor, C: torch.Tensor | None,
+                     factors: list[torch.Tensor] | None = None) -> torch.Tensor:
         if C is None:
             return emmet_update(keys, resid, None, self.emmet_lambda)
         if layer not in self._solvers:  # C is fixed per model: factor it once

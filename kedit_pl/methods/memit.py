@@ -40,11 +40,21 @@ from kedit_pl.tokens import pad_id, prompt_ids
 
 
 def memit_update(keys: torch.Tensor, resid: torch.Tensor, C: torch.Tensor | None,
-                 mom2_update_weight: float) -> torch.Tensor:
+                 mom2_update_weight: float, factors: list | None = None) -> torch.Tensor:
     """ΔW (d_out, d_k) in float64 from MEMIT eq. 14: Δ = R Kᵀ (λC₀ + KKᵀ)⁻¹.
 
-    `keys` (n, d_k) and `resid` (n, d_out) hold one request per row; C = None means C₀ = I.
+    `keys` (n, d_k) and `resid` (n, d_out) hold one request per row; C = None means C₀ = I. `factors`, if given,
+    receives the (left, right) of Δ = left @ right (rank ≤ n).
     """
+    left, right = memit_factors(keys, resid, C, mom2_update_weight)
+    if factors is not None:
+        factors[:] = [left, right]
+    return left @ right
+
+
+def memit_factors(keys: torch.Tensor, resid: torch.Tensor, C: torch.Tensor | None,
+                  mom2_update_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 14 as a rank-n product Δ = Rᵀ · ((λC₀ + KKᵀ)⁻¹ K)ᵀ: (d_out, n) and (n, d_k), float64."""
     if keys.shape[0] != resid.shape[0]:
         raise ValueError(f"memit_update: {keys.shape[0]} keys but {resid.shape[0]} residuals")
     if not (torch.isfinite(keys).all() and torch.isfinite(resid).all()):
@@ -53,7 +63,7 @@ def memit_update(keys: torch.Tensor, resid: torch.Tensor, C: torch.Tensor | None
     C0 = C.to(K.device, torch.float64) if C is not None else torch.eye(len(K), dtype=torch.float64, device=K.device)
     A = mom2_update_weight * C0 + K @ K.T
     adj = CovarianceSolver(A).solve(K)  # (λC₀ + KKᵀ)⁻¹ K, (d_k, n)
-    return resid.double().T @ adj.T
+    return resid.double().T, adj.T
 
 
 @torch.no_grad()
@@ -182,10 +192,13 @@ class MEMIT(ROME):
                              groups=self.key_groups)
             H = block_outputs(self.model, self.tok, self.spec, self.layer, requests).double()
             resid = (Z - H) / (len(self.layers) - i)  # spread the remaining error over the remaining layers
-            delta_w = self.layer_update(layer, K, resid, mom2[layer])
+            factors: list[torch.Tensor] = []  # the update's low-rank factors, when the method knows them
+            delta_w = self.layer_update(layer, K, resid, mom2[layer], factors)
             W = linear_weight(self.spec.module(self.model, "mlp_out", layer))
             with torch.no_grad():
                 W.add_(delta_w.to(W.dtype))
+            if factors:
+                self.record_low_rank(self.spec.module_name("mlp_out", layer), *factors)  # for patches
             info["layers"].append({"layer": layer, "z_error": (Z - H).norm(dim=-1).mean().item(),
                                    "update_norm": delta_w.norm().item()})
         H = block_outputs(self.model, self.tok, self.spec, self.layer, requests).double()
@@ -194,10 +207,11 @@ class MEMIT(ROME):
         return info
 
     # --- what the MEMIT family (AlphaEdit, EMMET) changes -----------------------------------------------
-    def layer_update(self, layer: int, keys: torch.Tensor, resid: torch.Tensor,
-                     C: torch.Tensor | None) -> torch.Tensor:
-        """ΔW (d_out, d_k) at `layer` from the keys (n, d_k) and residuals (n, d_out): MEMIT's eq. 14."""
-        return memit_update(keys, resid, C, self.mom2_update_weight)
+    def layer_update(self, layer: int, keys: torch.Tensor, resid: torch.Tensor, C: torch.Tensor | None,
+                     factors: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """ΔW (d_out, d_k) at `layer` from the keys (n, d_k) and residuals (n, d_out): MEMIT's eq. 14. A method
+        whose ΔW is a known low-rank product appends its (left, right) factors to `factors` (patches store them)."""
+        return memit_update(keys, resid, C, self.mom2_update_weight, factors=factors)
 
     def after_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
         """Called once every layer is updated (AlphaEdit accumulates the new keys here); returns diagnostics."""

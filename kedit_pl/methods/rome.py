@@ -35,13 +35,18 @@ from kedit_pl.models.spec import ModelSpec, linear_weight
 def rank_one_update(W: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c_inv_k: torch.Tensor,
                     bias: torch.Tensor | None = None, mom2_update_weight: float = 0.0) -> torch.Tensor:
     """ΔW (out, in) in float64 from ROME eq. 2: Λ (C⁻¹k)ᵀ with Λ = (v − W k − b) / ((C⁻¹k)ᵀ k [+ λ])."""
+    return torch.outer(*rank_one_factors(W, k, v, c_inv_k, bias, mom2_update_weight))
+
+
+def rank_one_factors(W: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c_inv_k: torch.Tensor,
+                     bias: torch.Tensor | None = None, mom2_update_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Λ, C⁻¹k) of eq. 2, float64: ΔW = Λ (C⁻¹k)ᵀ."""
     W64, k64, u = W.double(), k.double(), c_inv_k.double()
     out = W64 @ k64 + (bias.double() if bias is not None else 0.0)
     denom = u @ k64 + mom2_update_weight
     if not torch.isfinite(denom) or denom.abs() < 1e-12:
         raise EditFailed(f"rank-one update: degenerate denominator (C⁻¹k)ᵀk = {denom.item():.3g}")
-    lam = (v.double() - out) / denom
-    return torch.outer(lam, u)
+    return (v.double() - out) / denom, u
 
 
 class CovarianceSolver:
@@ -179,8 +184,10 @@ class ROME(EditMethod):
         solver = self.solver()
         c_inv_k = solver.solve(k_star) if solver is not None else k_star
         v = W.double() @ k + (b.double() if b is not None else 0.0) + delta  # v* at the constrained key
-        delta_w = rank_one_update(W, k, v, c_inv_k, b, self.mom2_update_weight)
+        lam, u = rank_one_factors(W, k, v, c_inv_k, b, self.mom2_update_weight)
+        delta_w = torch.outer(lam, u)
         self._write_update(delta_w)
+        self.record_low_rank(self.spec.module_name("mlp_out", self.layer), lam[:, None], u[None, :])  # for patches
         return {"case_id": req.case_id, "nll": res.nll[0].item(), "kl": res.kl[0].item(), "steps": res.steps[0],
                 "delta_norm": delta.norm().item(), "v_norm": res.v_init[0].norm().item(),
                 "update_norm": delta_w.norm().item(), "value_seconds": res.seconds}

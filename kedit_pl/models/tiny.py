@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from kedit_pl.errors import ConfigError
+from kedit_pl.models.checks import first_line
 
 EOS = "<|endoftext|>"
 
@@ -59,13 +60,9 @@ def tiny_model(tiny_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerFast) 
     try:
         config = AutoConfig.for_model(str(model_type), **kwargs)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"model.tiny: cannot build a '{model_type}' config ({_first_line(e)}); "
+        raise ConfigError(f"model.tiny: cannot build a '{model_type}' config ({first_line(e)}); "
                           "fix model.tiny.model_type or its kwargs") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

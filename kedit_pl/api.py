@@ -1,0 +1,204 @@
+"""The Python API: edit a model from a notebook or script, with the same Hydra config as edit.py.
+
+    from kedit_pl import Editor
+    ed = Editor(method="rome", model="smollm2_135m")            # keyword overrides: method__layer=6 -> method.layer=6
+    edit = ed.edit(subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new="English")
+    ed.generate("Danielle Darrieux's mother tongue is")
+    edit.save("patches/darrieux")                               # a patch (python -m kedit_pl.patch apply ...)
+    edit.revert()                                               # bit-exact
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import lightning as L
+import torch
+
+from kedit_pl.config import CONF_DIR, compose
+from kedit_pl.data.requests import EditRequest, normalize_target
+from kedit_pl.errors import ConfigError, InvalidRecord
+from kedit_pl.eval.metrics import summarize
+from kedit_pl.eval.scoring import score_requests
+from kedit_pl.generation import first_phrase, greedy
+from kedit_pl.methods.base import EditHandle, EditMethod
+from kedit_pl.patch import Patch, PatchError, apply_patch, edit_meta, load_patch, make_patch, revert_patch, \
+    save_model, save_patch, tensor_digest
+
+RequestLike = EditRequest | Mapping[str, Any]
+
+
+class AppliedEdit:
+    """An edit that is live on the Editor's model: `revert()` undoes it exactly, `save(stem)` writes its patch."""
+
+    def __init__(self, editor: "Editor", requests: list[EditRequest], patch: Patch,
+                 handle: EditHandle | None = None) -> None:
+        self.editor, self.requests, self.patch, self.handle = editor, requests, patch, handle
+        self.reverted = False
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.handle.info if self.handle else {}
+
+    @property
+    def seconds(self) -> float:
+        return self.handle.seconds if self.handle else 0.0
+
+    def revert(self) -> None:
+        """Restore the weights this edit changed, bit-exactly. Later edits to the same weights must be reverted first."""
+        if self.reverted:
+            raise PatchError("this edit was already reverted")
+        revert_patch(self.editor.model, self.patch)  # checks the weights are still this edit's result
+        self.reverted = True
+
+    def save(self, stem: str | Path) -> Path:
+        """Write the patch as `<stem>.safetensors` + `<stem>.json`; returns the json path."""
+        return save_patch(self.patch, stem)
+
+    def __repr__(self) -> str:
+        what = "; ".join(f"{r.rewrite} -> {r.target_new}" for r in self.requests)
+        return f"AppliedEdit({what!r}, {len(self.patch.params)} parameter(s){', reverted' if self.reverted else ''})"
+
+
+class Editor:
+    """A loaded model plus an editing method, composed from conf/ as `python edit.py` composes them.
+
+    `method` and `model` name configs (conf/method, conf/model); a `model` that is a folder or a hub id
+    (owner/name) loads through `model=hf`. `overrides` are command-line strings ("method.layer=6"); keyword
+    arguments are the same with `__` for dots (`method__layer=6`). Edits accumulate on `ed.model` until reverted.
+    """
+
+    def __init__(self, method: str = "rome", model: str = "smollm2_135m", overrides: Sequence[str] = (),
+                 **kwargs: Any) -> None:
+        from kedit_pl.pipeline import build_method
+
+        self.cfg = compose("edit", [*_model_overrides(model), f"method={method}", "paths.output_dir=.",
+                                    *overrides, *(f"{k.replace('__', '.')}={_hydra_value(v)}" for k, v in kwargs.items())])
+        L.seed_everything(int(self.cfg.seed), verbose=False)
+        self.method: EditMethod = build_method(self.cfg)
+        self._ids = itertools.count()
+
+    # --- the live model ------------------------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.method.model
+
+    @property
+    def tokenizer(self):
+        return self.method.tok
+
+    def generate(self, prompt: str, max_new_tokens: int = 20) -> str:
+        """Greedy continuation of `prompt` by the (edited) model, through the method's logits (SERAC routes)."""
+        return greedy(self.method.logits_fn(), self.tokenizer, prompt, max_new_tokens, self.method.device)
+
+    # --- editing ------------------------------------------------------------------------------------
+    def request(self, subject: str, prompt: str, target_new: str, target_true: str | None = None,
+                **fields: Any) -> EditRequest:
+        """An EditRequest; without `target_true`, the model's own greedy answer to the rewrite prompt."""
+        case_id = str(fields.pop("case_id", f"api-{next(self._ids)}"))
+        if target_true is None:
+            if prompt.count("{}") != 1:
+                raise InvalidRecord(f"record case_id={case_id}: field 'prompt' must contain exactly one '{{}}', "
+                                    f"got {prompt!r}")
+            target_true = first_phrase(self.generate(prompt.format(subject), 8))
+            if not target_true:
+                raise InvalidRecord(f"record case_id={case_id}: no target_true given and the model's answer to "
+                                    f"{prompt.format(subject)!r} is empty; pass target_true")
+        for key in ("paraphrases", "neighborhood"):
+            if key in fields:
+                fields[key] = tuple(fields[key])
+        return EditRequest(case_id=case_id, subject=subject, prompt=prompt, target_true=normalize_target(target_true),
+                           target_new=normalize_target(target_new), **fields).validate()
+
+    def _requests(self, requests: Iterable[RequestLike]) -> list[EditRequest]:
+        out = []
+        for r in requests:
+            if isinstance(r, EditRequest):
+                out.append(r.validate())
+            elif isinstance(r, Mapping):
+                out.append(self.request(**dict(r)))
+            else:
+                raise ConfigError(f"Editor.edit: a request must be an EditRequest or a dict, got {type(r).__name__}")
+        return out
+
+    def edit(self, requests: RequestLike | Sequence[RequestLike] | None = None, **fields: Any) -> AppliedEdit:
+        """Apply one edit (keyword fields, a dict or an EditRequest) or several at once (a list; batch methods such
+        as MEMIT edit them together). Returns the live edit; the model is unchanged if the edit fails."""
+        if requests is None:
+            reqs = [self.request(**fields)]
+        elif fields:
+            raise ConfigError("Editor.edit: pass either request objects or keyword fields, not both")
+        else:
+            reqs = self._requests([requests] if isinstance(requests, (EditRequest, Mapping)) else requests)
+        if not reqs:
+            raise ConfigError("Editor.edit: no requests")
+        for req in reqs:
+            problem = self.method.request_problem(req)
+            if problem:
+                raise InvalidRecord(problem)
+        handle = self.method.apply(reqs)
+        patch = make_patch(self.model, handle.originals, handle.low_rank,
+                           edit_meta(self.cfg.method.name, self.cfg.model.name, reqs,
+                                     _container(self.cfg.method), mode="api"))
+        return AppliedEdit(self, reqs, patch, handle)
+
+    def apply_patch(self, path: str | Path) -> AppliedEdit:
+        """Apply a saved patch (refused unless the model's weights are the ones it was made on)."""
+        patch = load_patch(path)
+        apply_patch(self.model, patch)
+        return AppliedEdit(self, [EditRequest(**r) for r in _requests_of(patch)], patch)
+
+    # --- evaluation and saving -----------------------------------------------------------------------
+    def score(self, records: Sequence[RequestLike]) -> dict[str, float]:
+        """ES/PS/NS (and the rest of eval/metrics.py) of `records` on the current model, in percent."""
+        reqs = self._requests(records)
+        scores = score_requests(self.method.logits_fn(), self.tokenizer, reqs, int(self.cfg.edit.eval_batch_size),
+                                self.method.device)
+        return summarize(scores)
+
+    def save_model(self, folder: str | Path) -> Path:
+        """The current (edited) model as a Hugging Face folder: `AutoModelForCausalLM.from_pretrained(folder)`."""
+        if type(self.method).logits_fn is not EditMethod.logits_fn:
+            raise ConfigError(f"method '{self.cfg.method.name}' routes inputs instead of changing weights; "
+                              "its edits are not in the model's weights")
+        return save_model(self.model, self.tokenizer, folder)
+
+    def digest(self) -> str:
+        """SHA-256 of every weight (to check two models are bit-identical)."""
+        return tensor_digest(sorted(self.model.state_dict().items()))
+
+
+def _model_overrides(model: str) -> list[str]:
+    if (CONF_DIR / "model" / f"{model}.yaml").is_file():
+        return [f"model={model}"]
+    if Path(model).expanduser().is_dir() or model.count("/") == 1:
+        return ["model=hf", f"model.path={model}"]
+    names = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    raise ConfigError(f"Editor: model {model!r} is not a config ({', '.join(names)}), a folder or a hub id")
+
+
+def _hydra_value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_hydra_value(x) for x in v) + "]"
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    return str(v)
+
+
+def _container(node) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def _requests_of(patch: Patch) -> list[dict[str, Any]]:
+    out = []
+    for r in patch.meta.get("requests", []):
+        r = dict(r)
+        for key in ("paraphrases", "neighborhood"):
+            r[key] = tuple(r.get(key) or ())
+        out.append(r)
+    return out

@@ -1,0 +1,51 @@
+"""`edit.show=k`: the first k records' generations before and after the edit, as a rich table."""
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from kedit_pl.data.requests import EditRequest
+from kedit_pl.generation import greedy
+
+
+class EditShow:
+    """Generates the rewrite prompt and the first neighborhood prompt of the first `k` records, unedited (`before`)
+    and right after their edit (`after`, called by the eval callback before it restores)."""
+
+    def __init__(self, k: int, max_new_tokens: int = 10) -> None:
+        self.k, self.n = int(k), int(max_new_tokens)
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def _prompts(self, req: EditRequest) -> list[tuple[str, str]]:
+        out = [("rewrite", req.rewrite)]
+        if req.neighborhood:
+            out.append(("neighborhood", req.neighborhood[0]))
+        return out
+
+    def before(self, method, requests: list[EditRequest]) -> None:
+        for req in requests[: self.k]:
+            self.rows[req.case_id] = {"req": req, "gen": {
+                kind: [p, greedy(method.logits_fn(), method.tok, p, self.n, method.device), None]
+                for kind, p in self._prompts(req)}}
+
+    def __call__(self, method, handle, batch: list[EditRequest], batch_idx: int) -> None:
+        for req in batch:
+            row = self.rows.get(req.case_id)
+            if row is not None:
+                for kind, entry in row["gen"].items():
+                    entry[2] = greedy(method.logits_fn(), method.tok, entry[0], self.n, method.device)
+
+    def print(self, console: Console | None = None) -> None:
+        if not self.rows:
+            return
+        table = Table(title=f"edit.show: first {len(self.rows)} record(s), greedy generations", show_lines=True)
+        for col in ("case", "edit", "prompt", "before", "after"):
+            table.add_column(col, overflow="fold")
+        for cid, row in self.rows.items():
+            req = row["req"]
+            for kind, (prompt, before, after) in row["gen"].items():
+                edit = f"{req.target_true} → {req.target_new}" if kind == "rewrite" else "(neighbour)"
+                table.add_row(str(cid), edit, prompt, before, after if after is not None else "(not edited)")
+        (console or Console()).print(table)

@@ -1,0 +1,353 @@
+"""Saved edits ("patches"): the weight changes of one edit, small, exact, and bound to the weights they were made on.
+
+A patch is two files sharing a stem: `<stem>.safetensors` (the deltas) and `<stem>.json` (method, requests,
+config, digests). Per changed parameter it stores either the low-rank factors the method wrote
+(`EditHandle.low_rank`: ROME one rank-one term, MEMIT one rank-n term per layer, float64), replayed as
+`param += (left @ right).to(param.dtype)` in the original order, or a dense float64 delta (FT, MEND). The few
+elements where float rounding makes the replay (or its inverse) differ from the real weights are stored as
+index/value fixups, so applying gives the edited weights bit-exactly and reverting the original ones.
+
+Digests (SHA-256 of the exact bytes) bind a patch to weights: `before` of the changed parameters as they were,
+`after` as the edit left them, `rest` a strided sample of every other parameter. Apply needs `before` + `rest`,
+revert needs `after` + `rest`; anything else is refused with one line (a patch made for other weights, or
+patches of a sequence applied out of order).
+
+    python -m kedit_pl.patch list <patch or folder>...
+    python -m kedit_pl.patch apply  --model smollm2_135m --out edited/ runs/x/patches/
+    python -m kedit_pl.patch revert --model edited/ --out restored/ runs/x/patches/
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from kedit_pl.errors import ConfigError, KEditError
+from kedit_pl.io import load_tensors, read_json, save_tensors, write_json
+
+FORMAT = 1
+#: replay fixups beyond this share of a parameter's elements mean the factors do not describe the update:
+#: the parameter is stored dense instead
+MAX_FIX_SHARE = 0.01
+
+
+class PatchError(KEditError):
+    """A patch that cannot be applied or reverted here (other weights, wrong order, damaged file)."""
+
+
+@dataclass
+class Patch:
+    """One edit's weight changes. `tensors` is the safetensors content; `meta` the JSON."""
+
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def params(self) -> list[str]:
+        return list(self.meta["params"])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+# ----------------------------------------------------------------------------- digests
+
+
+def tensor_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """SHA-256 over names, dtypes, shapes and exact bytes."""
+    h = hashlib.sha256()
+    for name, t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def rest_digest(model: nn.Module, exclude: Iterable[str]) -> str:
+    """A strided sample (≤ 65,536 elements each) of every parameter not in `exclude`: cheap, and any other model
+    (or the same one carrying another edit elsewhere) gives a different digest."""
+    skip = set(exclude)
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if name in skip:
+            continue
+        flat = p.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 65536)].contiguous().cpu()
+        h.update(f"{name}|{p.dtype}|{tuple(p.shape)}|".encode())
+        h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _touched(model: nn.Module, names: list[str]) -> list[tuple[str, torch.Tensor]]:
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise PatchError(f"the model has no parameter {missing[0]!r}; this patch was made for another architecture")
+    return [(n, params[n]) for n in names]
+
+
+# ----------------------------------------------------------------------------- making a patch
+
+
+def make_patch(model: nn.Module, originals: dict[str, torch.Tensor],
+               low_rank: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+               meta: dict[str, Any] | None = None) -> Patch:
+    """The patch taking `originals` to the model's current values (call right after the edit)."""
+    low_rank = low_rank or {}
+    params = dict(model.named_parameters())
+    changed = sorted(n for n, v in originals.items() if not torch.equal(params[n].detach().cpu(), v.cpu()))
+    tensors: dict[str, torch.Tensor] = {}
+    kinds: dict[str, dict[str, Any]] = {}
+    for name in changed:
+        old, new = originals[name].detach().cpu(), params[name].detach().cpu()
+        entry = _encode(name, old, new, low_rank.get(name), tensors)
+        kinds[name] = entry
+    full = {**(meta or {})}
+    full.update(format=FORMAT, params=changed, encoding=kinds,
+                digests={"before": tensor_digest((n, originals[n]) for n in changed),
+                         "after": tensor_digest((n, params[n]) for n in changed),
+                         "rest": rest_digest(model, changed)})
+    return Patch(full, tensors)
+
+
+def _encode(name: str, old: torch.Tensor, new: torch.Tensor, factors, tensors: dict[str, torch.Tensor]) -> dict:
+    if factors:
+        replay = _replay(old, factors, sign=1)
+        if (replay != new).float().mean().item() <= MAX_FIX_SHARE:
+            for i, (left, right) in enumerate(factors):
+                tensors[f"{name}::left{i}"], tensors[f"{name}::right{i}"] = left.double(), right.double()
+            entry = {"kind": "low_rank", "terms": len(factors), "rank": sum(int(l.shape[1]) for l, _ in factors)}
+            _fixups(tensors, name, "apply", replay, new)
+            _fixups(tensors, name, "revert", _replay(new, factors, sign=-1), old)
+            return entry
+    delta = new.double() - old.double()
+    tensors[f"{name}::dense"] = delta
+    _fixups(tensors, name, "apply", (old.double() + delta).to(old.dtype), new)
+    _fixups(tensors, name, "revert", (new.double() - delta).to(old.dtype), old)
+    return {"kind": "dense"}
+
+
+def _replay(start: torch.Tensor, factors, sign: int) -> torch.Tensor:
+    """`start` ± each low-rank term, in the order written (reversed when undoing), in the parameter's dtype."""
+    out = start.clone()
+    for left, right in (factors if sign > 0 else reversed(factors)):
+        out.add_(sign * (left.double() @ right.double()).to(out.dtype))
+    return out
+
+
+def _fixups(tensors: dict[str, torch.Tensor], name: str, which: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    idx = (got.reshape(-1) != want.reshape(-1)).nonzero().flatten()
+    if len(idx):
+        tensors[f"{name}::{which}_idx"] = idx.to(torch.int32 if want.numel() < 2**31 else torch.int64)
+        tensors[f"{name}::{which}_val"] = want.reshape(-1)[idx].clone()
+
+
+# ----------------------------------------------------------------------------- applying / reverting
+
+
+@torch.no_grad()
+def apply_patch(model: nn.Module, patch: Patch) -> None:
+    """Make the patch's edit on `model` (bit-exact), or refuse with a PatchError leaving the model as it was."""
+    _change(model, patch, forward=True)
+
+
+@torch.no_grad()
+def revert_patch(model: nn.Module, patch: Patch) -> None:
+    """Undo the patch's edit on `model` (bit-exact), or refuse with a PatchError leaving the model as it was."""
+    _change(model, patch, forward=False)
+
+
+def _change(model: nn.Module, patch: Patch, forward: bool) -> None:
+    names = patch.params
+    touched = _touched(model, names)
+    want, goal = ("before", "after") if forward else ("after", "before")
+    where = patch.meta.get("file", "patch")
+    verb = "apply" if forward else "revert"
+    if tensor_digest(touched) != patch.meta["digests"][want] or rest_digest(model, names) != patch.meta["digests"]["rest"]:
+        state = "unedited" if forward else "edited"
+        raise PatchError(f"{where}: cannot {verb}: the model's weights are not the {state} weights this patch was made "
+                         f"for (digest mismatch; model '{patch.meta.get('model')}'"
+                         f"{', sequence step ' + str(patch.meta['step']) if 'step' in patch.meta else ''}; "
+                         "patches of a sequence apply in order and revert in reverse order)")
+    saved = {n: p.detach().clone() for n, p in touched}
+    try:
+        for name, p in touched:
+            p.copy_(_decode(patch, name, p.detach().cpu(), forward).to(p.device))
+        if tensor_digest(touched) != patch.meta["digests"][goal]:
+            raise PatchError(f"{where}: {verb} did not reproduce the recorded weights (damaged patch file?)")
+    except BaseException:
+        for name, p in touched:
+            p.copy_(saved[name])
+        raise
+
+
+def _decode(patch: Patch, name: str, current: torch.Tensor, forward: bool) -> torch.Tensor:
+    t, enc = patch.tensors, patch.meta["encoding"][name]
+    try:
+        if enc["kind"] == "low_rank":
+            factors = [(t[f"{name}::left{i}"], t[f"{name}::right{i}"]) for i in range(enc["terms"])]
+            out = _replay(current, factors, sign=1 if forward else -1)
+        else:
+            delta = t[f"{name}::dense"]
+            out = (current.double() + delta if forward else current.double() - delta).to(current.dtype)
+        which = "apply" if forward else "revert"
+        if f"{name}::{which}_idx" in t:
+            flat = out.reshape(-1)
+            flat[t[f"{name}::{which}_idx"].long()] = t[f"{name}::{which}_val"].to(out.dtype)
+    except (KeyError, RuntimeError, IndexError) as e:
+        raise PatchError(f"{patch.meta.get('file', 'patch')}: entry for {name} is damaged ({e})") from None
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_patch(patch: Patch, stem: str | Path) -> Path:
+    """Write `<stem>.safetensors` and `<stem>.json` atomically; returns the json path."""
+    stem = Path(stem)
+    save_tensors(stem.with_suffix(".safetensors"), patch.tensors, metadata={"kedit_patch_format": str(FORMAT)})
+    write_json(stem.with_suffix(".json"), patch.meta)
+    return stem.with_suffix(".json")
+
+
+def load_patch(path: str | Path) -> Patch:
+    """Read a patch by either of its two files (or its stem)."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
+    js, st = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    if not js.is_file() or not st.is_file():
+        raise PatchError(f"{stem}: a patch needs both {js.name} and {st.name}")
+    try:
+        meta = read_json(js)
+        tensors = load_tensors(st)
+    except Exception as e:  # damaged JSON or safetensors
+        raise PatchError(f"{stem}: unreadable patch ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise PatchError(f"{js}: not a kedit_pl patch (format {meta.get('format') if isinstance(meta, dict) else '?'})")
+    meta["file"] = str(js)
+    return Patch(meta, tensors)
+
+
+def find_patches(paths: Iterable[str | Path]) -> list[Path]:
+    """Patch json files: given files as they are, folders' patches sorted by name (the order they were made in)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.glob("*.json") if q.with_suffix(".safetensors").is_file())
+            if not found:
+                raise PatchError(f"{p}: no patches (pairs of .json and .safetensors) in this folder")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+EDITS_FILE = "kedit_edits.json"
+
+
+def save_model(model: nn.Module, tokenizer, folder: str | Path, edits: list | None = None) -> Path:
+    """`save_pretrained` of the model and tokenizer into `folder`, written in a temp folder and renamed into place,
+    so `AutoModelForCausalLM.from_pretrained(folder)` loads the (edited) model. `edits` (requests) are listed in
+    `kedit_edits.json` beside the weights."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if edits is not None:
+            write_json(tmp / EDITS_FILE, [_request(r) for r in edits])
+        tmp.chmod(0o755)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def edit_meta(method: str, model: str, requests: list, config: dict | None = None, **extra: Any) -> dict[str, Any]:
+    """The JSON side of a patch: what was edited, by which method and settings, on which model."""
+    return {"method": method, "model": model, "requests": [_request(r) for r in requests],
+            "config": config or {}, **extra}
+
+
+def _request(req: Any) -> dict[str, Any]:
+    d = asdict(req) if hasattr(req, "__dataclass_fields__") else dict(req)
+    d.pop("extra", None)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _load(model: str):
+    from kedit_pl.config import compose
+    from kedit_pl.models.load import load_model
+
+    is_folder = Path(model).expanduser().is_dir()
+    overrides = ["model=hf", f"model.path={model}"] if is_folder or "/" in model else [f"model={model}"]
+    try:
+        cfg = compose("edit", overrides + ["paths.output_dir=/tmp"])
+    except Exception as e:  # hydra: unknown model name
+        raise ConfigError(f"--model: {model!r} is neither a folder nor a model config in conf/model/ "
+                          f"({str(e).splitlines()[0]})") from None
+    return load_model(cfg.model)
+
+
+def _list(paths: list[Path]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="patches")
+    for col in ("file", "method", "model", "step", "requests", "parameters", "encoding", "KB"):
+        table.add_column(col)
+    for p in paths:
+        patch = load_patch(p)
+        m = patch.meta
+        reqs = "; ".join(f"{r['prompt'].format(r['subject'])} → {r['target_new']}" for r in m.get("requests", []))
+        enc = ", ".join(f"{e['kind']}" + (f" r{e['rank']}" if e["kind"] == "low_rank" else "")
+                        for e in m["encoding"].values())
+        table.add_row(Path(p).stem, str(m.get("method")), str(m.get("model")), str(m.get("step", "")), reqs,
+                      ", ".join(m["params"]), enc, f"{patch.nbytes() / 1024:.1f}")
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # no wrapping into a pipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kedit_pl.patch", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ls = sub.add_parser("list", help="show what each patch edits")
+    ls.add_argument("patches", nargs="+")
+    for cmd in ("apply", "revert"):
+        sp = sub.add_parser(cmd, help=f"{cmd} patches (folders: all of their patches, in name order)")
+        sp.add_argument("patches", nargs="+")
+        sp.add_argument("--model", required=True, help="a conf/model name (smollm2_135m) or a saved model folder")
+        sp.add_argument("--out", required=True, help="folder for the resulting Hugging Face model")
+    args = ap.parse_args(argv)
+    try:
+        paths = find_patches(args.patches)
+        if args.cmd == "list":
+            _list(paths)
+            return 0
+        patches = [load_patch(p) for p in paths]
+        lm = _load(args.model)
+        for patch in (patches if args.cmd == "apply" else reversed(patches)):
+            (apply_patch if args.cmd == "apply" else revert_patch)(lm.model, patch)
+        save_model(lm.model, lm.tokenizer, args.out)
+        print(f"{args.cmd}: {len(patches)} patch(es) -> {args.out}")
+    except KEditError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

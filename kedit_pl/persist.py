@@ -1,0 +1,67 @@
+"""What an edit run leaves besides its metrics: `edit.save=patch|model` and `edit.show=k` (hooks for run_edit)."""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from kedit_pl.errors import ConfigError
+from kedit_pl.eval.show import EditShow
+from kedit_pl.methods.base import EditMethod
+from kedit_pl.patch import edit_meta, make_patch, save_model, save_patch
+
+log = logging.getLogger("kedit_pl")
+SAVES = ("patch", "model")
+
+
+class PatchWriter:
+    """Writes each batch's edit as `<out>/patches/<step>_<case_id>.{safetensors,json}` while it is in place."""
+
+    def __init__(self, folder: Path, cfg: DictConfig) -> None:
+        self.folder, self.cfg = folder, cfg
+        self.config = OmegaConf.to_container(cfg.method, resolve=True)
+
+    def __call__(self, method: EditMethod, handle, batch: list, batch_idx: int) -> None:
+        patch = make_patch(method.model, handle.originals, handle.low_rank,
+                           edit_meta(self.cfg.method.name, self.cfg.model.name, batch, self.config,
+                                     mode=self.cfg.edit.mode, step=batch_idx))
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(batch[0].case_id))
+        save_patch(patch, self.folder / f"{batch_idx:05d}_{name}")
+
+
+def edit_hooks(cfg: DictConfig, method: EditMethod, requests: list, out: Path) -> list[Callable]:
+    """The callbacks `EditEvalCallback` calls while each edit is in place; checks `edit.save` / `edit.show` first."""
+    save, show = cfg.edit.get("save"), int(cfg.edit.get("show") or 0)
+    if save is not None and save not in SAVES:
+        raise ConfigError(f"edit.save: {save!r} is not one of {', '.join(SAVES)} (or null)")
+    if save is not None and type(method).logits_fn is not EditMethod.logits_fn:
+        raise ConfigError(f"edit.save={save}: method '{cfg.method.name}' routes inputs instead of changing weights; "
+                          "there are no weights to save")
+    if save == "model" and cfg.edit.mode != "sequential":
+        raise ConfigError(f"edit.save=model needs edit.mode=sequential (mode {cfg.edit.mode} restores the model after "
+                          "each edit); use edit.save=patch to keep each edit")
+    if show < 0:
+        raise ConfigError(f"edit.show: {show} must be >= 0 (records to show)")
+    hooks: list[Callable] = []
+    if save == "patch":
+        hooks.append(PatchWriter(out / "patches", cfg))
+    if show:
+        viewer = EditShow(show)
+        viewer.before(method, requests)
+        hooks.append(viewer)
+    return hooks
+
+
+def finish_hooks(cfg: DictConfig, method: EditMethod, hooks: list[Callable], out: Path, requests: list) -> None:
+    """After the last edit: print the show table, save the edited model (sequential + edit.save=model)."""
+    for hook in hooks:
+        if isinstance(hook, EditShow):
+            hook.print()
+    if cfg.edit.get("save") == "model":
+        folder = save_model(method.model, method.tok, out / "model", edits=requests)
+        log.info("edited model saved to %s (AutoModelForCausalLM.from_pretrained loads it)", folder)
+    elif cfg.edit.get("save") == "patch":
+        log.info("patches in %s (python -m kedit_pl.patch list %s)", out / "patches", out / "patches")
