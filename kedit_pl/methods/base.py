@@ -117,7 +117,7 @@ class EditMethod(L.LightningModule):
             raise
         finally:
             self.model.train(was_training)
-        return EditHandle(originals, info or {}, time.perf_counter() - start, len(requests), self._low_rank)
+        return EditHandle(originals, info or {}, time.perf_counter() - start, len(requests), low_rank=self._low_rank)
 
     def record_low_rank(self, module_name: str, left: torch.Tensor, right: torch.Tensor) -> None:
         """Note that `compute_edit` just added `(left @ right)` ((out, r) @ (r, in), float64) to the weight of
