@@ -21,12 +21,20 @@ from kedit_pl.data.requests import EditRequest, normalize_target
 from kedit_pl.errors import ConfigError, InvalidRecord
 from kedit_pl.eval.metrics import summarize
 from kedit_pl.eval.scoring import score_requests
-from kedit_pl.generation import first_phrase, greedy
+from kedit_pl.eval.generate import greedy_generate
 from kedit_pl.methods.base import EditHandle, EditMethod
 from kedit_pl.patch import Patch, PatchError, apply_patch, edit_meta, load_patch, make_patch, revert_patch, \
     save_model, save_patch, tensor_digest
 
 RequestLike = EditRequest | Mapping[str, Any]
+
+
+
+def first_phrase(text: str) -> str:
+    """The answer part of a continuation: up to the first sentence mark or line break ("French, and ..." -> "French")."""
+    for stop in ("\n", ".", ",", ";", "!", "?", " and ", " but "):
+        text = text.split(stop)[0]
+    return text.strip()
 
 
 class AppliedEdit:
@@ -90,7 +98,7 @@ class Editor:
 
     def generate(self, prompt: str, max_new_tokens: int = 20) -> str:
         """Greedy continuation of `prompt` by the (edited) model, through the method's logits (SERAC routes)."""
-        return greedy(self.method.logits_fn(), self.tokenizer, prompt, max_new_tokens, self.method.device)
+        return greedy_generate(self.method, [prompt], max_new_tokens, stop_at_eos=True)[0]
 
     # --- editing ------------------------------------------------------------------------------------
     def request(self, subject: str, prompt: str, target_new: str, target_true: str | None = None,

@@ -12,23 +12,13 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.models.kv_cache import cache_kwargs, output_cache
-from kedit_pl.tokens import pad_id, prompt_ids, right_pad
-
-
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):] = torch.tensor(r)
-        mask[b, width - len(r):] = 1
-    return ids, mask
+from kedit_pl.tokens import left_pad, pad_id, prompt_ids, right_pad
 
 
 @torch.no_grad()
 def _greedy_cached(model: nn.Module, rows: list[list[int]], pad: int, max_new_tokens: int) -> list[list[int]]:
     device = next(model.parameters()).device
-    ids, mask = (t.to(device) for t in _left_pad(rows, pad))
+    ids, mask = (t.to(device) for t in left_pad(rows, pad))
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     new = [out.logits[:, -1].argmax(-1)]
@@ -53,11 +43,13 @@ def _greedy_routed(logits_fn, rows: list[list[int]], pad: int, max_new_tokens: i
     return [s[n:] for s, n in zip(seqs, plens)]
 
 
-def greedy_generate(method, prompts: list[str], max_new_tokens: int = 100, batch_size: int = 16) -> list[str]:
+def greedy_generate(method, prompts: list[str], max_new_tokens: int = 100, batch_size: int = 16,
+                    stop_at_eos: bool = False) -> list[str]:
     """The continuation (decoded, special tokens dropped) of each prompt under the method's current model.
 
     Weight editors generate from `method.model` with its KV cache; a method whose `logits_fn` is its own
-    (routing) generates through it. Identical prompts are generated once."""
+    (routing) generates through it. Identical prompts are generated once. `stop_at_eos` cuts each continuation
+    at its first EOS (what a reader expects); fluency keeps all `max_new_tokens`, as ROME's evaluation does."""
     from kedit_pl.methods.base import EditMethod
 
     tok: PreTrainedTokenizerBase = method.tok
@@ -72,5 +64,7 @@ def greedy_generate(method, prompts: list[str], max_new_tokens: int = 100, batch
         else:
             new = _greedy_cached(method.model, rows, pad_id(tok), max_new_tokens)
         for p, ids in zip(chunk, new):
+            if stop_at_eos and tok.eos_token_id in ids:
+                ids = ids[:ids.index(tok.eos_token_id)]
             texts[p] = tok.decode(ids, skip_special_tokens=True)
     return [texts[p] for p in prompts]

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.models.kv_cache import cache_kwargs, output_cache
-from kedit_pl.tokens import encode_targets, label_logprobs, prompt_ids, right_pad, target_ids
+from kedit_pl.tokens import encode_targets, label_logprobs, left_pad, prompt_ids, right_pad, target_ids
 
 #: prompt groups and which targets each is scored against
 GROUPS = ("rewrite", "paraphrase", "neighborhood")
@@ -187,9 +187,7 @@ def score_prefixed(prefixes: PrefixFn, tok: PreTrainedTokenizerBase, prompts: li
 def _score_group(model: nn.Module, rows: list[list[int]], owner: list[int], tgts: list[list[int]], pairs: list[int],
                  lp_sum: torch.Tensor, n_ok: torch.Tensor, device: torch.device | str) -> None:
     """Score `tgts` (pair j continues prompt row `owner[j]`) into `lp_sum` / `n_ok` at index `pairs[j]`."""
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)  # left-padded
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    ids, mask = (t.to(device) for t in left_pad(rows, 0))
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     with contiguous_head(model):
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)

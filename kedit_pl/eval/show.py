@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kedit_pl.data.requests import EditRequest
-from kedit_pl.generation import greedy
+from kedit_pl.eval.generate import greedy_generate
 
 
 class EditShow:
@@ -27,7 +27,7 @@ class EditShow:
     def before(self, method, requests: list[EditRequest]) -> None:
         for req in requests[: self.k]:
             self.rows[req.case_id] = {"req": req, "gen": {
-                kind: [p, greedy(method.logits_fn(), method.tok, p, self.n, method.device), None]
+                kind: [p, greedy_generate(method, [p], self.n, stop_at_eos=True)[0], None]
                 for kind, p in self._prompts(req)}}
 
     def __call__(self, method, handle, batch: list[EditRequest], batch_idx: int) -> None:
@@ -35,7 +35,7 @@ class EditShow:
             row = self.rows.get(req.case_id)
             if row is not None:
                 for kind, entry in row["gen"].items():
-                    entry[2] = greedy(method.logits_fn(), method.tok, entry[0], self.n, method.device)
+                    entry[2] = greedy_generate(method, [entry[0]], self.n, stop_at_eos=True)[0]
 
     def print(self, console: Console | None = None) -> None:
         if not self.rows:
