@@ -1,4 +1,4 @@
-"""Fact-tracing metrics (Akyürek et al. 2022, §5) as pure functions of a ranking and the true proponents.
+"""Fact-tracing metrics (Akyürek et al. 2022) as pure functions of a ranking and the true proponents.
 
 For a query q with ground-truth proponents P and candidates ranked by a method's score:
 - RR   = 1 / rank of the first proponent (0 if none is ranked);  MRR = mean over queries

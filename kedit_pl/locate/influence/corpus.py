@@ -1,4 +1,4 @@
-"""An FTRACE-style fact-tracing benchmark built from CounterFact (Akyürek et al. 2022, §3, rebuilt offline).
+"""An FTRACE-style fact-tracing benchmark built from CounterFact (Akyürek et al. 2022, rebuilt offline).
 
 Facts are CounterFact records, split at random into *taught* and *never-taught* (control) facts. The corpus:
 - **proponents**: each taught fact's counterfactual statement in the record's own phrasings, the rewrite prompt

@@ -1,4 +1,4 @@
-"""Embedding similarity (Akyürek et al. 2022, §4 "EMBED"; Rajani et al. 2020): the cosine between the mean-pooled
+"""Embedding similarity (Akyürek et al. 2022, "EMBED"): the cosine between the mean-pooled
 hidden states of query (prompt + answer) and document at one layer of the (fine-tuned) model."""
 from __future__ import annotations
 

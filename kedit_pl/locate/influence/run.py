@@ -1,6 +1,6 @@
 """The fact-tracing run (`python locate.py locate=tracin|tracin_cosine|embedding|bm25`).
 
-`locate.task: benchmark` (Akyürek et al. 2022, §5): rank the FTRACE-style corpus for every taught fact's query,
+`locate.task: benchmark` (Akyürek et al. 2022): rank the FTRACE-style corpus for every taught fact's query,
 then score each query's candidates (all its proponents, the BM25 top-100, 100 documents with the same target,
 100 random ones) by the method; MRR / P@10 / R@10 over all queries, over the queries the fine-tuning taught
 (wrong before, right after: the paper's "fine-tune-learned" slice), and without the proponent that repeats the

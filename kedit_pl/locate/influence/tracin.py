@@ -3,7 +3,7 @@
     TracIn(z, z') = Σ_c η_c ∇ℓ(w_c, z) · ∇ℓ(w_c, z')
 
 summed over the saved checkpoints w_c with their learning rates η_c. `normalize: true` is the unit-normalized
-variant Akyürek et al. (2022, §4) found better for fact tracing: Σ_c cos(∇ℓ(w_c, z), ∇ℓ(w_c, z')) (each checkpoint's
+variant Akyürek et al. (2022) compare for fact tracing: Σ_c cos(∇ℓ(w_c, z), ∇ℓ(w_c, z')) (each checkpoint's
 gradients normalized over all chosen weights together). Gradients are restricted to the chosen weights (default:
 the MLP output projections of the layers causal tracing marks plus the last two) and stored as Kronecker-factored
 random projections (`grads.py`), so 1,000 queries × 10,000 documents is one matrix product per checkpoint. The
