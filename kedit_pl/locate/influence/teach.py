@@ -11,6 +11,7 @@ reaches `teach.stop_es` (or at `trainer.max_epochs`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -198,20 +199,40 @@ def run_teach(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=dm, ckpt_path=str(last) if resumed else None)
     seconds = time.perf_counter() - start
     finish_loggers(loggers)
-    prog = cb.progress
-    final = prog["epochs"][-1] if prog["epochs"] else None
-    summary = {"corpus": bench.stats | {"digest": bench.digest, "tokens": sum(dm.lengths)}, "weights": names,
-               "lr": float(tc.lr), "pre": _strip(prog.get("pre")), "epochs": [_strip(e) for e in prog["epochs"]],
-               "checkpoints": [e["checkpoint"] for e in prog["epochs"]], "train_seconds": seconds,
-               "seconds_per_epoch": seconds / max(1, len(prog["epochs"])), "post": _strip(final)}
+    return summarize_run(out, seconds)
+
+
+def summarize_run(out: Path, train_seconds: float | None = None) -> dict[str, Any]:
+    """teach_summary.json and facts_es.json (each fact's rewrite success before and after) of a teaching run, from
+    its teach_progress.json and checkpoints; also for a run stopped between epochs
+    (`python -m kedit_pl.locate.influence.teach RUN_DIR`)."""
+    from kedit_pl.io import read_json, read_tensors, write_json
+    from kedit_pl.locate.influence.checkpoints import META_KEY
+
+    prog, facts = read_json(out / "teach_progress.json"), read_json(out / "facts.json")
+    if not prog.get("epochs"):
+        raise ConfigError(f"{out}: no finished epoch in teach_progress.json; nothing to summarize")
+    final = prog["epochs"][-1]
+    tensors, meta = read_tensors(final["checkpoint"], "teaching checkpoint")
+    info = json.loads(meta.get(META_KEY, "{}"))
+    summary = {"corpus": facts["stats"] | {"digest": facts["digest"]}, "weights": sorted(tensors),
+               "lr": info.get("lr"), "pre": _strip(prog.get("pre")), "post": _strip(final),
+               "epochs": [_strip(e) for e in prog["epochs"]], "checkpoints": [e["checkpoint"] for e in prog["epochs"]],
+               "train_seconds": train_seconds}
     write_json(out / "teach_summary.json", summary)
-    if final:
-        write_json(out / "facts_es.json", {"pre": prog["pre"]["ok"], "post": final["ok"]})
-        log.info("taught ES %.1f -> %.1f, never-taught ES %.1f -> %.1f; checkpoints in %s",
-                 prog["pre"]["taught"]["es"], final["taught"]["es"], prog["pre"]["control"]["es"],
-                 final["control"]["es"], out / "checkpoints")
+    write_json(out / "facts_es.json", {"pre": prog["pre"]["ok"], "post": final["ok"]})
+    log.info("taught ES %.1f -> %.1f, never-taught ES %.1f -> %.1f after %d epochs; checkpoints in %s",
+             prog["pre"]["taught"]["es"], final["taught"]["es"], prog["pre"]["control"]["es"],
+             final["control"]["es"], len(prog["epochs"]), out / "checkpoints")
     return summary
 
 
 def _strip(res: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if res is None else {k: v for k, v in res.items() if k != "ok"}
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    summarize_run(Path(sys.argv[1]))
