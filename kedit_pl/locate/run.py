@@ -13,7 +13,7 @@ def _runners() -> dict[str, Callable[[DictConfig], Any]]:
     from kedit_pl.locate.kn_run import run_knowledge_neurons
     from kedit_pl.locate.trace_run import run_causal_trace
 
-    influence = {n: run_influence for n in ("tracin", "tracin_cosine", "embedding", "bm25")}
+    influence = {n: run_influence for n in ("tracin", "tracin_cosine", "embedding", "embedding_centered", "bm25")}
     return {"causal_trace": run_causal_trace, "knowledge_neurons": run_knowledge_neurons, **influence}
 
 

@@ -31,6 +31,11 @@ def check_inputs(queries: Sequence[Query], corpus: Sequence[Document]) -> None:
         raise ConfigError(f"influence corpus: document {empty[0]!r} is empty ({len(empty)} empty documents)")
 
 
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to unit norm (cosine similarities are then dot products)."""
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 class InfluenceMethod(ABC):
     """Scores every (query, document) pair; subclasses implement `_rank`."""
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from kedit_pl.locate.influence.base import InfluenceMethod
+from kedit_pl.locate.influence.base import InfluenceMethod, unit_rows
 from kedit_pl.locate.influence.checkpoints import Checkpoint, applied, weight_names
 from kedit_pl.locate.influence.corpus import Document, Query
 from kedit_pl.locate.influence.grads import GradientCache, GradientFeaturizer
@@ -69,7 +69,7 @@ class TracIn(InfluenceMethod):
                     g_q, computed_q, sec_q = cache.features(self.featurizer, qs, lambda n: bar.advance(task_q, n))
                     n_query, t_query = n_query + computed_q, t_query + sec_q
                 if self.normalize:  # Σ_c cos(∇ℓ(w_c, z), ∇ℓ(w_c, z'))
-                    scores += _unit(g_q) @ _unit(g_doc).T
+                    scores += unit_rows(g_q) @ unit_rows(g_doc).T
                 else:  # Σ_c η_c ∇ℓ(w_c, z)·∇ℓ(w_c, z')
                     scores += (ckpt.lr if ckpt else 1.0) * (g_q @ g_doc.T)
         self._timing = {"s_per_document": t_doc / n_doc if n_doc else None, "documents_computed": n_doc,
@@ -80,7 +80,3 @@ class TracIn(InfluenceMethod):
 
     def timing(self) -> dict[str, Any]:
         return self._timing
-
-
-def _unit(g: torch.Tensor) -> torch.Tensor:
-    return g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
