@@ -268,7 +268,8 @@ def test_checkpoint_of_another_model_fails_in_one_line(tmp_path):
 def test_illustration_ranks_wikitext_for_facts(tmp_path, one_thread):
     from kedit_pl.locate.run import run_locate
 
-    cfg = compose("locate", ["model=tiny_llama", "locate=embedding", "locate.task=illustrate", f"paths.output_dir={tmp_path}",
+    cfg = compose("locate", ["model=tiny_llama", "locate=embedding", "locate.task=illustrate",
+                             f"paths.output_dir={tmp_path}",
                              "locate.illustrate.known_only=false", "locate.illustrate.n_facts=2",
                              "locate.illustrate.n_paragraphs=30", "ftrace.n_wikitext=200", *SMALL[:2]])
     out = run_locate(cfg)

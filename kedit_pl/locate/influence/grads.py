@@ -1,9 +1,9 @@
 """Per-example loss gradients with respect to chosen linear weights, as vectors, batched and cached on disk.
 
 For a linear map y = W x applied at every token t, the gradient of one example's loss is the sum of outer
-products ∇W = Σ_t δ_t x_tᵀ (δ_t = ∂loss/∂y_t). One forward/backward of the *sum* of a batch's per-example losses
-yields every example's δ_t (examples do not interact), captured at the layer outputs together with the inputs
-x_t; no weight gradient is ever accumulated.
+products ∇W = Σ_t δ_t x_tᵀ (δ_t = ∂loss/∂y_t). One forward/backward of the *sum* of a batch's per-example
+losses yields every example's δ_t (examples do not interact), captured at the layer outputs together with the
+inputs x_t; no weight gradient is ever accumulated.
 
 A full ∇W of SmolLM2's MLP output projection has 576 × 1536 entries, too many to keep for thousands of documents.
 `projection: kronecker` stores the LoGra-style (Choe et al. 2024) Kronecker-factored random projection

@@ -28,7 +28,8 @@ from kedit_pl.locate.influence.corpus import WIKITEXT, Benchmark, Document, Quer
 log = logging.getLogger("kedit_pl.locate")
 
 
-def candidate_sets(bench: Benchmark, queries: list[Query], bm25: torch.Tensor, cc: DictConfig | dict) -> list[list[int]]:
+def candidate_sets(bench: Benchmark, queries: list[Query], bm25: torch.Tensor,
+                   cc: DictConfig | dict) -> list[list[int]]:
     """Per query, the FTRACE candidate set: proponents ∪ BM25 top-n ∪ n with the same target ∪ n random."""
     props = bench.proponents()
     by_target: dict[str, list[int]] = {}

@@ -1,4 +1,4 @@
-"""TracIn (Pruthi et al. 2020, TracInCP, eq. 3): the influence of training example z on query z' is
+"""TracIn (Pruthi et al. 2020, the checkpoint form TracInCP): the influence of training example z on query z' is
 
     TracIn(z, z') = Σ_c η_c ∇ℓ(w_c, z) · ∇ℓ(w_c, z')
 
@@ -7,7 +7,8 @@ variant Akyürek et al. (2022) compare for fact tracing: Σ_c cos(∇ℓ(w_c, z)
 gradients normalized over all chosen weights together). Gradients are restricted to the chosen weights (default:
 the MLP output projections of the layers causal tracing marks plus the last two) and stored as Kronecker-factored
 random projections (`grads.py`), so 1,000 queries × 10,000 documents is one matrix product per checkpoint. The
-documents' (and queries') vectors are cached on disk per checkpoint; with no checkpoint the unedited model is the only one.
+documents' (and queries') vectors are cached on disk per checkpoint; with no checkpoint the unedited model is the
+only one.
 """
 from __future__ import annotations
 
