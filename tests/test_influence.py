@@ -94,7 +94,8 @@ def test_bm25_ranks_the_toy_proponents_first():
 def test_tracin_cosine_and_embeddings_rank_the_verbatim_proponent_first(tiny_llama, one_thread):
     queries, docs, props = toy_corpus()
     for method in (TracIn(tiny_llama, normalize=True, projection="none", progress=False),
-                   EmbeddingSimilarity(tiny_llama, progress=False)):
+                   EmbeddingSimilarity(tiny_llama, progress=False),
+                   EmbeddingSimilarity(tiny_llama, center=True, progress=False)):
         scores = method.rank(queries, docs)
         top1 = scores.argmax(1).tolist()
         assert top1 == [min(props[q.id]) for q in queries], type(method).__name__  # the identical example: cos 1
