@@ -13,7 +13,7 @@ import torch
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.eval.groups import GroupRunner, MetricGroup
 from kedit_pl.eval.metrics import summarize
-from kedit_pl.eval.pre_cache import cached_pre_scores
+from kedit_pl.eval.pre_cache import cached_pre_scores, pre_cache_for
 from kedit_pl.eval.report import print_table, write_summary_files
 from kedit_pl.eval.samples import generate_samples, sample_rows, write_samples
 from kedit_pl.eval.scoring import score_requests
@@ -73,11 +73,13 @@ class EditEvalCallback(L.Callback):
     # --- helpers -------------------------------------------------------------------------------------
     def _score(self, pl_module, requests: list[EditRequest], batch_idx: int | None = None,
                pre: bool = False) -> list[dict]:
-        """ES/PS/NS scores of each request (pre-edit ones from the cache when enabled), plus the selected metric
-        groups and, for sampled records, generations."""
-        recs = cached_pre_scores(self.pre_cache if pre else None, pl_module.logits_fn(), pl_module.tok, requests,
-                                 self.eval_batch_size, pl_module.device, score_requests)
-        self.groups.measure(pl_module, requests, recs, batch_idx)
+        """ES/PS/NS scores of each request, plus the selected metric groups and, for sampled records, generations.
+        Pre-edit scores and group measurements come from the on-disk cache when it is enabled (eval.cache_pre)."""
+        logits_fn = pl_module.logits_fn()
+        cache = pre_cache_for(self.pre_cache, logits_fn, pl_module.tok) if pre else None
+        recs = cached_pre_scores(cache, logits_fn, pl_module.tok, requests, self.eval_batch_size, pl_module.device,
+                                 score_requests)
+        self.groups.measure(pl_module, requests, recs, batch_idx, cache=cache)
         sampled = [(req, rec) for req, rec in zip(requests, recs) if req.case_id in self.sample_ids]
         if sampled:
             for (_, rec), smp in zip(sampled, generate_samples(pl_module, [r for r, _ in sampled], self.sample_tokens)):

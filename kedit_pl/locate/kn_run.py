@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, EditFailed
+from kedit_pl.io import read_jsonl
 from kedit_pl.locate.knowledge_neurons import FactNeurons, NeuronAttributor, NeuronLocator, bag_prompts, by_layer
 
 log = logging.getLogger("kedit_pl.locate")
@@ -74,7 +75,7 @@ def locate_facts(locator: NeuronLocator, requests: list[EditRequest], lc: DictCo
     from kedit_pl.io import write_text
 
     path = out / "kn_facts.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines()] if resume and path.exists() else []
+    rows = read_jsonl(path, "knowledge neurons") if resume else []
     done = {r["case_id"] for r in rows}
     skipped: dict[str, list[str]] = {"unknown": [], "tokenization": [], "no_neurons": []}
     att = locator.att
