@@ -157,8 +157,9 @@ def plot_results(summary: dict, out: Path, model_name: str, factors) -> list[Pat
     labels = [f"×{f}" for f in factors]
     for j, kind in enumerate(("kn", "random")):
         vals = [100 * summary["effects"][f"{kind}_x{f}"]["mean_rel_change"] for f in factors]
-        ax.bar([i + 0.4 * j for i in range(len(factors))], vals, width=0.4,
-               label="knowledge neurons" if kind == "kn" else "random neurons (same layers)")
+        bars = ax.bar([i + 0.4 * j for i in range(len(factors))], vals, width=0.4,
+                      label="knowledge neurons" if kind == "kn" else "random neurons (same layers)")
+        ax.bar_label(bars, fmt="%+.1f", fontsize=7, padding=2)  # the random control is ~0: print it
     ax.set_xticks([i + 0.2 for i in range(len(factors))], labels)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_ylabel("mean change of P(true object), %"), ax.legend(fontsize=7)
