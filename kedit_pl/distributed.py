@@ -3,7 +3,7 @@
 Lightning's launcher starts ranks 1..N-1 by re-running the entry script (with Hydra's run dir, so every rank shares
 the parent's one folder); everything here is bookkeeping around that:
 - up-front checks of the request (devices the machine has, a supported strategy, a single Hydra run);
-- which share of a list each rank takes (`share`, `merge_shares`);
+- which share of a list each rank takes (`share`);
 - gathering per-rank results through the strategy's own collectives (`broadcast` for Python objects, `all_gather`
   for tensors), and checking that ranks which must hold the same weights do.
 """
@@ -111,23 +111,13 @@ def strategy_for(trainer_cfg: Any) -> Any:
 
 
 def rank_world(trainer: Any) -> tuple[int, int]:
-    """(global rank, world size) of a Trainer, (0, 1) without one."""
-    if trainer is None:
-        return 0, 1
-    return int(trainer.global_rank), int(trainer.world_size)
+    """(global rank, world size) of a Trainer, (0, 1) without one (or for a stand-in without those attributes)."""
+    return int(getattr(trainer, "global_rank", 0)), int(getattr(trainer, "world_size", 1))
 
 
 def share(items: Sequence[T], rank: int, world: int) -> list[T]:
     """This rank's share, round-robin: items rank, rank + world, ... (balances uneven costs along the list)."""
     return list(items[rank::world])
-
-
-def merge_shares(parts: Sequence[Sequence[T]]) -> list[T]:
-    """The inverse of `share` over every rank's part: the original order."""
-    out: list[T] = []
-    for i in range(max((len(p) for p in parts), default=0)):
-        out.extend(p[i] for p in parts if i < len(p))
-    return out
 
 
 def gather_objects(strategy: Any, obj: T) -> list[T]:

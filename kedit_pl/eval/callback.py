@@ -11,13 +11,13 @@ import lightning as L
 import torch
 
 from kedit_pl.data.requests import EditRequest
+from kedit_pl.distributed import gather_objects
 from kedit_pl.eval.groups import GroupRunner, MetricGroup
 from kedit_pl.eval.metrics import summarize
 from kedit_pl.eval.pre_cache import cached_pre_scores, pre_cache_for
 from kedit_pl.eval.report import print_table, write_summary_files
 from kedit_pl.eval.samples import generate_samples, sample_rows, write_samples
 from kedit_pl.eval.scoring import score_requests
-from kedit_pl.distributed import gather_objects
 from kedit_pl.io import write_text
 from kedit_pl.run_folder import RANK_RECORDS, rank_record_files
 
@@ -223,12 +223,11 @@ class EditEvalCallback(L.Callback):
 
 
 def mean_info(done: list[dict]) -> dict[str, float]:
-    """The mean over batches of each number a method reports per edit (`info`: MEMIT's z_steps_mean, ...)."""
-    per_batch = {d["batch"]: d.get("info") or {} for d in done}
-    keys = sorted({k for i in per_batch.values() for k, v in i.items() if isinstance(v, (int, float))
-                   and not isinstance(v, bool)})
-    return {k: sum(vals) / len(vals) for k in keys
-            if (vals := [i[k] for i in per_batch.values() if isinstance(i.get(k), (int, float))])}
+    """The mean over records of each number a method reports per edit (`info`: MEMIT's z_steps_mean, ...)."""
+    infos = [d.get("info") or {} for d in done]
+    numbers = lambda i: {k: v for k, v in i.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}  # noqa: E731
+    keys = sorted({k for i in infos for k in numbers(i)})
+    return {k: sum(vals) / len(vals) for k in keys if (vals := [numbers(i)[k] for i in infos if k in numbers(i)])}
 
 
 def _peak_rss_mb() -> float:

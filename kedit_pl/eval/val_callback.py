@@ -51,7 +51,7 @@ class EditValidationCallback(L.Callback):
             finally:
                 pl_module.restore(handle)
         pl_module.train(was_training)
-        for part in gather_objects(trainer.strategy, scored):
+        for part in gather_objects(getattr(trainer, "strategy", None), scored):
             scored |= part
         post = [rec for i in range(len(chunks)) for rec in scored[i]]
         m = summarize(post)
