@@ -48,16 +48,17 @@ class GroupRunner:
         self.mode = mode
 
     def measure(self, method, requests: list[EditRequest], records: list[dict], batch_idx: int | None = None,
-                cache: "PreCache | None" = None) -> None:
+                cache: "PreCache | None" = None, state: bool = True) -> None:
         """Add each group's raw measurement (or why it skipped) to `records` (aligned with `requests`).
         A model-state group (general ability) goes into the first record only, when it is due; `batch_idx`
         None means always (the unedited model, the final state). `cache` (unedited model only) holds
-        measurements of earlier runs, keyed by the weights, the record and the group's settings."""
+        measurements of earlier runs, keyed by the weights, the record and the group's settings. `state=False`:
+        per-record groups only (another DDP rank measures this model state)."""
         for g in self.groups:
             key = {"group": g.name, **g.settings}
             what = f"pre-edit {g.name}"
             if not g.per_record:
-                due = batch_idx is None or g.due(self.mode, batch_idx)
+                due = state and (batch_idx is None or g.due(self.mode, batch_idx))
                 if due and records:
                     compute = lambda g=g: g.measure(method, requests)[0]  # noqa: E731
                     raw = cache.state(key, compute, what) if cache is not None else compute()
