@@ -188,6 +188,11 @@ class MEND(EditMethod):
 
     def on_fit_start(self) -> None:
         self.ready = True
+        # DDP: the running (u, δ) statistics merge every rank's rows, as one process with the whole batch would
+        self.editor.share_statistics(self.all_gather if self.trainer.world_size > 1 else None)
+
+    def on_fit_end(self) -> None:
+        self.editor.share_statistics(None)
 
     def setup(self, stage: str) -> None:
         if stage == "test" and not self.ready:  # edit.py: fail before any scoring work

@@ -175,6 +175,11 @@ def run_teach(cfg: DictConfig) -> dict[str, Any]:
     from kedit_pl.models.load import load_model
     from kedit_pl.pipeline import build_loggers, build_trainer, finish_loggers, output_dir
 
+    from kedit_pl.distributed import requested_devices
+
+    if requested_devices(cfg.trainer) != 1:
+        raise ConfigError(f"trainer.devices: teaching (experiment=ftrace_teach) runs in one process, got "
+                          f"{cfg.trainer.get('devices')!r}; use trainer.devices=1")
     tc, out = cfg.teach, output_dir(cfg)
     if int(tc.batch_size) < 1 or int(tc.max_tokens) < 2 or int(tc.min_epochs) < 1:
         raise ConfigError(f"teach.batch_size/max_tokens/min_epochs: need >= 1/2/1, got {tc.batch_size}/"
