@@ -14,8 +14,8 @@ from kedit_pl.config import REPO_ROOT, compose
 from kedit_pl.errors import ConfigError, DamagedFile
 from kedit_pl.eval.tracing import precision_at, query_metrics, recall_at, reciprocal_rank, summarize
 from kedit_pl.locate.influence.bm25 import BM25
-from kedit_pl.locate.influence.checkpoints import applied, default_layers, load_checkpoints, save_checkpoint, \
-    weight_names
+from kedit_pl.locate.influence.checkpoints import applied, checkpoint_files, default_layers, load_checkpoints, \
+    save_checkpoint, weight_names
 from kedit_pl.locate.influence.corpus import PROPONENT, Document, Query, build_benchmark
 from kedit_pl.locate.influence.embedding import EmbeddingSimilarity
 from kedit_pl.locate.influence.grads import GradientCache, GradientFeaturizer
@@ -102,6 +102,22 @@ def test_tracin_cosine_and_embeddings_rank_the_verbatim_proponent_first(tiny_lla
         assert scores.max(1).values == pytest.approx(torch.ones(4), abs=1e-4)
 
 
+def test_tracin_dot_ranks_the_verbatim_proponent_above_every_smaller_gradient(tiny_llama, one_thread):
+    """Known by construction: the verbatim copy of a query scores ‖g_q‖², and by Cauchy-Schwarz any document with
+    ‖g_d‖ < ‖g_q‖ scores less (g·g_q <= ‖g_d‖‖g_q‖); so it ranks above all of those."""
+    queries, docs, props = toy_corpus()
+    names = weight_names(tiny_llama.spec, [1, 3])
+    scores = TracIn(tiny_llama, layers=[1, 3], projection="none", progress=False).rank(queries, docs)
+    g_doc = _exact_grads(tiny_llama, [(d.prompt, d.target) for d in docs], names)
+    for i, q in enumerate(queries):
+        own = min(props[q.id])
+        g_q = g_doc[own]
+        assert scores[i, own].item() == pytest.approx(g_q.dot(g_q).item(), rel=1e-4)
+        smaller = [j for j in range(len(docs)) if g_doc[j].norm() < g_q.norm()]
+        assert smaller, "the toy corpus must hold documents with smaller gradients"
+        assert all(scores[i, own] > scores[i, j] for j in smaller), (q.id, scores[i].tolist())
+
+
 def _exact_grads(loaded, pairs, names, max_tokens: int = 48):
     """Per-example gradients the slow way: one example, one backward, the weight's .grad."""
     from kedit_pl.locate.influence.batches import encode_examples, example_losses
@@ -126,6 +142,27 @@ def test_batched_per_example_gradients_are_exact(tiny_llama, one_thread):
     names = weight_names(tiny_llama.spec, [1, 3])
     feat = GradientFeaturizer(tiny_llama.model, tiny_llama.tokenizer, names, projection="none", batch_size=5)
     assert torch.allclose(feat(pairs), _exact_grads(tiny_llama, pairs, names), atol=1e-6, rtol=1e-4)
+
+
+def test_batched_projected_gradients_are_the_projected_per_example_backward(tiny_llama, one_thread):
+    _, docs, _ = toy_corpus()
+    pairs = [(d.prompt, d.target) for d in docs]
+    names = weight_names(tiny_llama.spec, [2])
+    feat = GradientFeaturizer(tiny_llama.model, tiny_llama.tokenizer, names, proj_out=8, proj_in=16, batch_size=4)
+    p_out, p_in = feat.proj[0]
+    want = torch.stack([(p_out @ g.reshape(feat.shapes[0]) @ p_in.T).reshape(-1)  # P_out ∇W P_inᵀ
+                        for g in _exact_grads(tiny_llama, pairs, names)])
+    assert torch.allclose(feat(pairs), want, atol=1e-6, rtol=1e-4)
+
+
+def test_batched_gradients_of_conv1d_weights_are_exact(tiny_gpt2, one_thread):
+    _, docs, _ = toy_corpus()
+    pairs = [(d.prompt, d.target) for d in docs]
+    names = weight_names(tiny_gpt2.spec, [1])
+    feat = GradientFeaturizer(tiny_gpt2.model, tiny_gpt2.tokenizer, names, projection="none", batch_size=3)
+    d_out, d_in = feat.shapes[0]  # GPT-2 stores (in, out); the vectors are in (out, in) orientation
+    want = torch.stack([g.reshape(d_in, d_out).T.reshape(-1) for g in _exact_grads(tiny_gpt2, pairs, names)])
+    assert torch.allclose(feat(pairs), want, atol=1e-6, rtol=1e-4)
 
 
 def test_kronecker_projection_approximates_exact_scores(tiny_llama, one_thread):
@@ -187,6 +224,43 @@ def test_gradient_cache_reuses_and_repairs(tiny_llama, tmp_path, one_thread):
     assert computed3 == 5 and torch.allclose(g1, g3)
     other = GradientCache(tmp_path, "other weights", feat.settings(), chunk=5)
     assert other.folder != cache.folder  # other weights never read these vectors
+
+
+@pytest.mark.parametrize("method", ["tracin", "tracin_cosine", "embedding", "bm25"])
+def test_every_method_refuses_an_empty_corpus_or_answer_in_one_line(method, tiny_llama):
+    queries, docs, _ = toy_corpus()
+    m = {"tracin": lambda: TracIn(tiny_llama, progress=False),
+         "tracin_cosine": lambda: TracIn(tiny_llama, normalize=True, progress=False),
+         "embedding": lambda: EmbeddingSimilarity(tiny_llama, progress=False), "bm25": BM25}[method]()
+    bad = [(queries, [], "influence corpus: it is empty"), ([], docs, "influence queries: there are none"),
+           ([Query("q1", "The capital of Zorbia is", "")], docs, "query 'q1': its answer is empty"),
+           ([Query("q2", "The capital of Zorbia is", " ")], docs, "query 'q2': its answer is empty"),
+           (queries, [Document("d9", " ", "")], "document 'd9' is empty")]
+    for qs, ds, msg in bad:
+        with pytest.raises(ConfigError, match=msg) as e:
+            m.rank(qs, ds)
+        assert "\n" not in str(e.value)
+
+
+def test_a_mismatched_checkpoint_list_is_refused_in_one_line(tiny_llama, tmp_path):
+    a, b, c = (tmp_path / f"epoch_{i}_step_{i}.safetensors" for i in range(3))
+    save_checkpoint(a, tiny_llama.model, weight_names(tiny_llama.spec, [1]), model_name="tiny_llama", corpus="c",
+                    lr=1.0, step=0, epoch=0)
+    save_checkpoint(b, tiny_llama.model, weight_names(tiny_llama.spec, [2]), model_name="tiny_llama", corpus="c",
+                    lr=1.0, step=1, epoch=1)
+    save_checkpoint(c, tiny_llama.model, weight_names(tiny_llama.spec, [1]), model_name="tiny_llama", corpus="e",
+                    lr=1.0, step=2, epoch=2)
+    assert len(load_checkpoints([a, a], tiny_llama.model, "tiny_llama", "c")) == 2
+    for files, msg in [([a, b], r"locate.checkpoints\[1\]: epoch_1_step_1.safetensors holds weights"),
+                       ([a, c], r"locate.checkpoints\[1\]: epoch_2_step_2.safetensors was trained on corpus e, "
+                                r"locate.checkpoints\[0\] on corpus c")]:
+        with pytest.raises(ConfigError, match=msg) as e:
+            load_checkpoints(files, tiny_llama.model, "tiny_llama", None)
+        assert "\n" not in str(e.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no \\*.safetensors checkpoints"):
+        checkpoint_files(empty)
 
 
 def test_bad_inputs_are_one_line_errors(tiny_llama, tmp_path):

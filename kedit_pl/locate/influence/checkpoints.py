@@ -80,7 +80,8 @@ def _step_of(path: Path) -> int:
 def load_checkpoints(files: Sequence[Path], model: nn.Module, model_name: str, corpus: str | None) -> list[Checkpoint]:
     """Read and check every checkpoint against the model (names, shapes, model name) and the corpus digest."""
     params = dict(model.named_parameters())
-    out = []
+    out: list[Checkpoint] = []
+    first_corpus: str | None = None  # every checkpoint of the list: the same weights, the same corpus
     for i, path in enumerate(files):
         where = f"locate.checkpoints[{i}]"
         if not path.is_file():
@@ -101,6 +102,16 @@ def load_checkpoints(files: Sequence[Path], model: nn.Module, model_name: str, c
         if corpus is not None and info.get("corpus") not in (None, corpus):
             raise ConfigError(f"{where}: {path.name} was trained on corpus {info['corpus']}, this run builds corpus "
                               f"{corpus} (same ftrace.* settings as the teaching run?)")
+        if not out:
+            first_corpus = info.get("corpus")
+        elif set(tensors) != set(out[0].tensors):
+            raise ConfigError(f"{where}: {path.name} holds weights {sorted(tensors)}, locate.checkpoints[0] "
+                              f"({out[0].path.name}) holds {sorted(out[0].tensors)}; a checkpoint list comes from "
+                              f"one teaching run")
+        elif info.get("corpus") != first_corpus:
+            raise ConfigError(f"{where}: {path.name} was trained on corpus {info.get('corpus')}, "
+                              f"locate.checkpoints[0] on corpus {first_corpus}; a checkpoint list comes from one "
+                              f"teaching run")
         out.append(Checkpoint(path, tensors, float(info.get("lr", 1.0)), int(info.get("step", i)),
                               meta.get(DIGEST_KEY) or tensor_digest(tensors)))
     return out
