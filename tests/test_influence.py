@@ -354,3 +354,13 @@ def test_illustration_ranks_wikitext_for_facts(tmp_path, one_thread):
         assert scores == sorted(scores, reverse=True)
     assert json.loads((tmp_path / "illustration.json").read_text())["n_paragraphs"] <= 30
     assert "illustration" in (tmp_path / "illustration.md").read_text()
+
+
+def test_teaching_refuses_several_processes_before_anything_is_built(tmp_path):
+    from kedit_pl.pipeline import run_train
+
+    cfg = compose("train", ["experiment=ftrace_teach", "model=tiny_llama", f"paths.output_dir={tmp_path / 'teach'}",
+                            "trainer.devices=2", "trainer.strategy=ddp", *SMALL])
+    with pytest.raises(ConfigError, match="trainer.devices: teaching .* runs in one process, got 2"):
+        run_train(cfg)
+    assert not (tmp_path / "teach" / "facts.json").exists()
