@@ -104,6 +104,16 @@ def test_keys_batched_equal_single(tiny_gpt2):
         torch.testing.assert_close(both[i], one, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_value_pass_reads_the_template_keys(tiny_gpt2, fast):
+    """ROME takes k(x_j + s) from the value optimization's caching pass instead of a separate keys pass."""
+    lm = tiny_gpt2
+    res = optimize_values(lm.model, lm.tokenizer, lm.spec, [REQ, REQ2], TEMPLATES, 1, steps=1, fast=fast)
+    ref = template_keys(lm.model, lm.tokenizer, lm.spec, 1, [REQ, REQ2], TEMPLATES)
+    assert res.keys.shape == ref.shape == (2, len(TEMPLATES), ref.shape[-1])
+    torch.testing.assert_close(res.keys, ref, rtol=1e-5, atol=1e-6)
+
+
 # --- values: fast path == full forward --------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_gpt2"])
 @pytest.mark.parametrize("insert", ["mlp_out", "layer"])

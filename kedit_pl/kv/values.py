@@ -37,6 +37,7 @@ from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.hooks import StopForward, capture, edit_outputs, stop_after
 from kedit_pl.kv.keys import subject_prompts
+from kedit_pl.kv.precision import compute_dtype as resolve_dtype, lowp_projections
 from kedit_pl.models.kv_cache import cache_kwargs, cache_layers, new_cache
 from kedit_pl.models.spec import ModelSpec
 from kedit_pl.tokens import encode_targets, pad_id, prompt_ids, subject_last_token
@@ -55,6 +56,9 @@ class ValueResult:
     steps: list[int] = field(default_factory=list)  # gradient steps taken per request
     seconds: float = 0.0
     cached: int = 0  # requests whose values came from a disk cache (kv/value_cache.py), not computed
+    #: (R, T, d_k) input of the edit layer's mlp_out at the subject's last token of each template's prompt: ROME's
+    #: keys k(x_j + s) (eq. 3), read for free in the same pass that caches the prefix (None where not computed)
+    keys: torch.Tensor | None = None
 
     @property
     def target(self) -> torch.Tensor:
@@ -146,6 +150,8 @@ class _FullRunner:
         self.device = next(model.parameters()).device
         self.block = spec.module_name("layer", layer)
         self.insert = spec.module_name(insert, layer)
+        self.key_module = spec.module_name("mlp_out", layer)  # its input at the edit position is ROME's key k
+        self.keys: torch.Tensor | None = None  # (B, d_k), set by prepare
         if insert != "layer" and not self.insert.startswith(self.block + "."):
             raise ConfigError(f"insertion module {self.insert} is not inside block {self.block}")
         self.lower = [spec.module(model, "layer", i) for i in range(layer)]
@@ -170,9 +176,11 @@ class _FullRunner:
 
     @torch.no_grad()
     def prepare(self) -> torch.Tensor:
-        """The original output of the insertion module at every row's subject-last token."""
-        with capture(self.model, [self.insert]) as cap, stop_after(self.model, self.block):
+        """The original output of the insertion module at every row's subject-last token (and the keys there)."""
+        with capture(self.model, [self.insert, self.key_module], inputs=True) as cap, \
+                stop_after(self.model, self.block):
             self._call(**self.inputs)
+        self.keys = cap.inputs[self.key_module][self.rows, self.pos]
         return cap.outputs[self.insert][self.rows, self.pos]
 
     def _add(self, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -242,7 +250,7 @@ class _FastRunner(_FullRunner):
         hooks = [m.register_forward_hook(lambda _m, _a, out, i=i: structs.__setitem__(i, out))
                  for i, m in enumerate(blocks)]
         try:
-            with capture(self.model, [self.insert, self.block], inputs=True) as cap, \
+            with capture(self.model, [self.insert, self.block, self.key_module], inputs=True) as cap, \
                     stop_after(self.model, self.block):
                 self._call(**self.suffix, **self._past())
         finally:
@@ -251,6 +259,7 @@ class _FastRunner(_FullRunner):
         # of the lower blocks' outputs only the structure (tensor, or tuple with extras) is reused
         self.cache = {"in": cap.inputs[self.block], "out": cap.outputs[self.block],
                       "structs": [structs.get(i) for i in range(len(blocks))]}
+        self.keys = cap.inputs[self.key_module][self.rows, self.pos]
         return cap.outputs[self.insert][self.rows, self.pos]
 
     def hidden(self, delta: torch.Tensor) -> torch.Tensor:
@@ -317,32 +326,56 @@ def optimize_values(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelS
                     templates: list[str], layer: int, *, insert: str = "mlp_out", loss_layer: int | None = None,
                     steps: int = 20, lr: float = 0.5, weight_decay: float = 0.5, clamp_norm_factor: float = 4.0,
                     kl_factor: float = 0.0625, kl_prompts: tuple[str, ...] = KL_PROMPTS, stop_loss: float = 5e-2,
-                    fast: bool = True, max_rows: int | None = None) -> ValueResult:
-    """Optimize δ for every request (batched; groups of at most `max_rows` rows per forward)."""
+                    fast: bool = True, max_rows: int | None = None, compute_dtype: str = "float32") -> ValueResult:
+    """Optimize δ for every request (batched; groups of at most `max_rows` rows per forward).
+
+    `compute_dtype="bfloat16"` runs the projections of the blocks above the edit layer and the LM head in bf16
+    (kv/precision.py); everything else, and every weight, stays as it is."""
     if not requests:
         raise ValueError("optimize_values needs at least one request")
+    dtype = resolve_dtype(compute_dtype)
     per_req = len(templates) + len(kl_prompts)
     group = len(requests) if not max_rows else max(1, max_rows // per_req)
     parts = [_optimize_group(model, tok, spec, requests[i: i + group], templates, layer, insert,
                              spec.n_layers - 1 if loss_layer is None else loss_layer, steps, lr, weight_decay,
-                             clamp_norm_factor, kl_factor, kl_prompts, stop_loss, fast)
+                             clamp_norm_factor, kl_factor, kl_prompts, stop_loss, fast, dtype)
              for i in range(0, len(requests), group)]
     return ValueResult(torch.cat([p.delta for p in parts]), torch.cat([p.v_init for p in parts]),
                        torch.cat([p.nll for p in parts]), torch.cat([p.kl for p in parts]),
-                       sum((p.steps for p in parts), []), sum(p.seconds for p in parts))
+                       sum((p.steps for p in parts), []), sum(p.seconds for p in parts),
+                       keys=torch.cat([p.keys for p in parts]))
+
+
+def _upper(model: nn.Module, spec: ModelSpec, layer: int, loss_layer: int) -> list[nn.Module]:
+    """What runs above the insertion point: the blocks after the edit layer up to the loss layer, and the LM head.
+    (The edit block itself stays in float32: v and the keys are read there.)"""
+    return [spec.module(model, "layer", i) for i in range(layer + 1, loss_layer + 1)] + \
+        [model.get_submodule(spec.lm_head)]
 
 
 def _optimize_group(model, tok, spec, requests, templates, layer, insert, loss_layer, steps, lr, weight_decay,
-                    clamp_norm_factor, kl_factor, kl_prompts, stop_loss, fast) -> ValueResult:
+                    clamp_norm_factor, kl_factor, kl_prompts, stop_loss, fast, dtype) -> ValueResult:
     start = time.perf_counter()
     if not layer <= loss_layer < spec.n_layers:
         raise ConfigError(f"loss_layer {loss_layer} must lie in [{layer}, {spec.n_layers - 1}]")
     batch = build_batch(tok, requests, templates, kl_prompts)
+    with lowp_projections(_upper(model, spec, layer, loss_layer), dtype):
+        res = _optimize_batch(model, spec, requests, batch, layer, insert, loss_layer, steps, lr, weight_decay,
+                              clamp_norm_factor, kl_factor, stop_loss, fast)
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+def _optimize_batch(model, spec, requests, batch, layer, insert, loss_layer, steps, lr, weight_decay,
+                    clamp_norm_factor, kl_factor, stop_loss, fast) -> ValueResult:
+    """Adam on δ for the requests of one batch (ROME eq. 4 / MEMIT eq. 16, see the module docstring)."""
     run = (_FastRunner if fast else _FullRunner)(model, spec, batch, layer, insert, loss_layer)
     n_req = len(requests)
     v_all = run.prepare()
     v_init = v_all[batch.init_rows.to(run.device)].detach()
     dev = run.device
+    n_rw = len(batch.row_req) - len(batch.kl_rows)  # rewrite rows come first, request-major (build_batch)
+    keys = run.keys[:n_rw].detach().reshape(n_req, n_rw // n_req, -1)
     kl_mask = torch.zeros(len(batch.row_req), dtype=torch.bool)
     kl_mask[batch.kl_rows] = True
     rows = _Rows(batch.labels.to(dev), batch.row_req.to(dev), kl_mask.to(dev), batch.edit_pos.to(dev))
@@ -361,11 +394,13 @@ def _optimize_group(model, tok, spec, requests, templates, layer, insert, loss_l
     taken = [steps - 1] * n_req
     for it in range(steps):
         h = run.hidden(delta)
-        lp = _logprobs(model, spec, run.gather(h, rows.tr, rows.tc))
+        # one LM-head pass for the target positions and the KL rows (the head's weight is read once per step)
+        lp_all = _logprobs(model, spec, torch.cat([run.gather(h, rows.tr, rows.tc),
+                                                   run.gather(h, rows.kl_rows, rows.kl_pos)]))
+        lp, kl_lp = lp_all[: len(rows.tr)], lp_all[len(rows.tr):]
         lp = lp.gather(-1, rows.lab[rows.tr, rows.tc].unsqueeze(-1)).squeeze(-1)
         nll_row = torch.zeros(len(rows.lab), device=dev).index_add(0, rows.tr, -lp) / rows.n_tok
         nll = torch.zeros(n_req, device=dev).index_add(0, rows.req, nll_row) / rows_per_req
-        kl_lp = _logprobs(model, spec, run.gather(h, rows.kl_rows, rows.kl_pos))
         if kl_init is None:
             kl_init = kl_lp.detach()
         kl_each = F.kl_div(kl_init, kl_lp, log_target=True, reduction="none").sum(-1)  # KL(P_δ ‖ P)
@@ -397,4 +432,4 @@ def _optimize_group(model, tok, spec, requests, templates, layer, insert, loss_l
             kl_init = kl_init[(~done[rows.kl_req]).nonzero().flatten()]
             run.narrow(keep)
             rows = rows.take(keep)
-    return ValueResult(delta.detach(), v_init, nll_out, kl_out, taken, time.perf_counter() - start)
+    return ValueResult(delta.detach(), v_init, nll_out, kl_out, taken, keys=keys)

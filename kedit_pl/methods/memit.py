@@ -113,7 +113,7 @@ class MEMIT(ROME):
                  context_template_length_params: Sequence[Sequence[int]] = DEFAULT_LENGTHS, context_seed: int = 0,
                  fast: bool = True, stats: StatsConfig | Mapping[str, Any] | None = None,
                  cache_dir: str | None = None, z_cache: bool = True, key_average: str = "groups",
-                 name: str = "memit") -> None:
+                 compute_dtype: str = "float32", name: str = "memit") -> None:
         if not layers:
             raise ConfigError("MEMIT needs a layer range: set method.layers or model.method_defaults.memit.layers")
         layers = [int(x) for x in layers]
@@ -134,7 +134,8 @@ class MEMIT(ROME):
                          clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor, stop_loss=stop_loss,
                          mom2_adjustment=mom2_adjustment, mom2_update_weight=mom2_update_weight,
                          context_template_length_params=context_template_length_params,
-                         context_seed=context_seed, fast=fast, stats=stats, cache_dir=cache_dir, name=name)
+                         context_seed=context_seed, fast=fast, stats=stats, cache_dir=cache_dir,
+                         compute_dtype=compute_dtype, name=name)
         self.layers = layers
         self.z_batch_size = int(z_batch_size)
         self.z_cache = bool(z_cache) and self.cache_dir is not None
