@@ -353,6 +353,15 @@ def _upper(model: nn.Module, spec: ModelSpec, layer: int, loss_layer: int) -> li
         [model.get_submodule(spec.lm_head)]
 
 
+def warm_compute_dtype(model: nn.Module, spec: ModelSpec, layer: int, loss_layer: int | None,
+                       compute_dtype: str) -> None:
+    """Make the low-precision weight copies now, so that the first timed call does not pay for them (they stay
+    valid for every later call while the weights are unchanged, kv/precision.py)."""
+    dtype = resolve_dtype(compute_dtype)
+    with lowp_projections(_upper(model, spec, layer, spec.n_layers - 1 if loss_layer is None else loss_layer), dtype):
+        pass
+
+
 def _optimize_group(model, tok, spec, requests, templates, layer, insert, loss_layer, steps, lr, weight_decay,
                     clamp_norm_factor, kl_factor, kl_prompts, stop_loss, fast, dtype) -> ValueResult:
     start = time.perf_counter()

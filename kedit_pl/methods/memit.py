@@ -152,9 +152,10 @@ class MEMIT(ROME):
         return dict(self._mom2)
 
     def prepare(self) -> None:
-        """Templates and C₀ for every layer, before the first (timed) edit."""
+        """Templates, C₀ for every layer and the bf16 weight copies, before the first (timed) edit."""
         self.templates()
         self.mom2()
+        self.warm_values()
 
     # --- EditMethod -------------------------------------------------------------------------------
     def edited_parameters(self, requests: list[EditRequest]) -> list[str]:

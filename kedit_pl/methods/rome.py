@@ -28,7 +28,7 @@ from kedit_pl.kv.context import DEFAULT_LENGTHS, context_templates
 from kedit_pl.kv.keys import subject_prompts
 from kedit_pl.kv.precision import compute_dtype as resolve_dtype
 from kedit_pl.kv.stats import StatsConfig, model_fingerprint, second_moment
-from kedit_pl.kv.values import optimize_values
+from kedit_pl.kv.values import optimize_values, warm_compute_dtype
 from kedit_pl.methods.base import EditMethod
 from kedit_pl.models.spec import ModelSpec, linear_weight
 
@@ -133,9 +133,14 @@ class ROME(EditMethod):
         return [self.spec.weight_name("mlp_out", self.layer)]
 
     def prepare(self) -> None:
-        """Compute the per-model caches (fingerprint, templates, C) before the first, timed edit."""
+        """Compute the per-model caches (fingerprint, templates, C, bf16 weight copies) before the first, timed edit."""
         self.templates()
         self.solver()
+        self.warm_values()
+
+    def warm_values(self) -> None:
+        """The value optimization's low-precision weight copies (`compute_dtype`; nothing at float32)."""
+        warm_compute_dtype(self.model, self.spec, self.layer, self.loss_layer, self.hp.get("compute_dtype", "float32"))
 
     def on_test_start(self) -> None:
         """Lightning hook: build the caches before the first edit so edit timings exclude them."""
