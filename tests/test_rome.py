@@ -141,8 +141,13 @@ def test_fast_path_skips_lower_layers_and_prefix_tokens(tiny_llama):
              top.register_forward_hook(lambda _m, _a, out: top_widths.append(out.shape[1]))]
     try:
         optimize_values(lm.model, lm.tokenizer, lm.spec, [REQ], TEMPLATES, 2, steps=5, stop_loss=0.0, fast=True)
-        assert len(low_calls) == 2  # the two caching passes (prefix, suffix); no optimization step runs layer 0
-        fast_width = top_widths[-1]
+        fast_width = top_widths[-1]  # the last forward runs the longest rows (groups go by length)
+        # only the caching passes run layer 0 (the prefix, in groups of similar length, then the suffix): as many
+        # with 2 steps as with 5, so no optimization step runs it
+        caching = len(low_calls)
+        low_calls.clear()
+        optimize_values(lm.model, lm.tokenizer, lm.spec, [REQ], TEMPLATES, 2, steps=2, stop_loss=0.0, fast=True)
+        assert len(low_calls) == caching <= 1 + len(TEMPLATES) + 1
         low_calls.clear()
         optimize_values(lm.model, lm.tokenizer, lm.spec, [REQ], TEMPLATES, 2, steps=5, stop_loss=0.0, fast=False)
         assert len(low_calls) == 6

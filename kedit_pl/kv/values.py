@@ -36,6 +36,7 @@ from transformers import PreTrainedTokenizerBase
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.hooks import StopForward, capture, edit_outputs, stop_after
+from kedit_pl.kv.buckets import partition
 from kedit_pl.kv.keys import subject_prompts
 from kedit_pl.kv.precision import compute_dtype as resolve_dtype, lowp_projections
 from kedit_pl.models.kv_cache import cache_kwargs, cache_layers, new_cache
@@ -203,11 +204,42 @@ class _FullRunner:
         return h[rows, cols]
 
 
+@dataclass
+class _Bucket:
+    """Rows of similar suffix length that run as one forward, trimmed to their own longest prefix and suffix."""
+
+    rows: torch.Tensor  # (n,) indices into the runner's current rows
+    ids: torch.Tensor  # (n, w) suffix token ids
+    pre_mask: torch.Tensor  # (n, p) which cached prefix slots are real
+    suf_mask: torch.Tensor  # (n, w)
+    positions: torch.Tensor  # (n, w)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # prefix keys/values per layer, (n, heads, p, head_dim)
+    block_in: torch.Tensor  # (n, w, d) the edit block's input on the suffix
+    block_out: torch.Tensor  # (n, w, d) its output
+
+    def inputs(self) -> dict:
+        return dict(input_ids=self.ids, attention_mask=torch.cat([self.pre_mask, self.suf_mask], 1),
+                    position_ids=self.positions, use_cache=True)
+
+    def take(self, sel: torch.Tensor, rows: torch.Tensor) -> "_Bucket":
+        """Rows `sel` (local indices) only, renumbered `rows`, with the padding they no longer need trimmed."""
+        p, w = int(self.pre_mask[sel].sum(1).max()), int(self.suf_mask[sel].sum(1).max())
+        return _Bucket(rows, self.ids[sel, :w], self.pre_mask[sel, :p], self.suf_mask[sel, :w],
+                       self.positions[sel, :w], [(k[sel, :, :p], v[sel, :, :p]) for k, v in self.kv],
+                       self.block_in[sel, :w], self.block_out[sel, :w])
+
+
+#: an extra forward (+ backward) costs about as much as this many more tokens in one (Python and dispatch);
+#: `buckets.partition` weighs it against the padded tokens a split saves
+GROUP_OVERHEAD_TOKENS = 32
+
+
 class _FastRunner(_FullRunner):
     """Recompute only what δ changes: the suffix of each row (from the subject's last token on) in the blocks
     from the edit layer up. The prefix's keys/values are cached once for every layer; lower blocks become
     pass-throughs and the edit block returns its cached output (+ δ), or reruns on its cached input when δ goes
-    inside it."""
+    inside it. Rows run in groups of similar prefix and suffix length (kv/buckets.py), so that few padded
+    tokens are computed."""
 
     def __init__(self, model: nn.Module, spec: ModelSpec, batch: _Batch, layer: int, insert: str,
                  loss_layer: int) -> None:
@@ -225,68 +257,111 @@ class _FastRunner(_FullRunner):
             pre_ids[b, :s], pre_mask[b, :s] = batch.ids[b, :s], 1
             suf_ids[b, : e - s], suf_mask[b, : e - s] = batch.ids[b, s:e], 1
         d = self.device
-        self.start = start.to(d)
+        self.start, self.suf_len = start.to(d), (end - start).to(d)
         self.pos = torch.zeros_like(self.start)  # δ goes at the first suffix token
         self.prefix = dict(input_ids=pre_ids.to(d), attention_mask=pre_mask.to(d), use_cache=True) if wp else None
         self.suffix = dict(input_ids=suf_ids.to(d), attention_mask=torch.cat([pre_mask, suf_mask], 1).to(d),
                            position_ids=(start.unsqueeze(1) + torch.arange(ws)).to(d), use_cache=True)
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.cache: dict = {}
+        self.structs: list = []
+        self.buckets: list[_Bucket] = []
 
-    def _past(self) -> dict:
-        """A fresh cache holding the prefix keys/values (each step appends to its own copy)."""
-        return cache_kwargs(self.model, new_cache(self.model, self.kv)) if self.kv else {}
+    def _prefix_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys/values of every row's prefix for all layers up to the loss layer, (n, heads, wp, head_dim) each,
+        padded slots zero (never NaN). Rows run in groups of similar prefix length."""
+        ids, mask = self.prefix["input_ids"], self.prefix["attention_mask"]
+        groups = partition(self.start.tolist(), GROUP_OVERHEAD_TOKENS)
+        full: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for g in groups:
+            rows = torch.tensor(g, device=self.device)
+            p = int(self.start[rows].max())
+            if p == 0:
+                continue
+            cache = new_cache(self.model)
+            with stop_after(self.model, self.loss_block):
+                self._call(input_ids=ids[rows, :p], attention_mask=mask[rows, :p], use_cache=True,
+                           **cache_kwargs(self.model, cache))
+            keep = mask[rows, :p].bool()[:, None, :, None]
+            layers = cache_layers(cache)
+            if not full:
+                full = [(k.new_zeros((len(mask), k.shape[1], mask.shape[1], k.shape[3])),
+                         v.new_zeros((len(mask), v.shape[1], mask.shape[1], v.shape[3]))) for k, v in layers]
+            for (K, V), (k, v) in zip(full, layers):
+                K[rows, :, :p], V[rows, :, :p] = torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)
+        return full
 
     @torch.no_grad()
     def prepare(self) -> torch.Tensor:
         if self.prefix is not None:
-            cache = new_cache(self.model)
-            with stop_after(self.model, self.loss_block):
-                self._call(**self.prefix, **cache_kwargs(self.model, cache))
-            keep = self.prefix["attention_mask"].bool()[:, None, :, None]  # zero padded slots: never NaN
-            self.kv = [(torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)) for k, v in cache_layers(cache)]
+            self.kv = self._prefix_kv()
         blocks = self.lower + [self.model.get_submodule(self.block)]
         structs: dict[int, object] = {}
         hooks = [m.register_forward_hook(lambda _m, _a, out, i=i: structs.__setitem__(i, out))
                  for i, m in enumerate(blocks)]
+        past = cache_kwargs(self.model, new_cache(self.model, self.kv)) if self.kv else {}
         try:
             with capture(self.model, [self.insert, self.block, self.key_module], inputs=True) as cap, \
                     stop_after(self.model, self.block):
-                self._call(**self.suffix, **self._past())
+                self._call(**self.suffix, **past)
         finally:
             for h in hooks:
                 h.remove()
         # of the lower blocks' outputs only the structure (tensor, or tuple with extras) is reused
-        self.cache = {"in": cap.inputs[self.block], "out": cap.outputs[self.block],
-                      "structs": [structs.get(i) for i in range(len(blocks))]}
+        self.structs = [structs.get(i) for i in range(len(blocks))]
+        self.buckets = self._buckets(cap.inputs[self.block], cap.outputs[self.block])
+        self.kv, self.suffix = [], {}  # now held by the buckets
         self.keys = cap.inputs[self.key_module][self.rows, self.pos]
         return cap.outputs[self.insert][self.rows, self.pos]
 
-    def hidden(self, delta: torch.Tensor) -> torch.Tensor:
-        add = self._add(delta)
-        structs, cached_in = self.cache["structs"], self.cache["in"]
+    def _buckets(self, block_in: torch.Tensor, block_out: torch.Tensor) -> list[_Bucket]:
+        mask, n_pre = self.suffix["attention_mask"], self.prefix["input_ids"].shape[1] if self.prefix else 0
+        whole = _Bucket(self.rows, self.suffix["input_ids"], mask[:, :n_pre], mask[:, n_pre:],
+                        self.suffix["position_ids"], self.kv, block_in, block_out)
+        return [whole.take(torch.tensor(g, device=self.device), torch.tensor(g, device=self.device))
+                for g in partition(self.suf_len.tolist(), GROUP_OVERHEAD_TOKENS)]
+
+    def _bucket_hidden(self, bk: _Bucket, delta: torch.Tensor) -> torch.Tensor:
+        """The loss block's output on one bucket's suffix, δ of each row's request added at its first token."""
+        local = torch.arange(len(bk.rows), device=self.device)
+        first, d_rows = torch.zeros_like(local), delta[self.req[bk.rows]]
+
+        def add(out: torch.Tensor) -> torch.Tensor:
+            return out.index_put((local, first), d_rows, accumulate=True)
+
         repl: dict[nn.Module, Callable] = {}
-        for m, out in zip(self.lower, structs):
+        for m, out in zip(self.lower, self.structs):
             repl[m] = lambda *a, _o=out, **k: _restructure(_o, a[0] if a else k["hidden_states"])
         blk = self.model.get_submodule(self.block)
         with ExitStack() as stack:
             if self.insert == self.block:
-                repl[blk] = lambda *a, **k: _restructure(structs[-1], add(self.cache["out"]))
+                repl[blk] = lambda *a, **k: _restructure(self.structs[-1], add(bk.block_out))
             else:
-                repl[blk] = _on_hidden(blk.forward, cached_in)
+                repl[blk] = _on_hidden(blk.forward, bk.block_in)
                 stack.enter_context(edit_outputs(self.model, {self.insert: add}))
             stack.enter_context(_override_forward(repl))
-            return self._run(delta, stack, **self.suffix, **self._past())
+            past = cache_kwargs(self.model, new_cache(self.model, bk.kv)) if bk.kv else {}
+            return self._run(delta, stack, **bk.inputs(), **past)
+
+    def hidden(self, delta: torch.Tensor) -> torch.Tensor:
+        """(rows, longest suffix, d): each bucket's output, padded and put back in row order."""
+        outs = [self._bucket_hidden(bk, delta) for bk in self.buckets]
+        if len(outs) == 1:
+            return outs[0]
+        width = max(o.shape[1] for o in outs)
+        h = torch.cat([F.pad(o, (0, 0, 0, width - o.shape[1])) for o in outs])
+        return h[torch.argsort(torch.cat([bk.rows for bk in self.buckets]))]
 
     def gather(self, h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         return h[rows, cols - self.start[rows]]
 
     def narrow(self, keep: torch.Tensor) -> None:
+        kept = torch.zeros(len(self.req), dtype=torch.bool, device=self.device)
+        kept[keep] = True
+        new_index = kept.cumsum(0) - 1
         super().narrow(keep)
-        self.start = self.start[keep]
-        self.suffix = _take_rows(self.suffix, keep)
-        self.kv = [(k[keep], v[keep]) for k, v in self.kv]
-        self.cache["in"], self.cache["out"] = self.cache["in"][keep], self.cache["out"][keep]
+        self.start, self.suf_len = self.start[keep], self.suf_len[keep]
+        self.buckets = [bk.take(sel, new_index[bk.rows[sel]])
+                        for bk in self.buckets for sel in [kept[bk.rows].nonzero().flatten()] if len(sel)]
 
 
 def _take_rows(inputs: dict, keep: torch.Tensor) -> dict:
