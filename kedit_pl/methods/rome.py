@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, EditFailed, KEditError
 from kedit_pl.kv.context import DEFAULT_LENGTHS, context_templates
-from kedit_pl.kv.keys import subject_prompts
+from kedit_pl.kv.keys import subject_prompts, template_keys
 from kedit_pl.kv.precision import compute_dtype as resolve_dtype
 from kedit_pl.kv.stats import StatsConfig, model_fingerprint, second_moment
 from kedit_pl.kv.values import optimize_values, warm_compute_dtype
@@ -181,9 +181,11 @@ class ROME(EditMethod):
     def edit_one(self, req: EditRequest) -> dict[str, Any]:
         """Compute and write one rank-one update; returns diagnostics."""
         templates = self.templates()
+        # the keys k(x_j + s) come with the values, read in the value optimization's caching pass
         res = optimize_values(self.model, self.tok, self.spec, [req], templates, self.layer, insert="mlp_out",
                               loss_layer=self.loss_layer, fast=self.fast, **self.hp)
-        keys = res.keys[0]  # k(x_j + s) per template, read in the value optimization's caching pass
+        keys = res.keys[0] if res.keys is not None else \
+            template_keys(self.model, self.tok, self.spec, self.layer, [req], templates)[0]  # values without keys
         k_star = keys.mean(0)  # eq. 3
         module = self.spec.module(self.model, "mlp_out", self.layer)
         # eq. 2 in float64 on the CPU (a d_out x d_k matrix: cheap), then written back in the model's dtype
