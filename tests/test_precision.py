@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kedit_pl.errors import ConfigError, EditFailed
-from kedit_pl.kv.precision import LowpWeights, lowp_projections
-from kedit_pl.kv.values import optimize_values
+from kedit_pl.kv.precision import LowpWeights, lowp_forwards
+from kedit_pl.kv.values import optimize_values, override_forward
 from kedit_pl.methods.memit import MEMIT
 from tests.test_rome import REQ, REQ2, TEMPLATES
 
@@ -39,7 +39,7 @@ def test_projection_in_bf16_matches_fp32(request, which):
         x = torch.randn(3, 5, d_in, generator=g, requires_grad=True)
         ref = mod(x)
         (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
-        with lowp_projections([block], torch.bfloat16):
+        with override_forward(lowp_forwards([block], torch.bfloat16)):
             low = mod(x)
             (gx,) = torch.autograd.grad(low.square().sum(), x)
         assert low.dtype == torch.float32 and not torch.equal(low, ref)  # really computed in bf16

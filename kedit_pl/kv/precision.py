@@ -3,18 +3,18 @@
 ROME's v* and MEMIT's z spend three quarters of their time in the projections (attention q/k/v/o, the MLP, the
 LM head) of the blocks above the edit layer. On a CPU with bf16 dot products (AVX512-BF16, AMX) a bf16 GEMM
 runs about 4× faster than fp32 at these shapes, while elementwise bf16 is no faster than fp32. So only the
-projections change precision: `lowp_projections` makes every nn.Linear and GPT-2 Conv1D under the given modules
+projections change precision: `lowp_forwards` makes every nn.Linear and GPT-2 Conv1D under the given modules
 compute y = x Wᵀ + b from x, W, b rounded to bf16 (fp32 accumulation inside the GEMM) and hand back y in the
 input's dtype. Norms, residual adds, attention, softmax, the loss, δ and Adam stay float32.
 
 The parameters are never written. The bf16 copies live in a `LowpWeights` store (made on first use, remade when a
 parameter's version counter or storage changes, so an edit or restore of that weight is always seen) and the
-projections' `forward`s are replaced only inside the context, restored on exit, also on error.
+projections' `forward`s are replaced only for the duration of a call (`values.override_forward`), restored on
+exit, also on error.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -94,30 +94,11 @@ def _lowp_forward(module: nn.Module, store: LowpWeights) -> Callable[[torch.Tens
     return lambda x: _LowpLinear.apply(x, w, b)
 
 
-@contextmanager
-def lowp_projections(modules: list[nn.Module], dtype: torch.dtype,
-                     store: LowpWeights | None = None) -> Iterator[int]:
-    """Inside the context every projection under `modules` computes in `dtype` (float32: nothing changes).
-    Yields the number of projections switched."""
+def lowp_forwards(modules: list[nn.Module], dtype: torch.dtype,
+                  store: LowpWeights | None = None) -> dict[nn.Module, Callable]:
+    """A `forward` computing in `dtype` for every projection under `modules` (none at float32), for
+    `values.override_forward` to install for the duration of a call."""
     if dtype == torch.float32:
-        yield 0
-        return
+        return {}
     store = store or shared_weights(dtype)
-    missing = object()
-    saved: list[tuple[nn.Module, object]] = []
-    try:
-        seen: set[int] = set()
-        for root in modules:
-            for mod in root.modules():
-                if is_projection(mod) and id(mod) not in seen:
-                    seen.add(id(mod))
-                    fn = _lowp_forward(mod, store)
-                    saved.append((mod, mod.__dict__.get("forward", missing)))
-                    mod.forward = fn
-        yield len(saved)
-    finally:
-        for mod, old in reversed(saved):
-            if old is missing:
-                mod.__dict__.pop("forward", None)
-            else:
-                mod.forward = old
+    return {mod: _lowp_forward(mod, store) for root in modules for mod in root.modules() if is_projection(mod)}

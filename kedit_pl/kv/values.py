@@ -38,7 +38,7 @@ from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.hooks import StopForward, capture, edit_outputs, stop_after
 from kedit_pl.kv.buckets import partition
 from kedit_pl.kv.keys import subject_prompts
-from kedit_pl.kv.precision import compute_dtype as resolve_dtype, lowp_projections
+from kedit_pl.kv.precision import compute_dtype as resolve_dtype, lowp_forwards
 from kedit_pl.models.kv_cache import cache_kwargs, cache_layers, new_cache
 from kedit_pl.models.spec import ModelSpec
 from kedit_pl.tokens import encode_targets, pad_id, prompt_ids, subject_last_token
@@ -111,7 +111,7 @@ def build_batch(tok: PreTrainedTokenizerBase, requests: list[EditRequest], templ
 
 
 @contextmanager
-def _override_forward(replacements: dict[nn.Module, Callable]) -> Iterator[None]:
+def override_forward(replacements: dict[nn.Module, Callable]) -> Iterator[None]:
     """Temporarily set `module.forward` (instance attribute); always restores the previous state."""
     missing = object()
     saved = []
@@ -338,7 +338,7 @@ class _FastRunner(_FullRunner):
             else:
                 repl[blk] = _on_hidden(blk.forward, bk.block_in)
                 stack.enter_context(edit_outputs(self.model, {self.insert: add}))
-            stack.enter_context(_override_forward(repl))
+            stack.enter_context(override_forward(repl))
             past = cache_kwargs(self.model, new_cache(self.model, bk.kv)) if bk.kv else {}
             return self._run(delta, stack, **bk.inputs(), **past)
 
@@ -433,8 +433,7 @@ def warm_compute_dtype(model: nn.Module, spec: ModelSpec, layer: int, loss_layer
     """Make the low-precision weight copies now, so that the first timed call does not pay for them (they stay
     valid for every later call while the weights are unchanged, kv/precision.py)."""
     dtype = resolve_dtype(compute_dtype)
-    with lowp_projections(_upper(model, spec, layer, spec.n_layers - 1 if loss_layer is None else loss_layer), dtype):
-        pass
+    lowp_forwards(_upper(model, spec, layer, spec.n_layers - 1 if loss_layer is None else loss_layer), dtype)
 
 
 def _optimize_group(model, tok, spec, requests, templates, layer, insert, loss_layer, steps, lr, weight_decay,
@@ -443,7 +442,7 @@ def _optimize_group(model, tok, spec, requests, templates, layer, insert, loss_l
     if not layer <= loss_layer < spec.n_layers:
         raise ConfigError(f"loss_layer {loss_layer} must lie in [{layer}, {spec.n_layers - 1}]")
     batch = build_batch(tok, requests, templates, kl_prompts)
-    with lowp_projections(_upper(model, spec, layer, loss_layer), dtype):
+    with override_forward(lowp_forwards(_upper(model, spec, layer, loss_layer), dtype)):
         res = _optimize_batch(model, spec, requests, batch, layer, insert, loss_layer, steps, lr, weight_decay,
                               clamp_norm_factor, kl_factor, stop_loss, fast)
     res.seconds = time.perf_counter() - start
