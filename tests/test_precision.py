@@ -70,11 +70,14 @@ def test_bf16_values_match_fp32_and_leave_weights_bit_identical(request, which, 
 def test_failure_midway_restores_forwards_and_weights(tiny_llama):
     lm = tiny_llama
     before = _state(lm.model)
+    attn = lm.model.config._attn_implementation
+    assert attn != "eager"
     top = lm.spec.module(lm.model, "layer", lm.spec.n_layers - 1)
-    calls = []
+    calls, seen = [], []
 
     def poison(_m, _a, out):  # a NaN at the third step's forward (the prefix pass and step 1 are healthy)
         calls.append(1)
+        seen.append(lm.model.config._attn_implementation)
         return out * float("nan") if len(calls) >= 4 else out
 
     h = top.register_forward_hook(poison)
@@ -84,6 +87,7 @@ def test_failure_midway_restores_forwards_and_weights(tiny_llama):
     finally:
         h.remove()
     assert len(calls) >= 4 and _bit_identical(lm.model, before) and _no_forward_left(lm.model)
+    assert set(seen) == {"eager"} and lm.model.config._attn_implementation == attn  # eager inside, restored after
 
 
 def test_lowp_copies_follow_in_place_writes(tiny_llama):

@@ -436,13 +436,31 @@ def warm_compute_dtype(model: nn.Module, spec: ModelSpec, layer: int, loss_layer
     lowp_forwards(_upper(model, spec, layer, spec.n_layers - 1 if loss_layer is None else loss_layer), dtype)
 
 
+@contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[None]:
+    """Plain matmul + softmax attention ("eager") for the duration of a call, on CPU: at the value optimization's
+    shapes (a few query tokens per row over a short cached prefix) PyTorch's fused CPU attention kernels cost more
+    than the attention itself (ROME, smollm2: 11 % of an edit's time, against about 2 % eager). Every Hugging Face
+    decoder has the eager path; its masks follow the same setting. Restored on exit."""
+    config = getattr(model, "config", None)
+    old = getattr(config, "_attn_implementation", None)
+    if old in (None, "eager") or next(model.parameters()).device.type != "cpu":
+        yield
+        return
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+
+
 def _optimize_group(model, tok, spec, requests, templates, layer, insert, loss_layer, steps, lr, weight_decay,
                     clamp_norm_factor, kl_factor, kl_prompts, stop_loss, fast, dtype) -> ValueResult:
     start = time.perf_counter()
     if not layer <= loss_layer < spec.n_layers:
         raise ConfigError(f"loss_layer {loss_layer} must lie in [{layer}, {spec.n_layers - 1}]")
     batch = build_batch(tok, requests, templates, kl_prompts)
-    with override_forward(lowp_forwards(_upper(model, spec, layer, loss_layer), dtype)):
+    with override_forward(lowp_forwards(_upper(model, spec, layer, loss_layer), dtype)), _eager_attention(model):
         res = _optimize_batch(model, spec, requests, batch, layer, insert, loss_layer, steps, lr, weight_decay,
                               clamp_norm_factor, kl_factor, stop_loss, fast)
     res.seconds = time.perf_counter() - start
