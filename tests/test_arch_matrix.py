@@ -1,5 +1,14 @@
 """Any decoder without a family YAML (`model=hf model.path=<folder>`): the architecture is inferred, ROME and
-MEMIT edit it (ES 100 on a synthetic fact) and restore it bit-exactly. One tiny model per architecture."""
+MEMIT edit it through the inferred modules and restore it bit-exactly. One tiny random model per architecture.
+
+What is asserted is what the method guarantees on any weights: the value optimization lowers the new target's
+NLL through this architecture's blocks, the weight update realizes the optimized value at the insertion point
+(through the module's own forward: Conv1D orientation, fused projections), only the edited projections change,
+and restore is bit-exact. ES after the edit is not asserted: on these random 4-layer models no δ at the subject's
+last token moves the prediction two tokens later by much (ROME's and MEMIT's z reach an NLL of 2.3-3.7 nats where
+the uniform guess is ln 45 = 3.8, in all twelve architectures), so whether the new target overtakes the true one
+is decided by the update's side effects at the other tokens, a coin flip: with seed 0, MEMIT lost it on GPT-2 and
+Phi-3 and won it on OPT and Gemma 2 by 0.01-0.02 nats. The real-model tests (`-m slow`) assert ES on SmolLM2."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -17,9 +26,13 @@ from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError
 from kedit_pl.eval.metrics import summarize
 from kedit_pl.eval.scoring import score_requests
+from kedit_pl.hooks import capture
+from kedit_pl.kv.keys import subject_prompts
+from kedit_pl.kv.values import optimize_values
 from kedit_pl.models.infer import infer_arch
 from kedit_pl.models.load import load_model
 from kedit_pl.pipeline import build_method
+from kedit_pl.tokens import prompt_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,15 +73,18 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-#: (arch, method) pairs whose value optimization cannot flip the random model (the target's NLL stays near uniform,
-#: 3.3 of ln 45 = 3.8, for the gpt2 z at layer 1; fast and full paths agree): a fact of the random weights, not of
-#: the inference (both archs pass with ROME, and with other seeds other pairs fail instead). strict: a pass is news
-UNSTEERABLE = {("gpt2", "memit"), ("phi3", "memit")}
+#: MEMIT's update (eq. 14) adds each layer's share of z − h to the MLP output, which presumes the MLP output joins
+#: the residual stream as it is. Gemma 2/3 pass it through an RMSNorm first (post_feedforward_layernorm): a larger
+#: MLP output only turns the normed vector, whose size stays about ‖norm weight‖, so the block output cannot reach
+#: z (tiny Gemma 2: ‖z − h‖ 87 → 75 after both layers; Gemma 3: 89 → 75). ROME optimizes δ inside the block through
+#: the norm and passes. strict: a pass is news
+SANDWICH_NORM_MEMIT = {("gemma2", "memit"), ("gemma3_text", "memit")}
 
 
 def _cases() -> list:
-    return [pytest.param(a, m, marks=pytest.mark.xfail(strict=True, reason="random tiny model not steerable"))
-            if (a, m) in UNSTEERABLE else (a, m) for a in ARCHS for m in ("rome", "memit")]
+    return [pytest.param(a, m, marks=pytest.mark.xfail(strict=True, reason="MEMIT cannot move a post-normed MLP's "
+                                                                          "block output to z"))
+            if (a, m) in SANDWICH_NORM_MEMIT else (a, m) for a in ARCHS for m in ("rome", "memit")]
 
 
 @pytest.mark.parametrize("arch,method", _cases())
@@ -90,14 +106,41 @@ def test_edit_any_architecture(arch: str, method: str, folders: dict[str, Path],
 
     req = REQ if es(REQ) == 0.0 else replace(REQ, target_true=REQ.target_new, target_new=REQ.target_true)
     assert es(req) == 0.0  # the new target starts out as the less likely one
+    insert = "mlp_out" if method == "rome" else "layer"
+    site = spec.module_name(insert, editor.layer)
+    plain = subject_prompts(editor.tok, [req], ["{}"])[0]
+    text, pos = plain.text, plain.subject_idx
+    hp = {**editor.hp, "steps": 1}
+    unedited = optimize_values(editor.model, editor.tok, spec, [req], editor.templates(), editor.layer, insert=insert,
+                               loss_layer=editor.loss_layer, **hp)  # one step: the NLL at δ = 0
+    h0 = _site_output(editor, site, text, pos)
     handle = editor.apply([req])
-    assert es(req) == 100.0, handle.info
+    value = handle.info["per_request"][0]
+    # the value optimization moves the new target through this architecture's upper blocks (by 0.7-1.6 nats; by
+    # 0.22 for ROME on Gemma 2/3, whose post-MLP norm rescales the MLP output δ is added to)
+    assert value["nll"] < unedited.nll[0].item() - 0.1, (value, unedited.nll)
+    # the update realizes the optimized value at the insertion point (plain prompt, subject's last token)
+    moved = (_site_output(editor, site, text, pos) - h0).norm().item()
+    if method == "rome":  # W'k = v exactly at the plain key (constraint_key=plain): the output moves by δ
+        assert moved == pytest.approx(value["delta_norm"], rel=1e-3), (moved, value)
+    else:  # MEMIT's least squares over two layers: the block output reaches z up to a small residual
+        assert handle.info["final_z_error"] <= 0.05 * handle.info["layers"][0]["z_error"], handle.info
+        assert moved == pytest.approx(value["delta_norm"], rel=0.05), (moved, value)
     changed = [k for k in before if not torch.equal(before[k], editor.model.state_dict()[k])]
     assert changed and all(".".join(k.split(".")[:-1]) in [spec.module_name("mlp_out", i) for i in range(4)]
                            for k in changed)
     editor.restore(handle)
     after = editor.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@torch.no_grad()
+def _site_output(editor, site: str, text: str, pos: int) -> torch.Tensor:
+    """The output of module `site` at token `pos` of `text` (float64 for the comparison)."""
+    ids = torch.tensor([prompt_ids(editor.tok, text)])
+    with capture(editor.model, [site]) as cap:
+        editor.model(input_ids=ids)
+    return cap.outputs[site][0, pos].double()
 
 
 def test_missing_mlp_is_one_line() -> None:

@@ -116,7 +116,7 @@ class MEMIT(ROME):
                  context_template_length_params: Sequence[Sequence[int]] = DEFAULT_LENGTHS, context_seed: int = 0,
                  fast: bool = True, stats: StatsConfig | Mapping[str, Any] | None = None,
                  cache_dir: str | None = None, z_cache: bool = True, key_average: str = "groups",
-                 name: str = "memit") -> None:
+                 compute_dtype: str = "float32", name: str = "memit") -> None:
         if not layers:
             raise ConfigError("MEMIT needs a layer range: set method.layers or model.method_defaults.memit.layers")
         layers = [int(x) for x in layers]
@@ -137,7 +137,8 @@ class MEMIT(ROME):
                          clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor, stop_loss=stop_loss,
                          mom2_adjustment=mom2_adjustment, mom2_update_weight=mom2_update_weight,
                          context_template_length_params=context_template_length_params,
-                         context_seed=context_seed, fast=fast, stats=stats, cache_dir=cache_dir, name=name)
+                         context_seed=context_seed, fast=fast, stats=stats, cache_dir=cache_dir,
+                         compute_dtype=compute_dtype, name=name)
         self.layers = layers
         self.z_batch_size = int(z_batch_size)
         self.z_cache = bool(z_cache) and self.cache_dir is not None
@@ -155,9 +156,10 @@ class MEMIT(ROME):
         return dict(self._mom2)
 
     def prepare(self) -> None:
-        """Templates and C₀ for every layer, before the first (timed) edit."""
+        """Templates, C₀ for every layer and the bf16 weight copies, before the first (timed) edit."""
         self.templates()
         self.mom2()
+        self.warm_values()
 
     # --- EditMethod -------------------------------------------------------------------------------
     def edited_parameters(self, requests: list[EditRequest]) -> list[str]:
