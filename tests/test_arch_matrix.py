@@ -1,23 +1,26 @@
 """Any decoder without a family YAML (`model=hf model.path=<folder>`): the architecture is inferred, ROME and
-MEMIT edit it through the inferred modules and restore it bit-exactly. One tiny random model per architecture.
+MEMIT edit it through the inferred modules, drive ES to 1 and restore it bit-exactly. One tiny random model per
+architecture.
 
-What is asserted is what the method guarantees on any weights: the value optimization lowers the new target's
-NLL through this architecture's blocks, the weight update realizes the optimized value at the insertion point
-(through the module's own forward: Conv1D orientation, fused projections), only the edited projections change,
-and restore is bit-exact. ES after the edit is not asserted: on these random 4-layer models no δ at the subject's
-last token moves the prediction two tokens later by much (ROME's and MEMIT's z reach an NLL of 2.3-3.7 nats where
-the uniform guess is ln 45 = 3.8, in all twelve architectures), so whether the new target overtakes the true one
-is decided by the update's side effects at the other tokens, a coin flip: with seed 0, MEMIT lost it on GPT-2 and
-Phi-3 and won it on OPT and Gemma 2 by 0.01-0.02 nats. The real-model tests (`-m slow`) assert ES on SmolLM2."""
+The synthetic fact is one a random model can be steered on: its rewrite prompt ends with the subject, so the
+subject's last token, where ROME's and MEMIT's value δ acts, is the prediction position. (With the target two
+tokens after the subject, δ reaches the prediction only through random attention, whose pre-norm inputs bound
+what one token can carry: the value NLL stays at 2.3-3.7 nats against ln 45 = 3.8 for a uniform guess, and ES is
+a coin flip.) The data validation rejects such prompts for real records (issue 3: a subject at the end of a prompt
+is likely a malformed record); `SubjectLast` skips that one rule for this request, every other rule still applies.
+Asserted: ES = 1 after the edit (0 before), the value optimization lowers the new target's NLL through this
+architecture's blocks, the weight update realizes the optimized value at the insertion point (through the
+module's own forward: Conv1D orientation, fused projections, OPT's flattened tokens), only the edited
+projections change, and restore is bit-exact."""
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from test_rome import REQ_W, WORDS
+from test_rome import WORDS
 from tiny_archs import ARCHS, save_tiny
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, T5Config
 
@@ -36,7 +39,19 @@ from kedit_pl.tokens import prompt_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REQ = replace(REQ_W, neighborhood=("Danielle Darrieux plays the instrument",))
+
+
+@dataclass(frozen=True)
+class SubjectLast(EditRequest):
+    """An edit request whose prompt may end with the subject (see the module docstring)."""
+
+    def validate(self) -> "SubjectLast":
+        EditRequest.validate(replace(self, prompt=self.prompt + " is"))  # every other rule
+        return self
+
+
+REQ = SubjectLast(case_id="s0", subject="Toko Yasuda", prompt="the instrument of {}", target_true="piano",
+                  target_new="guitar", neighborhood=("the instrument of Danielle Darrieux",))
 #: module names the inference must find, per architecture (the rest is checked by load_model's check_arch)
 EXPECTED = {
     "gpt2": ("transformer.h.{}.mlp.c_proj", "transformer.h.{}.attn.c_proj", "transformer.ln_f"),
@@ -73,21 +88,12 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-#: MEMIT's update (eq. 14) adds each layer's share of z − h to the MLP output, which presumes the MLP output joins
-#: the residual stream as it is. Gemma 2/3 pass it through an RMSNorm first (post_feedforward_layernorm): a larger
-#: MLP output only turns the normed vector, whose size stays about ‖norm weight‖, so the block output cannot reach
-#: z (tiny Gemma 2: ‖z − h‖ 87 → 75 after both layers; Gemma 3: 89 → 75). ROME optimizes δ inside the block through
-#: the norm and passes. strict: a pass is news
-SANDWICH_NORM_MEMIT = {("gemma2", "memit"), ("gemma3_text", "memit")}
+#: architectures whose blocks RMS-norm the MLP output before the residual add (Gemma 2/3)
+POST_NORMED = {"gemma2", "gemma3_text"}
 
 
-def _cases() -> list:
-    return [pytest.param(a, m, marks=pytest.mark.xfail(strict=True, reason="MEMIT cannot move a post-normed MLP's "
-                                                                          "block output to z"))
-            if (a, m) in SANDWICH_NORM_MEMIT else (a, m) for a in ARCHS for m in ("rome", "memit")]
-
-
-@pytest.mark.parametrize("arch,method", _cases())
+@pytest.mark.parametrize("method", ["rome", "memit"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_edit_any_architecture(arch: str, method: str, folders: dict[str, Path], tmp_path: Path) -> None:
     # MEMIT: z one layer lower than the default range ends (two blocks above carry it on a 4-layer random model)
     extra = ["method.mom2_update_weight=1", "method.layers=[0,1]"] if method == "memit" else []
@@ -99,6 +105,7 @@ def test_edit_any_architecture(arch: str, method: str, folders: dict[str, Path],
     spec = editor.spec
     assert spec.name == f"hf_{arch}" and spec.family == arch and spec.n_layers == 4
     assert (spec.mlp_out, spec.attn_out, spec.final_norm) == EXPECTED.get(arch, LLAMA_LIKE)
+    assert spec.mlp_post_norm == ("model.layers.{}.post_feedforward_layernorm" if arch in POST_NORMED else None)
     before = _state(editor.model)
 
     def es(req: EditRequest) -> float:
@@ -116,13 +123,19 @@ def test_edit_any_architecture(arch: str, method: str, folders: dict[str, Path],
     h0 = _site_output(editor, site, text, pos)
     handle = editor.apply([req])
     value = handle.info["per_request"][0]
-    # the value optimization moves the new target through this architecture's upper blocks (by 0.7-1.6 nats; by
-    # 0.22 for ROME on Gemma 2/3, whose post-MLP norm rescales the MLP output δ is added to)
-    assert value["nll"] < unedited.nll[0].item() - 0.1, (value, unedited.nll)
+    assert es(req) == 100.0, (arch, method, value)  # ES = 1: the new target overtakes the true one
+    # the value optimization moves the new target through this architecture's upper blocks
+    assert value["nll"] < unedited.nll[0].item() - 0.5, (value, unedited.nll)
     # the update realizes the optimized value at the insertion point (plain prompt, subject's last token)
     moved = (_site_output(editor, site, text, pos) - h0).norm().item()
     if method == "rome":  # W'k = v exactly at the plain key (constraint_key=plain): the output moves by δ
         assert moved == pytest.approx(value["delta_norm"], rel=1e-3), (moved, value)
+    elif arch in POST_NORMED:
+        # each layer's normed MLP output lies on {g ⊙ u : rms(u) = 1}, ‖·‖ ≈ 8 here, so the block output moves
+        # toward z (z − h ≈ 60, from clamp_norm_factor 50) by no more than the two layers' reach; the update
+        # targets the MLP output through the norm (kv/post_norm.py, unit-tested in test_memit.py)
+        first, last = handle.info["layers"][0]["z_error"], handle.info["final_z_error"]
+        assert last <= 0.8 * first, handle.info
     else:  # MEMIT's least squares over two layers: the block output reaches z up to a small residual
         assert handle.info["final_z_error"] <= 0.05 * handle.info["layers"][0]["z_error"], handle.info
         assert moved == pytest.approx(value["delta_norm"], rel=0.05), (moved, value)
