@@ -1,11 +1,12 @@
 """Where a ROME edit's time goes: phases of one edit, the value (v*) loop's steps, and its top operators.
 
     python bench/rome_profile.py [--model smollm2_135m] [--n 3] [--start 0] [--threads 1]
+                                 [--compute-dtype bfloat16]
 
 For each record, one edit is timed by phase (wrapping the functions that do the work, no change to them):
-k* (template keys), v* prepare (prefix key/value cache + the edit block's cached input), v* steps split into
-forward (`hidden`), loss (LM head, log-softmax, KL), backward and Adam + clamp, the C⁻¹k solve and the rest
-of the rank-one update. Then one more edit runs under torch.profiler: the top operators by self CPU time,
+v* prepare (prefix key/value cache, the edit block's cached input, and the keys k(x_j + s) read in the same
+pass), v* steps split into forward (`hidden`), loss (LM head, log-softmax, KL), backward and Adam + clamp, the
+C⁻¹k solve and the rest of the rank-one update. Then one more edit runs under torch.profiler: the top operators by self CPU time,
 the matmul FLOPs and the achieved GFLOP/s, and the share of the wall time spent outside aten operators
 (Python, autograd and dispatch overhead). Rows and tokens of the v* batch (rewrite rows, the KL row, suffix
 lengths) are printed too.
@@ -30,7 +31,6 @@ from kedit_pl.models.load import load_model
 from kedit_pl.pipeline import build_method
 
 PHASES = {  # label -> (owner, attribute) of the wrapped function
-    "k* (template keys)": (rome_mod, "template_keys"),
     "v* prepare (prefix cache)": (values._FastRunner, "prepare"),
     "v* step: forward": (values._FastRunner, "hidden"),
     "v* step: LM head + loss": (values, "_logprobs"),
@@ -80,11 +80,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=3)
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compute-dtype", default="bfloat16", help="method.compute_dtype of the profiled edits")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     console = Console(width=200)
     cfg = compose("edit", [f"model={args.model}", "method=rome", "paths.output_dir=/tmp/kedit_bench",
-                           f"dataset.range={args.start}:{args.start + args.n + 1}"])
+                           f"dataset.range={args.start}:{args.start + args.n + 1}",
+                           f"method.compute_dtype={args.compute_dtype}"])
     lm = load_model(cfg.model)
     requests = select(load_split(cfg.dataset.path, cfg.dataset.format), range_=cfg.dataset.range)
     rome = build_method(cfg, lm)
@@ -101,7 +103,8 @@ def main() -> None:
         steps.append(handle.info["per_request"][0]["steps"] + 1)
         rome.restore(handle)
     table = Table("phase", "s / edit", "share", "calls / edit", title=f"ROME edit phases, {args.model}, "
-                  f"{args.n} edits, {args.threads} thread(s); gradient steps per edit: {steps}")
+                  f"compute_dtype={args.compute_dtype}, {args.n} edits, {args.threads} thread(s); "
+                  f"gradient steps per edit: {steps}")
     for label in PHASES:
         table.add_row(label, f"{acc[label] / args.n:.3f}", f"{100 * acc[label] / total:.1f}%",
                       f"{calls[label] / args.n:.0f}")

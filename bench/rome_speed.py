@@ -1,15 +1,18 @@
-"""ROME speed: the fast upper-layers value optimization vs the plain full-forward loop, on the same records.
+"""ROME speed: the value optimization in bf16 projections vs the fp32 fast path vs the plain full-forward loop.
 
     python bench/rome_speed.py [--model smollm2_135m] [--n 5] [--start 0] [--layer L] [--threads T]
-                               [--stats-samples N]
+                               [--stats-samples N] [--compute-dtype bfloat16] [--no-full]
 
-Both paths edit the same records (edit, measure, restore). Prints seconds per edit for each, the speed ratio
-and the max relative difference between the two resulting weight updates. The one-time costs (model load,
-key statistics, context templates) are done first and reported separately.
+Every path edits the same records (edit, measure, restore), one record at a time in this order: the new path
+(`method.compute_dtype`, fast), the fp32 fast path (prefix cache, upper layers only: the code before this
+option), the full-forward loop (fp32, every layer every step). Prints seconds per edit, the ratios, and the
+max relative difference of each weight update from the fp32 fast path's. The one-time costs (model load, key
+statistics, context templates) are done first and reported separately.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -23,8 +26,8 @@ from kedit_pl.models.load import load_model
 from kedit_pl.pipeline import build_method
 
 
-def edit_delta(rome: ROME, req, name: str) -> tuple[torch.Tensor, float]:
-    """Apply one edit, return (ΔW, seconds) and restore the model."""
+def edit_delta(rome: ROME, req, name: str) -> tuple[torch.Tensor, float, int]:
+    """Apply one edit, return (ΔW, seconds, gradient steps) and restore the model."""
     w = dict(rome.model.named_parameters())[name]
     before = w.detach().clone()
     start = time.perf_counter()
@@ -32,7 +35,19 @@ def edit_delta(rome: ROME, req, name: str) -> tuple[torch.Tensor, float]:
     seconds = time.perf_counter() - start
     delta = w.detach() - before
     rome.restore(handle)
-    return delta, seconds
+    return delta, seconds, handle.info["per_request"][0]["steps"] + 1
+
+
+def configure(rome: ROME, fast: bool, dtype: str) -> None:
+    """Switch the path: fast (prefix cache) or full forward, and the value optimization's compute dtype."""
+    rome.fast = fast
+    rome.hp.pop("compute_dtype", None)
+    if dtype != "float32":
+        rome.hp["compute_dtype"] = dtype
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def main() -> None:
@@ -43,6 +58,8 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=None, help="edit layer (default: the model's rome default)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--stats-samples", type=int, default=None, help="override stats.n_samples")
+    ap.add_argument("--compute-dtype", default="bfloat16", help="the new path's method.compute_dtype")
+    ap.add_argument("--no-full", action="store_true", help="skip the full-forward loop (the slowest path)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,24 +83,41 @@ def main() -> None:
     t_prep = time.perf_counter() - t0
     name = rome.edited_parameters([])[0]
     console.print(f"{args.model} layer {rome.layer}: load {t_load:.1f}s, stats+templates {t_prep:.1f}s "
-                  f"(cached after the first run), {torch.get_num_threads()} threads")
+                  f"(cached after the first run), {torch.get_num_threads()} threads; new path: fast, "
+                  f"compute_dtype={args.compute_dtype}")
 
-    table = Table("case_id", "fast s", "full s", "ratio", "max rel diff ΔW")
-    fast_s, full_s, diffs = [], [], []
+    paths = {"new": (True, args.compute_dtype), "fast fp32": (True, "float32")}
+    if not args.no_full:
+        paths["full fp32"] = (False, "float32")
+    secs: dict[str, list[float]] = {p: [] for p in paths}
+    table = Table("case_id", *[f"{p} s" for p in paths], "fast/new", *(["full/new"] if not args.no_full else []),
+                  "steps new/fp32", "ΔW new vs fast", *(["ΔW full vs fast"] if not args.no_full else []))
+    diffs_new, diffs_full = [], []
     for req in requests:
-        rome.fast = True
-        d_fast, s_fast = edit_delta(rome, req, name)
-        rome.fast = False
-        d_full, s_full = edit_delta(rome, req, name)
-        rel = ((d_fast - d_full).abs().max() / d_full.abs().max().clamp_min(1e-30)).item()
-        fast_s.append(s_fast), full_s.append(s_full), diffs.append(rel)
-        table.add_row(req.case_id, f"{s_fast:.2f}", f"{s_full:.2f}", f"{s_full / s_fast:.2f}x", f"{rel:.2e}")
-        console.print(f"case {req.case_id}: fast {s_fast:.2f}s full {s_full:.2f}s rel diff {rel:.2e}")
-    rome.fast = True
+        deltas, steps = {}, {}
+        for p, (fast, dtype) in paths.items():
+            configure(rome, fast, dtype)
+            deltas[p], s, steps[p] = edit_delta(rome, req, name)
+            secs[p].append(s)
+        d_new, d_full = rel(deltas["new"], deltas["fast fp32"]), None
+        diffs_new.append(d_new)
+        cells = [f"{secs[p][-1]:.2f}" for p in paths] + [f"{secs['fast fp32'][-1] / secs['new'][-1]:.2f}x"]
+        if not args.no_full:
+            d_full = rel(deltas["full fp32"], deltas["fast fp32"])
+            diffs_full.append(d_full)
+            cells.append(f"{secs['full fp32'][-1] / secs['new'][-1]:.2f}x")
+        cells += [f"{steps['new']}/{steps['fast fp32']}", f"{d_new:.2e}"] + ([f"{d_full:.2e}"] if d_full is not None else [])
+        table.add_row(str(req.case_id), *cells)
+        console.print(f"case {req.case_id}: " + "  ".join(f"{p} {secs[p][-1]:.2f}s" for p in paths))
+    configure(rome, True, "float32")
+    med = {p: statistics.median(v) for p, v in secs.items()}
+    table.add_row("median", *[f"{med[p]:.2f}" for p in paths], f"{med['fast fp32'] / med['new']:.2f}x",
+                  *([f"{med['full fp32'] / med['new']:.2f}x"] if not args.no_full else []), "", "", "")
     console.print(table)
-    mf, mu = sum(fast_s) / len(fast_s), sum(full_s) / len(full_s)
-    console.print(f"seconds per edit: fast {mf:.2f}  full {mu:.2f}  speed-up {mu / mf:.2f}x  "
-                  f"max rel diff {max(diffs):.2e}")
+    console.print("seconds per edit (median): " + "  ".join(f"{p} {med[p]:.2f}" for p in paths)
+                  + f"; new path {med['fast fp32'] / med['new']:.2f}x the fp32 fast path"
+                  + (f", {med['full fp32'] / med['new']:.2f}x the full-forward loop" if not args.no_full else "")
+                  + f"; max rel diff of ΔW (new vs fp32 fast) {max(diffs_new):.2e}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def _token_grid(model: nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Ten
             grid[:] = [tuple(ids.shape)]
 
     def view(t: torch.Tensor) -> torch.Tensor:
-        if grid and t.dim() == 2 and t.shape[0] == grid[0][0] * grid[0][1] != grid[0][0]:
+        if grid and t.dim() == 2 and t.shape[0] == grid[0][0] * grid[0][1]:  # also one token per row (B·1)
             return t.view(*grid[0], t.shape[-1])
         return t
 

@@ -118,17 +118,15 @@ def read_tensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Te
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
             return {k: f.get_tensor(k) for k in f.keys()}, meta
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, IndexError, KeyError, TypeError) as e:
         raise DamagedFile(f"{what}: {path} is damaged or not a safetensors file ({_first_line(e)})") from None
 
 
 def load_torch_checkpoint(path: str | os.PathLike, what: str) -> dict[str, Any]:
     """A Lightning/torch checkpoint loaded without pickle (weights_only=True); garbage raises `DamagedFile`."""
-    import pickle
-
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - random bytes reach the unpickler as IndexError, TypeError, ...
         # torch's message advises weights_only=False (running arbitrary pickled code); we never do that
         reason = ("damaged, or not a pickle-free torch checkpoint (holds objects other than tensors)"
                   if "weights_only" in str(e) else _first_line(e))

@@ -218,3 +218,53 @@ def test_z_cache_reuses_values_and_misses_after_weights_change(tiny_llama, stats
     with pytest.raises(AssertionError, match="recomputed"):
         memit.compute_targets([REQ])
 
+
+
+# --- post-normed MLP outputs (Gemma 2/3): the residual share becomes an MLP-output target through the norm ---
+def _gemma_norm(d: int = 16) -> torch.nn.Module:
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    norm = Gemma3RMSNorm(d, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=torch.Generator().manual_seed(1)))  # gain 1 + w, signs mixed
+    return norm
+
+
+def test_post_norm_target_reaches_a_reachable_output():
+    from kedit_pl.kv.post_norm import mlp_output_targets
+
+    norm, g = _gemma_norm(), torch.Generator().manual_seed(0)
+    m, other = torch.randn(4, 16, generator=g), 3 * torch.randn(4, 16, generator=g)
+    want = norm(other)  # a normed output the norm can produce
+    dm = mlp_output_targets(norm, m, want - norm(m))
+    new = (m.double() + dm).float()
+    torch.testing.assert_close(norm(new), want, rtol=1e-5, atol=1e-5)
+    rms = lambda x: x.pow(2).mean(-1).sqrt()  # noqa: E731
+    torch.testing.assert_close(rms(new), rms(m))  # m's scale is kept (N forgets it)
+
+
+def test_post_norm_target_off_the_surface_takes_its_ray():
+    from kedit_pl.kv.post_norm import mlp_output_targets
+
+    norm, g = _gemma_norm(), torch.Generator().manual_seed(2)
+    m, resid = torch.randn(3, 16, generator=g), 10 * torch.randn(3, 16, generator=g)
+    y_star = norm(m) + resid
+    got = norm((m.double() + mlp_output_targets(norm, m, resid)).float())
+    cos = torch.nn.functional.cosine_similarity(got, y_star, dim=-1)
+    assert (cos > 1 - 1e-5).all(), cos  # the point of N's surface on y*'s ray
+    with torch.no_grad():
+        norm.weight.zero_()  # gain 1: the surface is a sphere, and the ray's point is its nearest to y*
+    y_star = norm(m) + resid
+    got = norm((m.double() + mlp_output_targets(norm, m, resid)).float())
+    plain = norm(m + resid)  # what adding the share to m itself (the update without the norm) gives
+    assert ((got - y_star).norm(dim=-1) < (plain - y_star).norm(dim=-1)).all()
+
+
+def test_post_norm_that_is_not_rms_fails():
+    from kedit_pl.kv.post_norm import mlp_output_targets
+
+    norm = torch.nn.LayerNorm(16)
+    with torch.no_grad():
+        norm.bias.fill_(0.5)
+    with pytest.raises(EditFailed, match="not an invertible RMS norm"):
+        mlp_output_targets(norm, torch.randn(2, 16), torch.randn(2, 16))

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -97,10 +98,17 @@ def test_wandb_offline_run_holds_metrics(tmp_path):
     run_edit(edit_cfg(tmp_path, "method=ft", "logger=wandb", "dataset.limit=1"))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs, "no offline W&B run folder"
-    # offline runs store history as protobuf records in run-*.wandb; metric keys appear verbatim
-    data = next(runs[0].glob("run-*.wandb")).read_bytes()
-    for key in (b"pre/es", b"post/es", b"post/ps", b"post/ns", b"post/score", b"timing/seconds_per_edit"):
-        assert key in data, key
+    # offline runs store history as protobuf records in run-*.wandb; metric keys appear verbatim. W&B's service
+    # process writes that file asynchronously, so it may still be flushing when run_edit returns: wait for it.
+    keys = (b"pre/es", b"post/es", b"post/ps", b"post/ns", b"post/score", b"timing/seconds_per_edit")
+    deadline = time.monotonic() + 60
+    while True:
+        data = b"".join(p.read_bytes() for p in runs[0].glob("run-*.wandb"))
+        missing = [k for k in keys if k not in data]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not missing, missing
 
 
 def _cli(tmp_path, *args):

@@ -104,6 +104,16 @@ def test_keys_batched_equal_single(tiny_gpt2):
         torch.testing.assert_close(both[i], one, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_value_pass_reads_the_template_keys(tiny_gpt2, fast):
+    """ROME takes k(x_j + s) from the value optimization's caching pass instead of a separate keys pass."""
+    lm = tiny_gpt2
+    res = optimize_values(lm.model, lm.tokenizer, lm.spec, [REQ, REQ2], TEMPLATES, 1, steps=1, fast=fast)
+    ref = template_keys(lm.model, lm.tokenizer, lm.spec, 1, [REQ, REQ2], TEMPLATES)
+    assert res.keys.shape == ref.shape == (2, len(TEMPLATES), ref.shape[-1])
+    torch.testing.assert_close(res.keys, ref, rtol=1e-5, atol=1e-6)
+
+
 # --- values: fast path == full forward --------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_gpt2"])
 @pytest.mark.parametrize("insert", ["mlp_out", "layer"])
@@ -131,8 +141,13 @@ def test_fast_path_skips_lower_layers_and_prefix_tokens(tiny_llama):
              top.register_forward_hook(lambda _m, _a, out: top_widths.append(out.shape[1]))]
     try:
         optimize_values(lm.model, lm.tokenizer, lm.spec, [REQ], TEMPLATES, 2, steps=5, stop_loss=0.0, fast=True)
-        assert len(low_calls) == 2  # the two caching passes (prefix, suffix); no optimization step runs layer 0
-        fast_width = top_widths[-1]
+        fast_width = top_widths[-1]  # the last forward runs the longest rows (groups go by length)
+        # only the caching passes run layer 0 (the prefix, in groups of similar length, then the suffix): as many
+        # with 2 steps as with 5, so no optimization step runs it
+        caching = len(low_calls)
+        low_calls.clear()
+        optimize_values(lm.model, lm.tokenizer, lm.spec, [REQ], TEMPLATES, 2, steps=2, stop_loss=0.0, fast=True)
+        assert len(low_calls) == caching <= 1 + len(TEMPLATES) + 1
         low_calls.clear()
         optimize_values(lm.model, lm.tokenizer, lm.spec, [REQ], TEMPLATES, 2, steps=5, stop_loss=0.0, fast=False)
         assert len(low_calls) == 6

@@ -36,7 +36,9 @@ from transformers import PreTrainedTokenizerBase
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.hooks import StopForward, capture, edit_outputs, stop_after
+from kedit_pl.kv.buckets import partition
 from kedit_pl.kv.keys import subject_prompts
+from kedit_pl.kv.precision import compute_dtype as resolve_dtype, lowp_forwards
 from kedit_pl.models.kv_cache import cache_kwargs, cache_layers, new_cache
 from kedit_pl.models.spec import ModelSpec
 from kedit_pl.tokens import encode_targets, pad_id, prompt_ids, subject_last_token
@@ -55,6 +57,9 @@ class ValueResult:
     steps: list[int] = field(default_factory=list)  # gradient steps taken per request
     seconds: float = 0.0
     cached: int = 0  # requests whose values came from a disk cache (kv/value_cache.py), not computed
+    #: (R, T, d_k) input of the edit layer's mlp_out at the subject's last token of each template's prompt: ROME's
+    #: keys k(x_j + s) (eq. 3), read for free in the same pass that caches the prefix (None where not computed)
+    keys: torch.Tensor | None = None
 
     @property
     def target(self) -> torch.Tensor:
@@ -106,7 +111,7 @@ def build_batch(tok: PreTrainedTokenizerBase, requests: list[EditRequest], templ
 
 
 @contextmanager
-def _override_forward(replacements: dict[nn.Module, Callable]) -> Iterator[None]:
+def override_forward(replacements: dict[nn.Module, Callable]) -> Iterator[None]:
     """Temporarily set `module.forward` (instance attribute); always restores the previous state."""
     missing = object()
     saved = []
@@ -146,6 +151,8 @@ class _FullRunner:
         self.device = next(model.parameters()).device
         self.block = spec.module_name("layer", layer)
         self.insert = spec.module_name(insert, layer)
+        self.key_module = spec.module_name("mlp_out", layer)  # its input at the edit position is ROME's key k
+        self.keys: torch.Tensor | None = None  # (B, d_k), set by prepare
         if insert != "layer" and not self.insert.startswith(self.block + "."):
             raise ConfigError(f"insertion module {self.insert} is not inside block {self.block}")
         self.lower = [spec.module(model, "layer", i) for i in range(layer)]
@@ -170,9 +177,11 @@ class _FullRunner:
 
     @torch.no_grad()
     def prepare(self) -> torch.Tensor:
-        """The original output of the insertion module at every row's subject-last token."""
-        with capture(self.model, [self.insert]) as cap, stop_after(self.model, self.block):
+        """The original output of the insertion module at every row's subject-last token (and the keys there)."""
+        with capture(self.model, [self.insert, self.key_module], inputs=True) as cap, \
+                stop_after(self.model, self.block):
             self._call(**self.inputs)
+        self.keys = cap.inputs[self.key_module][self.rows, self.pos]
         return cap.outputs[self.insert][self.rows, self.pos]
 
     def _add(self, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -195,11 +204,42 @@ class _FullRunner:
         return h[rows, cols]
 
 
+@dataclass
+class _Bucket:
+    """Rows of similar suffix length that run as one forward, trimmed to their own longest prefix and suffix."""
+
+    rows: torch.Tensor  # (n,) indices into the runner's current rows
+    ids: torch.Tensor  # (n, w) suffix token ids
+    pre_mask: torch.Tensor  # (n, p) which cached prefix slots are real
+    suf_mask: torch.Tensor  # (n, w)
+    positions: torch.Tensor  # (n, w)
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # prefix keys/values per layer, (n, heads, p, head_dim)
+    block_in: torch.Tensor  # (n, w, d) the edit block's input on the suffix
+    block_out: torch.Tensor  # (n, w, d) its output
+
+    def inputs(self) -> dict:
+        return dict(input_ids=self.ids, attention_mask=torch.cat([self.pre_mask, self.suf_mask], 1),
+                    position_ids=self.positions, use_cache=True)
+
+    def take(self, sel: torch.Tensor, rows: torch.Tensor) -> "_Bucket":
+        """Rows `sel` (local indices) only, renumbered `rows`, with the padding they no longer need trimmed."""
+        p, w = int(self.pre_mask[sel].sum(1).max()), int(self.suf_mask[sel].sum(1).max())
+        return _Bucket(rows, self.ids[sel, :w], self.pre_mask[sel, :p], self.suf_mask[sel, :w],
+                       self.positions[sel, :w], [(k[sel, :, :p], v[sel, :, :p]) for k, v in self.kv],
+                       self.block_in[sel, :w], self.block_out[sel, :w])
+
+
+#: an extra forward (+ backward) costs about as much as this many more tokens in one (Python and dispatch);
+#: `buckets.partition` weighs it against the padded tokens a split saves
+GROUP_OVERHEAD_TOKENS = 32
+
+
 class _FastRunner(_FullRunner):
     """Recompute only what δ changes: the suffix of each row (from the subject's last token on) in the blocks
     from the edit layer up. The prefix's keys/values are cached once for every layer; lower blocks become
     pass-throughs and the edit block returns its cached output (+ δ), or reruns on its cached input when δ goes
-    inside it."""
+    inside it. Rows run in groups of similar prefix and suffix length (kv/buckets.py), so that few padded
+    tokens are computed."""
 
     def __init__(self, model: nn.Module, spec: ModelSpec, batch: _Batch, layer: int, insert: str,
                  loss_layer: int) -> None:
@@ -217,67 +257,111 @@ class _FastRunner(_FullRunner):
             pre_ids[b, :s], pre_mask[b, :s] = batch.ids[b, :s], 1
             suf_ids[b, : e - s], suf_mask[b, : e - s] = batch.ids[b, s:e], 1
         d = self.device
-        self.start = start.to(d)
+        self.start, self.suf_len = start.to(d), (end - start).to(d)
         self.pos = torch.zeros_like(self.start)  # δ goes at the first suffix token
         self.prefix = dict(input_ids=pre_ids.to(d), attention_mask=pre_mask.to(d), use_cache=True) if wp else None
         self.suffix = dict(input_ids=suf_ids.to(d), attention_mask=torch.cat([pre_mask, suf_mask], 1).to(d),
                            position_ids=(start.unsqueeze(1) + torch.arange(ws)).to(d), use_cache=True)
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.cache: dict = {}
+        self.structs: list = []
+        self.buckets: list[_Bucket] = []
 
-    def _past(self) -> dict:
-        """A fresh cache holding the prefix keys/values (each step appends to its own copy)."""
-        return cache_kwargs(self.model, new_cache(self.model, self.kv)) if self.kv else {}
+    def _prefix_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys/values of every row's prefix for all layers up to the loss layer, (n, heads, wp, head_dim) each,
+        padded slots zero (never NaN). Rows run in groups of similar prefix length."""
+        ids, mask = self.prefix["input_ids"], self.prefix["attention_mask"]
+        groups = partition(self.start.tolist(), GROUP_OVERHEAD_TOKENS)
+        full: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for g in groups:
+            rows = torch.tensor(g, device=self.device)
+            p = int(self.start[rows].max())
+            if p == 0:
+                continue
+            cache = new_cache(self.model)
+            with stop_after(self.model, self.loss_block):
+                self._call(input_ids=ids[rows, :p], attention_mask=mask[rows, :p], use_cache=True,
+                           **cache_kwargs(self.model, cache))
+            keep = mask[rows, :p].bool()[:, None, :, None]
+            layers = cache_layers(cache)
+            if not full:
+                full = [(k.new_zeros((len(mask), k.shape[1], mask.shape[1], k.shape[3])),
+                         v.new_zeros((len(mask), v.shape[1], mask.shape[1], v.shape[3]))) for k, v in layers]
+            for (K, V), (k, v) in zip(full, layers):
+                K[rows, :, :p], V[rows, :, :p] = torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)
+        return full
 
     @torch.no_grad()
     def prepare(self) -> torch.Tensor:
         if self.prefix is not None:
-            cache = new_cache(self.model)
-            with stop_after(self.model, self.loss_block):
-                self._call(**self.prefix, **cache_kwargs(self.model, cache))
-            keep = self.prefix["attention_mask"].bool()[:, None, :, None]  # zero padded slots: never NaN
-            self.kv = [(torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)) for k, v in cache_layers(cache)]
+            self.kv = self._prefix_kv()
         blocks = self.lower + [self.model.get_submodule(self.block)]
         structs: dict[int, object] = {}
         hooks = [m.register_forward_hook(lambda _m, _a, out, i=i: structs.__setitem__(i, out))
                  for i, m in enumerate(blocks)]
+        past = cache_kwargs(self.model, new_cache(self.model, self.kv)) if self.kv else {}
         try:
-            with capture(self.model, [self.insert, self.block], inputs=True) as cap, \
+            with capture(self.model, [self.insert, self.block, self.key_module], inputs=True) as cap, \
                     stop_after(self.model, self.block):
-                self._call(**self.suffix, **self._past())
+                self._call(**self.suffix, **past)
         finally:
             for h in hooks:
                 h.remove()
         # of the lower blocks' outputs only the structure (tensor, or tuple with extras) is reused
-        self.cache = {"in": cap.inputs[self.block], "out": cap.outputs[self.block],
-                      "structs": [structs.get(i) for i in range(len(blocks))]}
+        self.structs = [structs.get(i) for i in range(len(blocks))]
+        self.buckets = self._buckets(cap.inputs[self.block], cap.outputs[self.block])
+        self.kv, self.suffix = [], {}  # now held by the buckets
+        self.keys = cap.inputs[self.key_module][self.rows, self.pos]
         return cap.outputs[self.insert][self.rows, self.pos]
 
-    def hidden(self, delta: torch.Tensor) -> torch.Tensor:
-        add = self._add(delta)
-        structs, cached_in = self.cache["structs"], self.cache["in"]
+    def _buckets(self, block_in: torch.Tensor, block_out: torch.Tensor) -> list[_Bucket]:
+        mask, n_pre = self.suffix["attention_mask"], self.prefix["input_ids"].shape[1] if self.prefix else 0
+        whole = _Bucket(self.rows, self.suffix["input_ids"], mask[:, :n_pre], mask[:, n_pre:],
+                        self.suffix["position_ids"], self.kv, block_in, block_out)
+        return [whole.take(torch.tensor(g, device=self.device), torch.tensor(g, device=self.device))
+                for g in partition(self.suf_len.tolist(), GROUP_OVERHEAD_TOKENS)]
+
+    def _bucket_hidden(self, bk: _Bucket, delta: torch.Tensor) -> torch.Tensor:
+        """The loss block's output on one bucket's suffix, δ of each row's request added at its first token."""
+        local = torch.arange(len(bk.rows), device=self.device)
+        first, d_rows = torch.zeros_like(local), delta[self.req[bk.rows]]
+
+        def add(out: torch.Tensor) -> torch.Tensor:
+            return out.index_put((local, first), d_rows, accumulate=True)
+
         repl: dict[nn.Module, Callable] = {}
-        for m, out in zip(self.lower, structs):
+        for m, out in zip(self.lower, self.structs):
             repl[m] = lambda *a, _o=out, **k: _restructure(_o, a[0] if a else k["hidden_states"])
         blk = self.model.get_submodule(self.block)
         with ExitStack() as stack:
             if self.insert == self.block:
-                repl[blk] = lambda *a, **k: _restructure(structs[-1], add(self.cache["out"]))
+                repl[blk] = lambda *a, **k: _restructure(self.structs[-1], add(bk.block_out))
             else:
-                repl[blk] = _on_hidden(blk.forward, cached_in)
+                repl[blk] = _on_hidden(blk.forward, bk.block_in)
                 stack.enter_context(edit_outputs(self.model, {self.insert: add}))
-            stack.enter_context(_override_forward(repl))
-            return self._run(delta, stack, **self.suffix, **self._past())
+            stack.enter_context(override_forward(repl))
+            past = cache_kwargs(self.model, new_cache(self.model, bk.kv)) if bk.kv else {}
+            return self._run(delta, stack, **bk.inputs(), **past)
+
+    def hidden(self, delta: torch.Tensor) -> torch.Tensor:
+        """(rows, longest suffix, d): each bucket's output, padded and put back in row order."""
+        outs = [self._bucket_hidden(bk, delta) for bk in self.buckets]
+        if len(outs) == 1:
+            return outs[0]
+        width = max(o.shape[1] for o in outs)
+        h = torch.cat([F.pad(o, (0, 0, 0, width - o.shape[1])) for o in outs])
+        return h[torch.argsort(torch.cat([bk.rows for bk in self.buckets]))]
 
     def gather(self, h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         return h[rows, cols - self.start[rows]]
 
     def narrow(self, keep: torch.Tensor) -> None:
+        kept = torch.zeros(len(self.req), dtype=torch.bool, device=self.device)
+        kept[keep] = True
+        new_index = kept.cumsum(0) - 1
         super().narrow(keep)
-        self.start = self.start[keep]
-        self.suffix = _take_rows(self.suffix, keep)
-        self.kv = [(k[keep], v[keep]) for k, v in self.kv]
-        self.cache["in"], self.cache["out"] = self.cache["in"][keep], self.cache["out"][keep]
+        self.start, self.suf_len = self.start[keep], self.suf_len[keep]
+        self.buckets = [bk.take(sel, new_index[bk.rows[sel]])
+                        for bk in self.buckets for sel in [kept[bk.rows].nonzero().flatten()] if len(sel)]
 
 
 def _take_rows(inputs: dict, keep: torch.Tensor) -> dict:
@@ -317,32 +401,82 @@ def optimize_values(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelS
                     templates: list[str], layer: int, *, insert: str = "mlp_out", loss_layer: int | None = None,
                     steps: int = 20, lr: float = 0.5, weight_decay: float = 0.5, clamp_norm_factor: float = 4.0,
                     kl_factor: float = 0.0625, kl_prompts: tuple[str, ...] = KL_PROMPTS, stop_loss: float = 5e-2,
-                    fast: bool = True, max_rows: int | None = None) -> ValueResult:
-    """Optimize δ for every request (batched; groups of at most `max_rows` rows per forward)."""
+                    fast: bool = True, max_rows: int | None = None, compute_dtype: str = "float32") -> ValueResult:
+    """Optimize δ for every request (batched; groups of at most `max_rows` rows per forward).
+
+    `compute_dtype="bfloat16"` runs the projections of the blocks above the edit layer and the LM head in bf16
+    (kv/precision.py); everything else, and every weight, stays as it is."""
     if not requests:
         raise ValueError("optimize_values needs at least one request")
+    dtype = resolve_dtype(compute_dtype)
     per_req = len(templates) + len(kl_prompts)
     group = len(requests) if not max_rows else max(1, max_rows // per_req)
     parts = [_optimize_group(model, tok, spec, requests[i: i + group], templates, layer, insert,
                              spec.n_layers - 1 if loss_layer is None else loss_layer, steps, lr, weight_decay,
-                             clamp_norm_factor, kl_factor, kl_prompts, stop_loss, fast)
+                             clamp_norm_factor, kl_factor, kl_prompts, stop_loss, fast, dtype)
              for i in range(0, len(requests), group)]
     return ValueResult(torch.cat([p.delta for p in parts]), torch.cat([p.v_init for p in parts]),
                        torch.cat([p.nll for p in parts]), torch.cat([p.kl for p in parts]),
-                       sum((p.steps for p in parts), []), sum(p.seconds for p in parts))
+                       sum((p.steps for p in parts), []), sum(p.seconds for p in parts),
+                       keys=torch.cat([p.keys for p in parts]))
+
+
+def _upper(model: nn.Module, spec: ModelSpec, layer: int, loss_layer: int) -> list[nn.Module]:
+    """What runs above the insertion point: the blocks after the edit layer up to the loss layer, and the LM head.
+    (The edit block itself stays in float32: v and the keys are read there.)"""
+    return [spec.module(model, "layer", i) for i in range(layer + 1, loss_layer + 1)] + \
+        [model.get_submodule(spec.lm_head)]
+
+
+def warm_compute_dtype(model: nn.Module, spec: ModelSpec, layer: int, loss_layer: int | None,
+                       compute_dtype: str) -> None:
+    """Make the low-precision weight copies now, so that the first timed call does not pay for them (they stay
+    valid for every later call while the weights are unchanged, kv/precision.py)."""
+    dtype = resolve_dtype(compute_dtype)
+    lowp_forwards(_upper(model, spec, layer, spec.n_layers - 1 if loss_layer is None else loss_layer), dtype)
+
+
+@contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[None]:
+    """Plain matmul + softmax attention ("eager") for the duration of a call, on CPU: at the value optimization's
+    shapes (a few query tokens per row over a short cached prefix) PyTorch's fused CPU attention kernels cost more
+    than the attention itself (ROME, smollm2: 11 % of an edit's time, against about 2 % eager). Every Hugging Face
+    decoder has the eager path; its masks follow the same setting. Restored on exit."""
+    config = getattr(model, "config", None)
+    old = getattr(config, "_attn_implementation", None)
+    if old in (None, "eager") or next(model.parameters()).device.type != "cpu":
+        yield
+        return
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
 
 
 def _optimize_group(model, tok, spec, requests, templates, layer, insert, loss_layer, steps, lr, weight_decay,
-                    clamp_norm_factor, kl_factor, kl_prompts, stop_loss, fast) -> ValueResult:
+                    clamp_norm_factor, kl_factor, kl_prompts, stop_loss, fast, dtype) -> ValueResult:
     start = time.perf_counter()
     if not layer <= loss_layer < spec.n_layers:
         raise ConfigError(f"loss_layer {loss_layer} must lie in [{layer}, {spec.n_layers - 1}]")
     batch = build_batch(tok, requests, templates, kl_prompts)
+    with override_forward(lowp_forwards(_upper(model, spec, layer, loss_layer), dtype)), _eager_attention(model):
+        res = _optimize_batch(model, spec, requests, batch, layer, insert, loss_layer, steps, lr, weight_decay,
+                              clamp_norm_factor, kl_factor, stop_loss, fast)
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+def _optimize_batch(model, spec, requests, batch, layer, insert, loss_layer, steps, lr, weight_decay,
+                    clamp_norm_factor, kl_factor, stop_loss, fast) -> ValueResult:
+    """Adam on δ for the requests of one batch (ROME eq. 4 / MEMIT eq. 16, see the module docstring)."""
     run = (_FastRunner if fast else _FullRunner)(model, spec, batch, layer, insert, loss_layer)
     n_req = len(requests)
     v_all = run.prepare()
     v_init = v_all[batch.init_rows.to(run.device)].detach()
     dev = run.device
+    n_rw = len(batch.row_req) - len(batch.kl_rows)  # rewrite rows come first, request-major (build_batch)
+    keys = run.keys[:n_rw].detach().reshape(n_req, n_rw // n_req, -1)
     kl_mask = torch.zeros(len(batch.row_req), dtype=torch.bool)
     kl_mask[batch.kl_rows] = True
     rows = _Rows(batch.labels.to(dev), batch.row_req.to(dev), kl_mask.to(dev), batch.edit_pos.to(dev))
@@ -361,11 +495,13 @@ def _optimize_group(model, tok, spec, requests, templates, layer, insert, loss_l
     taken = [steps - 1] * n_req
     for it in range(steps):
         h = run.hidden(delta)
-        lp = _logprobs(model, spec, run.gather(h, rows.tr, rows.tc))
+        # one LM-head pass for the target positions and the KL rows (the head's weight is read once per step)
+        lp_all = _logprobs(model, spec, torch.cat([run.gather(h, rows.tr, rows.tc),
+                                                   run.gather(h, rows.kl_rows, rows.kl_pos)]))
+        lp, kl_lp = lp_all[: len(rows.tr)], lp_all[len(rows.tr):]
         lp = lp.gather(-1, rows.lab[rows.tr, rows.tc].unsqueeze(-1)).squeeze(-1)
         nll_row = torch.zeros(len(rows.lab), device=dev).index_add(0, rows.tr, -lp) / rows.n_tok
         nll = torch.zeros(n_req, device=dev).index_add(0, rows.req, nll_row) / rows_per_req
-        kl_lp = _logprobs(model, spec, run.gather(h, rows.kl_rows, rows.kl_pos))
         if kl_init is None:
             kl_init = kl_lp.detach()
         kl_each = F.kl_div(kl_init, kl_lp, log_target=True, reduction="none").sum(-1)  # KL(P_δ ‖ P)
@@ -397,4 +533,4 @@ def _optimize_group(model, tok, spec, requests, templates, layer, insert, loss_l
             kl_init = kl_init[(~done[rows.kl_req]).nonzero().flatten()]
             run.narrow(keep)
             rows = rows.take(keep)
-    return ValueResult(delta.detach(), v_init, nll_out, kl_out, taken, time.perf_counter() - start)
+    return ValueResult(delta.detach(), v_init, nll_out, kl_out, taken, keys=keys)

@@ -11,6 +11,8 @@
        Δ = R Kᵀ (λ C₀ + K Kᵀ)⁻¹,
 
    the minimizer of ‖Δ K − R‖² + λ tr(Δ C₀ Δᵀ), in float64, added to the MLP output projection at l.
+   Where the block norms the MLP output before the residual add (`spec.mlp_post_norm`, Gemma 2/3), R is first
+   turned into the change of the MLP output that moves the normed output by R (kv/post_norm.py).
 
 C₀ here is E[kkᵀ] (kv/stats.py), as in the reference implementation (its `mom2_update_weight` multiplies the
 normalized second moment, e.g. λ = 15000 for GPT-J), so λ carries over unchanged. MEMIT reuses ROME's
@@ -32,6 +34,7 @@ from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.hooks import StopForward, capture, stop_after
 from kedit_pl.kv.context import DEFAULT_LENGTHS, template_groups
 from kedit_pl.kv.keys import compute_keys, subject_prompts
+from kedit_pl.kv.post_norm import mlp_output_targets
 from kedit_pl.kv.stats import StatsConfig, second_moment
 from kedit_pl.kv.value_cache import cache_folder, cached_values
 from kedit_pl.kv.values import KL_PROMPTS, ValueResult, optimize_values
@@ -69,9 +72,10 @@ def memit_factors(keys: torch.Tensor, resid: torch.Tensor, C: torch.Tensor | Non
 
 @torch.no_grad()
 def block_outputs(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelSpec, layer: int,
-                  requests: list[EditRequest], batch_size: int = 64) -> torch.Tensor:
-    """Output of block `layer` (residual stream) at the subject's last token of each plain prompt, (R, d)."""
-    block = spec.module_name("layer", layer)
+                  requests: list[EditRequest], batch_size: int = 64, site: str = "layer") -> torch.Tensor:
+    """Output of block `layer` (residual stream; or of its module `site`, e.g. "mlp_out") at the subject's last
+    token of each plain prompt, (R, d)."""
+    block = spec.module_name(site, layer)
     prompts = subject_prompts(tok, requests, ["{}"])
     rows = [prompt_ids(tok, p.text)[: p.subject_idx + 1] for p in prompts]  # causal: the rest is irrelevant
     device = next(model.parameters()).device
@@ -116,7 +120,7 @@ class MEMIT(ROME):
                  context_template_length_params: Sequence[Sequence[int]] = DEFAULT_LENGTHS, context_seed: int = 0,
                  fast: bool = True, stats: StatsConfig | Mapping[str, Any] | None = None,
                  cache_dir: str | None = None, z_cache: bool = True, key_average: str = "groups",
-                 name: str = "memit") -> None:
+                 compute_dtype: str = "float32", name: str = "memit") -> None:
         if not layers:
             raise ConfigError("MEMIT needs a layer range: set method.layers or model.method_defaults.memit.layers")
         layers = [int(x) for x in layers]
@@ -137,7 +141,8 @@ class MEMIT(ROME):
                          clamp_norm_factor=clamp_norm_factor, kl_factor=kl_factor, stop_loss=stop_loss,
                          mom2_adjustment=mom2_adjustment, mom2_update_weight=mom2_update_weight,
                          context_template_length_params=context_template_length_params,
-                         context_seed=context_seed, fast=fast, stats=stats, cache_dir=cache_dir, name=name)
+                         context_seed=context_seed, fast=fast, stats=stats, cache_dir=cache_dir,
+                         compute_dtype=compute_dtype, name=name)
         self.layers = layers
         self.z_batch_size = int(z_batch_size)
         self.z_cache = bool(z_cache) and self.cache_dir is not None
@@ -155,9 +160,10 @@ class MEMIT(ROME):
         return dict(self._mom2)
 
     def prepare(self) -> None:
-        """Templates and C₀ for every layer, before the first (timed) edit."""
+        """Templates, C₀ for every layer and the bf16 weight copies, before the first (timed) edit."""
         self.templates()
         self.mom2()
+        self.warm_values()
 
     # --- EditMethod -------------------------------------------------------------------------------
     def edited_parameters(self, requests: list[EditRequest]) -> list[str]:
@@ -219,6 +225,9 @@ class MEMIT(ROME):
                              groups=self.key_groups)
             H = block_outputs(self.model, self.tok, self.spec, self.layer, requests).double()
             resid = (Z - H) / (len(self.layers) - i)  # spread the remaining error over the remaining layers
+            if self.spec.mlp_post_norm:  # the block adds N(MLP output): target the MLP output through N
+                M = block_outputs(self.model, self.tok, self.spec, layer, requests, site="mlp_out")
+                resid = mlp_output_targets(self.spec.module(self.model, "mlp_post_norm", layer), M, resid)
             factors: list[torch.Tensor] = []  # the update's low-rank factors, when the method knows them
             delta_w = self.layer_update(layer, K, resid, mom2[layer], factors)
             W = linear_weight(self.spec.module(self.model, "mlp_out", layer))

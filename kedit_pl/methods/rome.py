@@ -26,8 +26,9 @@ from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, EditFailed, KEditError
 from kedit_pl.kv.context import DEFAULT_LENGTHS, context_templates
 from kedit_pl.kv.keys import subject_prompts, template_keys
+from kedit_pl.kv.precision import compute_dtype as resolve_dtype
 from kedit_pl.kv.stats import StatsConfig, model_fingerprint, second_moment
-from kedit_pl.kv.values import optimize_values
+from kedit_pl.kv.values import optimize_values, warm_compute_dtype
 from kedit_pl.methods.base import EditMethod
 from kedit_pl.models.spec import ModelSpec, linear_weight
 
@@ -80,7 +81,8 @@ class ROME(EditMethod):
                  mom2_adjustment: bool = True, mom2_update_weight: float = 0.0,
                  context_template_length_params: Sequence[Sequence[int]] = DEFAULT_LENGTHS, context_seed: int = 0,
                  fast: bool = True, stats: StatsConfig | Mapping[str, Any] | None = None,
-                 cache_dir: str | None = None, constraint_key: str = "plain", name: str = "rome") -> None:
+                 cache_dir: str | None = None, constraint_key: str = "plain", compute_dtype: str = "float32",
+                 name: str = "rome") -> None:
         super().__init__(model, tokenizer, spec)
         if layer is None:
             raise ConfigError("ROME needs an edit layer: set method.layer or model.method_defaults.rome.layer")
@@ -96,6 +98,9 @@ class ROME(EditMethod):
         self.hp = dict(steps=int(v_num_grad_steps), lr=float(v_lr), weight_decay=float(v_weight_decay),
                        clamp_norm_factor=float(clamp_norm_factor), kl_factor=float(kl_factor),
                        stop_loss=float(stop_loss))
+        resolve_dtype(compute_dtype)  # a bad value fails here, before any model work
+        if compute_dtype != "float32":  # absent at float32, so MEMIT z caches keyed before this option stay valid
+            self.hp["compute_dtype"] = compute_dtype
         self.mom2_adjustment, self.mom2_update_weight = bool(mom2_adjustment), float(mom2_update_weight)
         self.lengths = [tuple(int(x) for x in p) for p in context_template_length_params]
         self.context_seed, self.fast = int(context_seed), bool(fast)
@@ -128,9 +133,14 @@ class ROME(EditMethod):
         return [self.spec.weight_name("mlp_out", self.layer)]
 
     def prepare(self) -> None:
-        """Compute the per-model caches (fingerprint, templates, C) before the first, timed edit."""
+        """Compute the per-model caches (fingerprint, templates, C, bf16 weight copies) before the first, timed edit."""
         self.templates()
         self.solver()
+        self.warm_values()
+
+    def warm_values(self) -> None:
+        """The value optimization's low-precision weight copies (`compute_dtype`; nothing at float32)."""
+        warm_compute_dtype(self.model, self.spec, self.layer, self.loss_layer, self.hp.get("compute_dtype", "float32"))
 
     def prepare_data(self) -> None:
         """Lightning hook, run by one process per node while the other ranks wait: under DDP the disk caches
@@ -176,10 +186,12 @@ class ROME(EditMethod):
     def edit_one(self, req: EditRequest) -> dict[str, Any]:
         """Compute and write one rank-one update; returns diagnostics."""
         templates = self.templates()
-        keys = template_keys(self.model, self.tok, self.spec, self.layer, [req], templates)[0]
-        k_star = keys.mean(0)  # eq. 3
+        # the keys k(x_j + s) come with the values, read in the value optimization's caching pass
         res = optimize_values(self.model, self.tok, self.spec, [req], templates, self.layer, insert="mlp_out",
                               loss_layer=self.loss_layer, fast=self.fast, **self.hp)
+        keys = res.keys[0] if res.keys is not None else \
+            template_keys(self.model, self.tok, self.spec, self.layer, [req], templates)[0]  # values without keys
+        k_star = keys.mean(0)  # eq. 3
         module = self.spec.module(self.model, "mlp_out", self.layer)
         # eq. 2 in float64 on the CPU (a d_out x d_k matrix: cheap), then written back in the model's dtype
         W = linear_weight(module).detach().cpu()

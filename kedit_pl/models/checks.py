@@ -9,6 +9,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from kedit_pl.errors import ConfigError
+from kedit_pl.models.infer import post_mlp_norm
 from kedit_pl.models.spec import ModelSpec
 
 LAYERED = ("layer", "mlp", "attn", "mlp_in", "mlp_out", "attn_out")
@@ -26,9 +27,14 @@ def check_arch(model: nn.Module, spec: ModelSpec, config: PretrainedConfig | Non
     config = (config or model.config).get_text_config()
     _check_size(spec, "n_layers", getattr(config, "num_hidden_layers", None))
     _check_size(spec, "hidden_size", getattr(config, "hidden_size", None))
-    for field_name in LAYERED + GLOBAL:
+    for field_name in LAYERED + GLOBAL + (("mlp_post_norm",) if spec.mlp_post_norm else ()):
         for name in _template_names(spec, field_name):
             _check_module(model, spec, field_name, name)
+    if spec.mlp_post_norm is None:  # MEMIT's update would silently presume the MLP output joins the residual as is
+        found = post_mlp_norm(spec.module(model, "layer", 0), spec.layer)
+        if found:
+            raise ConfigError(f"model.arch.mlp_post_norm: unset, but the blocks norm the MLP output before the "
+                              f"residual add ({found.format(0)}); fix: set model.arch.mlp_post_norm={found}")
     tied = spec.module(model, "lm_head").weight is spec.module(model, "embed").weight
     if tied != spec.tied_embeddings:
         raise ConfigError(f"model.arch.tied_embeddings: {spec.tied_embeddings} but the loaded model's lm_head is "

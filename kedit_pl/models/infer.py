@@ -9,6 +9,9 @@ What is found, per block 0 of the decoder's ModuleList (the one with `num_hidden
   (OPT: fc1/fc2; then `mlp` is the output projection, whose output is the MLP's output). The output projection
   maps the intermediate width back to `hidden_size` (down_proj, c_proj, fc_out, dense_4h_to_h, fc2); the input
   projection maps `hidden_size` up, preferring up_proj over a gated MLP's gate_proj;
+- post-MLP norm: a norm child of the block named like post_feedforward_layernorm / post_mlp_norm (Gemma 2/3,
+  OLMo 2), whose output, not the MLP's, joins the residual stream (Llama's `post_attention_layernorm` is the
+  norm *before* the MLP and does not match); None when absent;
 - embeddings and head from `get_input_embeddings()` / `get_output_embeddings()`; the final norm is the last
   norm module of the decoder body outside the blocks; tying is read off the weights.
 Anything not identifiable is a one-line ConfigError naming what was found; `model.arch_override` sets a field.
@@ -27,6 +30,7 @@ ATTN = re.compile(r"attn|attention", re.I)
 MLP = re.compile(r"mlp|ffn|feed_?forward", re.I)
 ATTN_OUT = ("o_proj", "out_proj", "c_proj", "dense", "wo", "o")
 MLP_OUT = ("down_proj", "c_proj", "fc_out", "dense_4h_to_h", "fc2", "w2", "wo")
+POST_MLP_NORM = re.compile(r"post_?(feed_?forward|ffw|ffn|mlp)", re.I)
 MLP_IN = ("up_proj", "c_fc", "fc_in", "dense_h_to_4h", "fc1", "w1", "gate_up_proj", "wi")
 
 
@@ -125,7 +129,15 @@ def infer_arch(model: nn.Module) -> dict[str, Any]:
             "mlp_in": sub(mlp_prefix + mlp_in), "mlp_out": sub(mlp_prefix + mlp_out),
             "attn_out": sub(f"{attn}.{attn_out}"), "embed": names[id(embed)],
             "final_norm": _final_norm(model, blocks, kind), "lm_head": names[id(head)],
-            "tied_embeddings": head.weight is embed.weight}
+            "tied_embeddings": head.weight is embed.weight, "mlp_post_norm": post_mlp_norm(block, layer)}
+
+
+def post_mlp_norm(block: nn.Module, layer: str) -> str | None:
+    """The template of the block's norm applied to the MLP output before the residual add, if it has one."""
+    for name, m in block.named_children():
+        if POST_MLP_NORM.search(name) and "norm" in type(m).__name__.lower():
+            return f"{layer}.{name}"
+    return None
 
 
 def _final_norm(model: nn.Module, blocks: str, kind: str) -> str:

@@ -17,7 +17,8 @@ class ModelSpec:
     `mlp_out` is the MLP output projection: ROME/MEMIT edit its weight, its input is the key k and
     its output the value v. `mlp_in` is the MLP input projection (up/fc). `layer` is the whole block
     (its output is the residual stream / hidden state). `mlp` and `attn` are the sub-blocks whose
-    outputs causal tracing restores.
+    outputs causal tracing restores. `mlp_post_norm` is the norm the MLP output passes through before it joins
+    the residual stream (Gemma 2/3's post_feedforward_layernorm); None where the MLP output is added as it is.
     """
 
     name: str
@@ -34,6 +35,7 @@ class ModelSpec:
     final_norm: str
     lm_head: str
     tied_embeddings: bool = False
+    mlp_post_norm: str | None = None
     method_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
