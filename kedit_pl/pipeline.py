@@ -247,8 +247,14 @@ def cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 def run_train(cfg: DictConfig) -> dict[str, Any]:
     """Train a learned editor (MEND, SERAC) with checkpoints, early stopping and resume. Under DDP
     (`trainer.devices=N trainer.strategy=ddp`) `train.batch_size` is per process; checkpoints, the export and
-    train_summary.json come from rank 0 (the other ranks return {})."""
+    train_summary.json come from rank 0 (the other ranks return {}). With a `teach` node (experiment=ftrace_teach),
+    fine-tune the model on a fact-tracing corpus instead (one process)."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    if cfg.get("teach") is not None:
+        from kedit_pl.locate.influence.teach import run_teach
+
+        return run_teach(cfg)
 
     from kedit_pl.eval.val_callback import EditValidationCallback
 

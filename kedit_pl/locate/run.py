@@ -9,10 +9,12 @@ from kedit_pl.errors import ConfigError
 
 
 def _runners() -> dict[str, Callable[[DictConfig], Any]]:
+    from kedit_pl.locate.influence.run import run_influence
     from kedit_pl.locate.kn_run import run_knowledge_neurons
     from kedit_pl.locate.trace_run import run_causal_trace
 
-    return {"causal_trace": run_causal_trace, "knowledge_neurons": run_knowledge_neurons}
+    influence = {n: run_influence for n in ("tracin", "tracin_cosine", "embedding", "embedding_centered", "bm25")}
+    return {"causal_trace": run_causal_trace, "knowledge_neurons": run_knowledge_neurons, **influence}
 
 
 def run_locate(cfg: DictConfig) -> Any:
