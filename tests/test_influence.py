@@ -95,11 +95,33 @@ def test_tracin_cosine_and_embeddings_rank_the_verbatim_proponent_first(tiny_lla
     queries, docs, props = toy_corpus()
     for method in (TracIn(tiny_llama, normalize=True, projection="none", progress=False),
                    EmbeddingSimilarity(tiny_llama, progress=False),
-                   EmbeddingSimilarity(tiny_llama, center=True, progress=False)):
+                   EmbeddingSimilarity(tiny_llama, center=True, progress=False),
+                   EmbeddingSimilarity(tiny_llama, center=True, skip_first=1, progress=False)):
         scores = method.rank(queries, docs)
         top1 = scores.argmax(1).tolist()
         assert top1 == [min(props[q.id]) for q in queries], type(method).__name__  # the identical example: cos 1
         assert scores.max(1).values == pytest.approx(torch.ones(4), abs=1e-4)
+
+
+def test_embedding_skip_first_is_the_mean_of_the_later_tokens(tiny_llama, one_thread):
+    """skip_first=1: each text's vector is the mean hidden state of its tokens 2..T, whatever the batch's padding."""
+    from kedit_pl.hooks import capture
+    from kedit_pl.tokens import prompt_ids
+
+    emb = EmbeddingSimilarity(tiny_llama, layer=1, skip_first=1, progress=False)
+    texts = ["Danielle Darrieux speaks English", "Paris", "The capital of France is a city called Paris"]
+    got = emb.embed(texts)
+    name = tiny_llama.spec.module_name("layer", 1)
+    for text, vec in zip(texts, got):
+        ids = torch.tensor([prompt_ids(tiny_llama.tokenizer, text)])
+        with capture(tiny_llama.model, [name]) as cap, torch.no_grad():
+            tiny_llama.model(input_ids=ids)
+        h = cap.outputs[name][0].float()
+        want = h[1:].mean(0) if len(h) > 1 else h[-1]
+        assert torch.allclose(vec, want, atol=1e-4), text
+        assert not torch.allclose(vec, h.mean(0), atol=1e-4) or len(h) == 1
+    with pytest.raises(ConfigError, match="skip_first"):
+        EmbeddingSimilarity(tiny_llama, skip_first=-1)
 
 
 def test_tracin_dot_ranks_the_verbatim_proponent_above_every_smaller_gradient(tiny_llama, one_thread):

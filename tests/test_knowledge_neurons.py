@@ -203,7 +203,7 @@ def test_locate_rejects_unknown_method_and_trace_alias():
 
     cfg = compose("locate", ["model=tiny_llama", "paths.output_dir=/tmp"])
     cfg.locate.name = "nope"
-    with pytest.raises(ConfigError, match="locate.name"):
+    with pytest.raises(ConfigError, match="locate.runner: .nope."):
         run_locate(cfg)
     import importlib.util
 

@@ -1,4 +1,5 @@
-"""One entry point for every locating method: `locate.py` picks the run by `locate.name` (the config group)."""
+"""One entry point for every locating method: `locate.py` picks the run by `locate.runner` (default: `locate.name`).
+The training-data influence configs share `runner: influence`, so a new influence method is one class + one config."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -13,14 +14,14 @@ def _runners() -> dict[str, Callable[[DictConfig], Any]]:
     from kedit_pl.locate.kn_run import run_knowledge_neurons
     from kedit_pl.locate.trace_run import run_causal_trace
 
-    influence = {n: run_influence for n in ("tracin", "tracin_cosine", "embedding", "embedding_centered", "bm25")}
-    return {"causal_trace": run_causal_trace, "knowledge_neurons": run_knowledge_neurons, **influence}
+    return {"causal_trace": run_causal_trace, "knowledge_neurons": run_knowledge_neurons, "influence": run_influence}
 
 
 def run_locate(cfg: DictConfig) -> Any:
     """Run the locating method `cfg.locate` names."""
     runners = _runners()
-    name = cfg.locate.get("name")
-    if name not in runners:
-        raise ConfigError(f"locate.name: {name!r}; choose one of {sorted(runners)} (locate=...)")
-    return runners[name](cfg)
+    runner = cfg.locate.get("runner") or cfg.locate.get("name")
+    if runner not in runners:
+        raise ConfigError(f"locate.runner: {runner!r} (locate={cfg.locate.get('name')}); choose one of "
+                          f"{sorted(runners)}")
+    return runners[runner](cfg)

@@ -3,7 +3,11 @@ hidden states of query (prompt + answer) and document at one layer of the (fine-
 
 `center: true` subtracts the corpus' mean embedding first: a decoder's hidden states share a large common
 component (a few massive dimensions), which otherwise dominates every cosine and makes the same documents the
-nearest neighbours of every query (seen on SmolLM2; docs/training_data.md)."""
+nearest neighbours of every query (seen on SmolLM2; docs/training_data.md).
+
+`skip_first: k` leaves each text's first k tokens out of the mean: on SmolLM2 the first token's hidden state is an
+attention sink about 100 times larger than the others, so it dominates a plain mean (the vector then mostly says
+1/length)."""
 from __future__ import annotations
 
 import time
@@ -24,7 +28,7 @@ class EmbeddingSimilarity(InfluenceMethod):
     name = "embedding"
 
     def __init__(self, model=None, checkpoints: Sequence[Checkpoint] = (), layer: int | None = None,
-                 checkpoint: str = "last", center: bool = False, batch_size: int = 32, max_tokens: int = 48,
+                 checkpoint: str = "last", center: bool = False, skip_first: int = 0, batch_size: int = 32, max_tokens: int = 48,
                  name: str = "embedding", progress: bool = True, **_context: Any) -> None:
         if model is None:
             raise ValueError("EmbeddingSimilarity needs the loaded model (model=LoadedModel)")
@@ -36,12 +40,16 @@ class EmbeddingSimilarity(InfluenceMethod):
             raise ConfigError(f"locate.method.checkpoint: {checkpoint!r}; use last (the fine-tuned model) or none")
         self.loaded, self.name, self.progress = model, name, progress
         self.ckpt = list(checkpoints)[-1] if checkpoint == "last" and checkpoints else None
+        if int(skip_first) < 0:
+            raise ConfigError(f"locate.method.skip_first: {skip_first} must be >= 0")
         self.batch_size, self.max_tokens, self.center = batch_size, max_tokens, bool(center)
+        self.skip_first = int(skip_first)
         self._timing: dict[str, Any] = {}
 
     @torch.no_grad()
     def embed(self, texts: list[str], progress=None) -> torch.Tensor:
-        """(N, hidden): mean over each text's tokens of the hidden state after `layer`."""
+        """(N, hidden): mean over each text's tokens (after its first `skip_first`) of the hidden state after `layer`.
+        A text no longer than `skip_first` keeps its last token."""
         tok, model, spec = self.loaded.tokenizer, self.loaded.model, self.loaded.spec
         rows = [prompt_ids(tok, t)[: self.max_tokens] for t in texts]
         out = torch.empty(len(texts), spec.hidden_size)
@@ -55,6 +63,10 @@ class EmbeddingSimilarity(InfluenceMethod):
                 except StopForward:
                     pass
             h = cap.outputs[name].float()
+            if self.skip_first:  # left padding: a row's k-th real token has cumulative mask k
+                keep = mask.cumsum(-1) > self.skip_first
+                keep[:, -1] = True
+                mask = mask * keep
             m = mask.unsqueeze(-1).float()
             out[idx] = (h * m).sum(1) / m.sum(1)
             if progress:
