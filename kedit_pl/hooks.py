@@ -139,3 +139,32 @@ def stop_after(model: nn.Module, name: str) -> Iterator[None]:
         yield
     finally:
         h.remove()
+
+
+@contextmanager
+def linear_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], owner: torch.Tensor) -> Iterator[None]:
+    """Run linear modules as if their weights were W + ΔW, with a different ΔW for each batch row.
+
+    `deltas[name]` is (E, d_out, d_in) (one update per edit, in (out, in) orientation whatever the storage) and
+    row b of the batch is edited by ΔW[owner[b]]: the module's output gains x_b ΔW[owner[b]]ᵀ. Learned editors
+    train on many independent edits in one forward pass this way; gradients flow into the ΔW.
+    """
+    handles = []
+
+    def make(delta: torch.Tensor):
+        def hook(_mod, args, out):
+            x = grid(_first(args))
+            extra = torch.bmm(x, delta[owner].transpose(1, 2).to(x.dtype))  # (B, T, d_out)
+            if isinstance(out, tuple):
+                return (out[0] + extra.reshape(out[0].shape),) + tuple(out[1:])
+            return out + extra.reshape(out.shape)
+        return hook
+
+    try:
+        with _token_grid(model) as grid:
+            for n, d in deltas.items():
+                handles.append(model.get_submodule(n).register_forward_hook(make(d)))
+            yield
+    finally:
+        for h in handles:
+            h.remove()

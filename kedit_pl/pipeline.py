@@ -209,7 +209,7 @@ def cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
-    """Train a learned editor (MEND, SERAC) with checkpoints, early stopping and resume."""
+    """Train a learned editor (MEND, KE, SERAC) with checkpoints, early stopping and resume."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from kedit_pl.eval.val_callback import EditValidationCallback
@@ -221,7 +221,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, verbose=False)
     method = build_method(cfg)
     if not method.trainable:
-        raise ConfigError(f"method '{cfg.method.name}' has nothing to train; use edit.py (train.py is for MEND, SERAC)")
+        raise ConfigError(f"method '{cfg.method.name}' has nothing to train; use edit.py (train.py is for learned editors: MEND, KE, SERAC)")
     ckpt_dir = out / "checkpoints"
     callbacks = [
         EditValidationCallback(n_records=t.val_edits, eval_batch_size=cfg.get("eval_batch_size", 64),

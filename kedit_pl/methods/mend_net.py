@@ -19,7 +19,7 @@ from torch import nn
 from kedit_pl.errors import EditFailed
 
 #: per edited parameter: the token rows (u, δ) of its gradient, shapes (N, d_in) and (N, d_out)
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Rows = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,10 @@ class EditorConfig:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"params": [list(p) for p in self.params]}
+
+    def arch(self) -> tuple:
+        """What must match for weights to load (edit_lr is only the initial α)."""
+        return self.params, self.rank, self.n_hidden, self.norm
 
     @classmethod
     def from_dict(cls, d: dict) -> "EditorConfig":
@@ -118,13 +122,15 @@ class MendEditor(nn.Module):
             for key, names in by_shape.items()})
         self.alpha = nn.Parameter(torch.full((len(cfg.params),), float(cfg.edit_lr)))
 
-    def weight_deltas(self, factors: Factors) -> dict[str, torch.Tensor]:
-        """ΔW_ℓ = −α_ℓ Σ_t δ̃_t ũ_tᵀ (d_out × d_in) per parameter, from its token rows u (N, d_in), δ (N, d_out)."""
+    def weight_deltas(self, rows: Rows, owner: torch.Tensor, n_edits: int) -> dict[str, torch.Tensor]:
+        """ΔW_ℓ = −α_ℓ Σ_t δ̃_t ũ_tᵀ per parameter and edit, shape (n_edits, d_out, d_in), from the token rows
+        u (N, d_in), δ (N, d_out) of all edits; row t belongs to edit owner[t]."""
         out = {}
         for idx, (name, _, _) in enumerate(self.cfg.params):
-            u, delta = factors[name]
+            u, delta = rows[name]
             keep = (u != 0).any(-1) & (delta != 0).any(-1)  # rows with no gradient (padding) carry no edit
             key, mode = self.route[name]
             u_t, d_t = self.nets[key](u[keep], delta[keep], mode)
-            out[name] = -self.alpha[idx] * (d_t.T @ u_t)
+            own = owner[keep]
+            out[name] = -self.alpha[idx] * torch.stack([d_t[own == e].T @ u_t[own == e] for e in range(n_edits)])
         return out
