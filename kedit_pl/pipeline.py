@@ -226,8 +226,10 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [
         EditValidationCallback(n_records=t.val_edits, eval_batch_size=cfg.get("eval_batch_size", 64),
                                edits_per_apply=int(t.get("val_edits_per_apply", 1))),
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor=t.monitor, mode=t.monitor_mode,
-                        save_last=True, save_top_k=1, every_n_train_steps=t.get("checkpoint_every_n_steps")),
+        # the best editor is saved right after each validation, with that validation's score (a step-triggered
+        # save would pair the weights with the previous validation's score); last.ckpt (resume) every n steps
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor=t.monitor, mode=t.monitor_mode, save_top_k=1),
+        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=t.get("checkpoint_every_n_steps")),
         EarlyStopping(monitor=t.monitor, mode=t.monitor_mode, patience=t.patience),
     ]
     loggers = build_loggers(cfg)

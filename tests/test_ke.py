@@ -179,3 +179,24 @@ def test_bad_checkpoints_are_one_line_errors_naming_what_was_expected(tmp_path, 
     (serac / "config.json").write_text('{"format": "kedit_pl.serac/1"}')
     with pytest.raises(ConfigError, match="holds a SERAC editor, but method=ke needs a KE editor"):
         make(tiny_llama, checkpoint=str(serac))
+
+
+def test_best_checkpoint_holds_the_weights_its_validation_score_was_measured_on(tmp_path, monkeypatch):
+    """Each validation's score goes with the weights it measured (not with a later step's weights)."""
+    import csv
+
+    from kedit_pl.eval import val_callback
+
+    scores = iter([10.0, 50.0, 20.0])  # the second validation is the best
+    monkeypatch.setattr(val_callback, "edit_success", lambda m: next(scores))
+    data = write_zsre(tmp_path / "train.json", 24)
+    out = run_train(edit_cfg(tmp_path, "method=ke", "method.max_scale=20", "method.lr=3e-3", "dataset=zsre",
+                             f"dataset.train.path={data}", "train.batch_size=4", "train.val_edits=3",
+                             "trainer.max_steps=6", "trainer.val_check_interval=2", "+trainer.limit_val_batches=1",
+                             "train.checkpoint_every_n_steps=2", "train.patience=10", config_name="train"))
+    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
+    val = {int(r["step"]): float(r["val/edit_success"]) for r in rows if r.get("val/edit_success")}
+    ckpt = torch.load(out["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert len(val) == 3 and out["best_score"] == pytest.approx(max(val.values()))
+    assert val[ckpt["global_step"] - 1] == pytest.approx(out["best_score"])  # logged at the step it was saved
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
