@@ -24,7 +24,7 @@ import torch
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError
 from kedit_pl.methods.ke_net import KEConfig, KnowledgeEditorNet
-from kedit_pl.methods.learned import Factors, LearnedEditor, rephrase, request_nll, token_accuracy
+from kedit_pl.methods.learned import Factors, LearnedEditor, rephrase
 from kedit_pl.tokens import pad_id, right_pad
 
 log = logging.getLogger(__name__)
@@ -83,15 +83,13 @@ class KE(LearnedEditor):
         input and its paraphrase, as the reference code's `use_views`."""
         nll_pre, factors, mask = self.gradient_factors(requests)
         deltas = self.request_deltas(requests, factors, mask)
-        rows = [(i, r.rewrite) for i, r in enumerate(requests)]
-        rows += [(i, rephrase(r)) for i, r in enumerate(requests) if r.paraphrases]
-        batch = self._encode([p for _, p in rows], [requests[i].target_new for i, _ in rows])
-        post = self.edited_logits(batch, deltas, [i for i, _ in rows])
-        ce = request_nll(post, batch)
+        rows = [(i, r.rewrite, r.target_new) for i, r in enumerate(requests)]
+        rows += [(i, rephrase(r), r.target_new) for i, r in enumerate(requests) if r.paraphrases]
+        ce, acc = self.edited_nll(rows, deltas)
         loc = self.locality_loss(requests, deltas)
         alpha, margin = self.editor.lagrange, self.editor.margin
         return {"loss": ce.mean() + alpha * (loc - margin), "edit_loss": ce.mean(),
-                "edit_acc": token_accuracy(post, batch), "loc_loss": loc, "rewrite_nll_pre": nll_pre.mean(),
+                "edit_acc": acc, "loc_loss": loc, "rewrite_nll_pre": nll_pre.mean(),
                 "lagrange": alpha.detach(), "margin": margin.clone()}
 
     def on_after_backward(self) -> None:

@@ -21,8 +21,7 @@ import torch
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError
-from kedit_pl.methods.learned import (Factors, LearnedEditor, kl_loc, loc_pairs, read_checkpoint,  # noqa: F401
-                                      rephrase, request_nll, token_accuracy)
+from kedit_pl.methods.learned import Factors, LearnedEditor, read_checkpoint, rephrase, request_nll  # noqa: F401
 from kedit_pl.methods.mend_net import EditorConfig, MendEditor
 
 log = logging.getLogger(__name__)
@@ -67,10 +66,9 @@ class MEND(LearnedEditor):
         deltas = self.request_deltas(requests, factors, mask)
         if self.train_together:  # one edit of the whole batch, seen by every row
             deltas = {n: d.sum(0, keepdim=True).expand_as(d) for n, d in deltas.items()}
-        eq = self._encode([rephrase(r) for r in requests], [r.target_new for r in requests])
-        post = self.edited_logits(eq, deltas, list(range(len(requests))))
-        out = {"edit_loss": request_nll(post, eq).mean(), "edit_acc": token_accuracy(post, eq),
-               "rewrite_nll_pre": nll_pre.mean(), "loc_loss": self.locality_loss(requests, deltas)}
+        nll, acc = self.edited_nll([(i, rephrase(r), r.target_new) for i, r in enumerate(requests)], deltas)
+        out = {"edit_loss": nll.mean(), "edit_acc": acc, "rewrite_nll_pre": nll_pre.mean(),
+               "loc_loss": self.locality_loss(requests, deltas)}
         out["loss"] = self.c_edit * out["edit_loss"] + self.c_loc * out["loc_loss"]
         return out
 
