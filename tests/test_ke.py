@@ -200,3 +200,15 @@ def test_best_checkpoint_holds_the_weights_its_validation_score_was_measured_on(
     assert len(val) == 3 and out["best_score"] == pytest.approx(max(val.values()))
     assert val[ckpt["global_step"] - 1] == pytest.approx(out["best_score"])  # logged at the step it was saved
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_validation_selection_includes_locality_on_both_datasets():
+    from kedit_pl.eval.val_callback import edit_success, loc_kept
+
+    cf = {"es": 100.0, "ps": 80.0, "ns": 20.0, "rewrite_acc": 50.0, "paraphrase_acc": 40.0}
+    assert edit_success(cf) == pytest.approx(3 / (1 / 100 + 1 / 80 + 1 / 20))  # Score
+    assert edit_success(cf | {"loc_kept": 50.0}) == pytest.approx(4 / (1 / 100 + 1 / 80 + 1 / 20 + 1 / 50))
+    zsre = {"es": 100.0, "ps": 100.0, "rewrite_acc": 60.0, "paraphrase_acc": 50.0}
+    assert loc_kept({"loc_acc": 0.4}, {"loc_acc": 0.2}) == 50.0 and loc_kept({"loc_acc": 0.4}, {"loc_acc": 0.5}) == 100
+    assert edit_success(zsre | {"loc_kept": 50.0}) == pytest.approx(3 / (1 / 60 + 1 / 50 + 1 / 50))
+    assert edit_success(zsre | {"loc_kept": 0.0}) == 0.0  # an editor that wipes out the unrelated answers loses

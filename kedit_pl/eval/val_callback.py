@@ -2,10 +2,10 @@
 
 Logged as `val/es`, `val/ps`, `val/ns`, `val/score`, `val/loc_acc`, ..., and `val/edit_success`, which
 checkpointing and early stopping monitor. It always includes locality, so selection never favours an editor
-that flattens its neighbours: the harmonic mean of ES, PS, NS (CounterFact) and `loc_kept` = 100 · post/pre
-top-1 token accuracy of the unedited answers on the locality prompts (capped at 100; zsRE's NQ questions,
-the CounterFact train split's neighborhood prompt). The unedited scores are measured once: the base model is
-frozen.
+that flattens its neighbours (`edit_success` below): CounterFact's ES, PS, NS, zsRE's token accuracies, and
+`loc_kept` = 100 · post/pre top-1 token accuracy of the unedited answers on the locality prompts (capped at
+100; zsRE's NQ questions, the CounterFact train split's neighborhood prompt). The unedited scores are
+measured once: the base model is frozen.
 """
 from __future__ import annotations
 
@@ -18,11 +18,18 @@ from kedit_pl.eval.scoring import score_requests
 
 
 def edit_success(m: dict[str, float]) -> float:
-    """The harmonic mean of ES, PS and every locality measure there is: NS (the true answer still beats the new
-    one on neighbours) and loc_kept (the unedited top-1 answers on locality prompts are kept). NS alone can be
-    fooled by an edit that breaks the model (both answers lose, the comparison becomes a coin flip); loc_kept
-    cannot. ES and PS alone when the data has no locality probe at all."""
-    parts = [m.get("es", 0.0), m.get("ps", m.get("es", 0.0))] + [m[k] for k in ("ns", "loc_kept") if k in m]
+    """The harmonic mean of each dataset's headline edit metrics and every locality measure there is.
+
+    With neighborhood prompts (CounterFact): ES, PS, NS (the true answer still beats the new one on neighbours)
+    and loc_kept (the unedited top-1 answers on locality prompts are kept). NS alone can be fooled by an edit
+    that breaks the model (both answers lose, the comparison becomes a coin flip); loc_kept cannot. Without them
+    (zsRE): the token accuracies of the new answer on the rewrite and paraphrase (efficacy, generalization; ES/PS
+    saturate within a hundred steps) and loc_kept. ES and PS alone when the data has no locality probe at all.
+    """
+    if "ns" in m or "loc_kept" not in m:
+        parts = [m.get("es", 0.0), m.get("ps", m.get("es", 0.0))] + [m[k] for k in ("ns", "loc_kept") if k in m]
+    else:
+        parts = [m.get("rewrite_acc", 0.0), m.get("paraphrase_acc", m.get("rewrite_acc", 0.0)), m["loc_kept"]]
     return harmonic_mean(parts) if min(parts) > 0 else 0.0
 
 
