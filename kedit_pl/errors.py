@@ -27,3 +27,7 @@ class RunFolderBusy(ConfigError):
 
 class Collapsed(KEditError):
     """A sequential run stopped early: the model's general ability collapsed (perplexity past its limit)."""
+
+
+class RankFailed(KEditError):
+    """A multi-process (DDP) run stopped because another rank failed (that rank prints its own error)."""

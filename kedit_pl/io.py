@@ -54,6 +54,54 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def json_digest(value: Any) -> str:
+    """Digest of a JSON value's canonical text (sorted keys)."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=_jsonable)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def save_json_cache(path: str | os.PathLike, value: Any) -> None:
+    """A JSON cache entry written atomically with the digest of its value, so `read_json_cache` detects damage."""
+    write_json(path, {DIGEST_KEY: json_digest(value), "value": value})
+
+
+def read_json_cache(path: str | os.PathLike, what: str) -> Any | None:
+    """A JSON cache entry's value, or None for a miss: absent, unparsable, without a digest (written by an older
+    version) or failing it. A damaged entry is named in a warning and removed, so the caller recomputes it."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        entry = read_json(path)
+        if not isinstance(entry, dict) or DIGEST_KEY not in entry or "value" not in entry:
+            raise DamagedFile(f"{what}: {path} has no content digest (an older or foreign file)")
+        if entry[DIGEST_KEY] != json_digest(entry["value"]):
+            raise DamagedFile(f"{what}: {path} is damaged (its content does not match the digest stored in it)")
+    except (DamagedFile, ValueError, OSError) as e:
+        reason = e if isinstance(e, DamagedFile) else f"{what}: {path} is unreadable ({_first_line(e)})"
+        log.warning("%s; treating it as a cache miss: recomputing and replacing it", reason)
+        path.unlink(missing_ok=True)
+        return None
+    return entry["value"]
+
+
+def read_jsonl(path: str | os.PathLike, what: str) -> list[Any]:
+    """The lines of a JSON-lines file written as a run goes (absent: none). A torn line, as a killed run leaves
+    at the end, is skipped with a warning naming the file and line, so a resume recomputes that entry."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            log.warning("%s: ignoring torn line %d of %s (it is recomputed)", what, i, path)
+    return rows
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Safetensors (no pickle), written atomically."""
     with atomic_path(path) as tmp:

@@ -15,6 +15,8 @@ from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.data.datamodule import EditDataModule
+from kedit_pl.distributed import (check_request, collective_error, is_worker, launched_rank, requested_devices,
+                                  stop_workers, strategy_for)
 from kedit_pl.errors import Collapsed, ConfigError, InvalidRecord, KEditError, RunFolderBusy
 from kedit_pl.eval.callback import EditEvalCallback, read_done_records
 from kedit_pl.eval.groups import CORE, build_groups
@@ -22,8 +24,8 @@ from kedit_pl.eval.lifelong import LifelongCallback, plot_curves
 from kedit_pl.eval.report import print_table
 from kedit_pl.io import read_json, write_json
 from kedit_pl.methods.base import EditMethod
-from kedit_pl.run_folder import RESULT_FILES, RunFolder, run_identity
-from kedit_pl.validate import validate_edit_config
+from kedit_pl.run_folder import RunFolder, result_files, run_identity
+from kedit_pl.validate import validate_edit_config, validate_processes
 from kedit_pl.persist import edit_hooks, finish_hooks
 
 log = logging.getLogger("kedit_pl")
@@ -63,7 +65,10 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks + [RichProgressBar()], logger=loggers or False)
+    """The Trainer of `cfg.trainer`. The data module chooses each DDP rank's share itself (the same batches as one
+    process), so Lightning's DistributedSampler stays out."""
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks + [RichProgressBar()], logger=loggers or False,
+                                   strategy=strategy_for(cfg.trainer), use_distributed_sampler=False)
 
 
 def finish_loggers(loggers: list) -> None:
@@ -94,16 +99,21 @@ def drop_uneditable(method: EditMethod, dm: EditDataModule, skip: bool) -> list[
 
 
 def run_edit(cfg: DictConfig) -> dict[str, Any]:
-    """Apply and evaluate edits per `edit.mode`; returns the summary written to summary.json."""
+    """Apply and evaluate edits per `edit.mode`; returns the summary written to summary.json (rank 0; {} on the
+    other ranks of a DDP run)."""
     validate_edit_config(cfg)  # every bad value is one line before anything heavy (or any file) is made
+    validate_processes(cfg, requested_devices(cfg.trainer) or 1)
+    n_procs = check_request(cfg)
     mode = cfg.edit.mode
     batch_size = 1 if mode == "single" else int(cfg.edit.batch_size)
+    if is_worker():  # a DDP rank > 0 in rank 0's folder: rank 0 owns it (lock, identity) and writes the results
+        return _run_edit(cfg, mode, batch_size, n_procs)
     with RunFolder(output_dir(cfg), run_identity(cfg, batch_size), resume=cfg.edit.resume,
                    overwrite=bool(cfg.edit.get("overwrite", False))):
-        return _run_edit(cfg, mode, batch_size)
+        return _run_edit(cfg, mode, batch_size, n_procs)
 
 
-def _run_edit(cfg: DictConfig, mode: str, batch_size: int) -> dict[str, Any]:
+def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> dict[str, Any]:
     out = output_dir(cfg)
     done_ids = {d["case_id"] for d in read_done_records(out)} if cfg.edit.resume else set()
     dm = EditDataModule(cfg.dataset, edit_batch_size=batch_size, exclude_ids=done_ids, seed=cfg.seed)
@@ -116,6 +126,7 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int) -> dict[str, Any]:
     L.seed_everything(cfg.seed, verbose=False)
     method = build_method(cfg)
     skipped = dm.invalid + drop_uneditable(method, dm, skip=bool(cfg.edit.get("skip_invalid", True)))
+    share_batches(method, dm, n_procs)
     run_info = {"method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
                 "n_records": len(dm.requests) + len(done_ids), "batch_size": batch_size,
                 "config": OmegaConf.to_container(cfg.method, resolve=True), "skipped": skipped}
@@ -138,6 +149,9 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int) -> dict[str, Any]:
         dm.requests = [r for r in dm.requests if str(r.case_id) in edited]
         callback.on_test_end(trainer, method)
         raise
+    except BaseException as e:
+        stop_workers(trainer)  # DDP: no rank keeps computing for a failed run
+        raise collective_error(e) or e
     finally:
         if callback.summary:
             callback.summary["timing"]["wall_seconds"] = time.perf_counter() - start
@@ -151,6 +165,21 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int) -> dict[str, Any]:
             finish_loggers(loggers)
     log.info("results in %s", out)
     return callback.summary
+
+
+def share_batches(method: EditMethod, dm: EditDataModule, n_procs: int) -> None:
+    """DDP: a method that can share a batch among ranks gets every batch on every rank (batches of more than one
+    record); otherwise whole batches go round-robin to the ranks, and there must be one per rank at least."""
+    if n_procs == 1:
+        return
+    shared = method.can_share_batches and dm.edit_batch_size > 1
+    method.shared_batches = dm.shared_batches = shared
+    n_batches = len(dm.edit_batches())
+    if not shared and n_batches < n_procs:
+        raise ConfigError(f"trainer.devices: {n_procs} processes but only {n_batches} batch(es) of edits to spread; "
+                          f"use trainer.devices<={n_batches}")
+    log.info("DDP over %d processes: %s", n_procs, "every rank shares each batch" if shared else
+             f"{n_batches} batches spread round-robin")
 
 
 def finished_summary(out: Path, n_done: int) -> dict[str, Any]:
@@ -174,7 +203,10 @@ def lifelong_callback(cfg: DictConfig, out: Path) -> LifelongCallback | None:
 
 
 def metric_value(summary: dict[str, Any], path: str) -> float | None:
-    """'post/score' -> summary['post']['score'] (what a sweep maximizes); None, with a warning, if absent."""
+    """'post/score' -> summary['post']['score'] (what a sweep maximizes); None, with a warning, if absent (and
+    quietly for a DDP rank > 0, which writes no summary)."""
+    if is_worker():
+        return None
     group, _, name = path.partition("/")
     value = summary.get(group, {}).get(name)
     if value is None:
@@ -189,6 +221,9 @@ def quiet_libraries() -> None:
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
+    # DDP: every rank runs the same validation batches (only the edit-validation callback splits its work, and it
+    # gathers), so each rank logs the same value and there is nothing to sync
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed setting.*")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -200,8 +235,9 @@ def cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     try:
         return fn(cfg)
     except KEditError as e:
-        print(f"error: {e}", file=sys.stderr)
-        keep = isinstance(e, RunFolderBusy) or any((out / f).exists() for f in RESULT_FILES + KEEP)
+        worker = is_worker()
+        print(f"error: {f'[rank {launched_rank()}] ' if worker else ''}{e}", file=sys.stderr)
+        keep = worker or isinstance(e, RunFolderBusy) or result_files(out) or any((out / f).exists() for f in KEEP)
         if out.exists() and not keep:  # nothing but Hydra's own files: leave nothing behind
             logging.shutdown()
             shutil.rmtree(out, ignore_errors=True)
@@ -209,11 +245,14 @@ def cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
-    """Train a learned editor (MEND, KE, SERAC) with checkpoints, early stopping and resume."""
+    """Train a learned editor (MEND, KE, SERAC) with checkpoints, early stopping and resume. Under DDP
+    (`trainer.devices=N trainer.strategy=ddp`) `train.batch_size` is per process; checkpoints, the export and
+    train_summary.json come from rank 0 (the other ranks return {})."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     from kedit_pl.eval.val_callback import EditValidationCallback
 
+    check_request(cfg)
     out = output_dir(cfg)
     t = cfg.train
     dm = EditDataModule(cfg.dataset, train_batch_size=t.batch_size, seed=cfg.seed)
@@ -239,10 +278,17 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     if t.resume and resume_from is None:
         log.warning("train.resume: no %s yet, starting from scratch", last)
     start = time.perf_counter()
-    trainer.fit(method, datamodule=dm, ckpt_path=resume_from)
+    try:
+        trainer.fit(method, datamodule=dm, ckpt_path=resume_from)
+    except BaseException as e:
+        stop_workers(trainer)
+        raise collective_error(e) or e
+    if not trainer.is_global_zero:
+        return {}
     best = callbacks[1].best_model_path
     result = {"best_checkpoint": best, "best_score": _float(callbacks[1].best_model_score),
-              "global_step": trainer.global_step, "train_seconds": time.perf_counter() - start}
+              "global_step": trainer.global_step, "train_seconds": time.perf_counter() - start,
+              "processes": trainer.world_size}
     if best and Path(best).is_file():  # export the best validated editor, not the last step's
         method.load_editor(best)
         result["exported_from"] = best

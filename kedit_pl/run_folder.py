@@ -30,6 +30,20 @@ IDENTITY_FILE = "run.json"
 HYDRA_DIR, HYDRA_COPY = ".hydra", ".hydra.owner"
 #: files holding a run's results (removed by edit.overwrite=true); run.json alone is no result
 RESULT_FILES = ("records.jsonl", "summary.json", "metrics.png", "retention.png")
+#: under DDP each rank appends its records here while it runs; rank 0 merges them into records.jsonl at the end
+#: (an interrupted run's parts are results too: a resume reads them)
+RANK_RECORDS = "records.rank{rank}.jsonl"
+
+
+def rank_record_files(path: str | Path) -> list[Path]:
+    """The per-rank record files of a DDP run in `path` that rank 0 has not merged yet."""
+    return sorted(Path(path).glob(RANK_RECORDS.format(rank="*")))
+
+
+def result_files(path: str | Path) -> list[str]:
+    """Names of the result files present in `path`."""
+    path = Path(path)
+    return [f for f in RESULT_FILES if (path / f).exists()] + [p.name for p in rank_record_files(path)]
 #: dataset fields that decide which records a run edits
 SELECTION = ("name", "path", "format", "limit", "range", "ids", "on_invalid")
 
@@ -72,7 +86,7 @@ class RunFolder:
         self._fd: int | None = None
 
     def results(self) -> list[str]:
-        return [f for f in RESULT_FILES if (self.path / f).exists()]
+        return result_files(self.path)
 
     def __enter__(self) -> "RunFolder":
         self.path.mkdir(parents=True, exist_ok=True)

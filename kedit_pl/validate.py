@@ -47,3 +47,14 @@ def validate_edit_config(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.ids: must be a non-empty list of case_ids or null, got {ids!r}")
     if d.get("on_invalid", "error") not in ("error", "skip"):
         raise ConfigError(f"dataset.on_invalid: must be 'error' or 'skip', got {d.get('on_invalid')!r}")
+
+
+def validate_processes(cfg: DictConfig, n: int) -> None:
+    """What an edit run over `n` > 1 DDP processes cannot do (edits accumulate in one model; generations are shown
+    from one process)."""
+    if n > 1 and cfg.edit.mode == "sequential":
+        raise ConfigError(f"edit.mode=sequential: edits accumulate in one model, so it runs in one process; use "
+                          f"trainer.devices=1 (got {n}) or edit.mode=single/batch")
+    if n > 1 and int(cfg.edit.get("show") or 0):
+        raise ConfigError(f"edit.show: generations are shown by a one-process run; use trainer.devices=1 (got {n}) "
+                          f"or edit.show=0")

@@ -129,3 +129,83 @@ def test_damaged_checkpoints_are_one_line_without_pickle_advice(tmp_path, kind, 
     msg = str(e.value)
     assert "method.checkpoint" in msg and str(path) in msg and "\n" not in msg
     assert "weights_only=False" not in msg and "trust" not in msg
+
+
+def alter_a_digit(p):
+    """Same size, still valid JSON: one digit of the cached content changes (what a parse cannot see)."""
+    text = p.read_text()
+    i = next(i for i, c in enumerate(text) if c.isdigit() and i > text.index('"value"'))
+    p.write_text(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:])
+
+
+JSON_DAMAGE = [truncate, noise_everywhere, alter_a_digit]
+
+
+@pytest.mark.parametrize("damage", JSON_DAMAGE, ids=lambda f: f.__name__)
+def test_damaged_json_cache_entries_are_named_misses(tmp_path, damage, caplog):
+    from kedit_pl.io import read_json_cache, save_json_cache
+
+    p = tmp_path / "entry.json"
+    save_json_cache(p, {"nll": [0.25, 1.5], "acc": 1})
+    assert read_json_cache(p, "test") == {"nll": [0.25, 1.5], "acc": 1}
+    damage(p)
+    with caplog.at_level(logging.WARNING):
+        assert read_json_cache(p, "test cache") is None
+    assert str(p) in caplog.text and "test cache" in caplog.text and not p.exists()
+
+
+@pytest.mark.parametrize("damage", JSON_DAMAGE, ids=lambda f: f.__name__)
+def test_damaged_pre_scores_are_named_rescored_and_equal(tiny_llama, tmp_path, damage, caplog):
+    from kedit_pl.eval.pre_cache import cached_pre_scores
+    from kedit_pl.eval.scoring import model_logits
+
+    reqs = [EditRequest(case_id=str(i), subject=f"Person {i}", prompt="{} speaks", target_true="French",
+                        target_new="English", paraphrases=(f"Person {i} is fluent in",),
+                        neighborhood=("Someone else speaks",)) for i in range(3)]
+    run = lambda: cached_pre_scores(tmp_path, model_logits(tiny_llama.model), tiny_llama.tokenizer, reqs)  # noqa: E731
+    good = run()
+    (folder,) = tmp_path.iterdir()
+    bad = sorted(folder.glob("*.json"))[1]
+    damage(bad)
+    with caplog.at_level(logging.WARNING):
+        assert run() == good
+    assert str(bad) in caplog.text and "pre-edit scores" in caplog.text
+
+
+def test_damaged_context_templates_are_regenerated(tiny_llama, tmp_path, caplog):
+    from kedit_pl.kv import context
+
+    args = (tiny_llama.model, tiny_llama.tokenizer, "tiny:test", [[3, 2]], 0, tmp_path)
+    good = context.context_templates(*args)
+    (path,) = tmp_path.glob("context_templates_*.json")
+    alter_a_digit(path) if any(c.isdigit() for c in path.read_text()) else truncate(path)
+    context._MEMORY.clear()
+    with caplog.at_level(logging.WARNING):
+        assert context.context_templates(*args) == good
+    assert str(path) in caplog.text
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__)
+def test_damaged_null_space_projector_is_recomputed(tmp_path, damage, caplog):
+    from kedit_pl.kv.nullspace import cached_null_space
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 8, generator=g, dtype=torch.float64) * torch.tensor([5, 4, 3, 2, 1, 1e-3, 1e-3, 1e-3])
+    C = X.T @ X / len(X)
+    args = (C, {"model": "tiny", "layer": 0}, 1e-2, "absolute", str(tmp_path), 0)
+    good = cached_null_space(*args)
+    (path,) = tmp_path.rglob("*.safetensors")
+    damage(path)
+    with caplog.at_level(logging.WARNING):
+        again = cached_null_space(*args)
+    assert str(path) in caplog.text and torch.equal(again.projector, good.projector) and again.kept == good.kept
+
+
+def test_torn_resume_lines_are_skipped_and_named(tmp_path, caplog):
+    from kedit_pl.io import read_jsonl
+
+    p = tmp_path / "kn_facts.jsonl"
+    p.write_text('{"case_id": "1"}\n{"case_id": "2"}\n{"case_id": "3", "neur')
+    with caplog.at_level(logging.WARNING):
+        assert read_jsonl(p, "knowledge neurons") == [{"case_id": "1"}, {"case_id": "2"}]
+    assert "line 3" in caplog.text and str(p) in caplog.text

@@ -214,3 +214,22 @@ def test_head_to_head_trains_a_missing_learned_editor_first(tmp_path, one_thread
     assert (tmp_path / "_train" / "mend" / "editor").is_dir()
     cfg = json.loads((tmp_path / "mend" / "summary.json").read_text())["run"]["config"]
     assert cfg["checkpoint"] == str(tmp_path / "_train" / "mend" / "editor")
+
+
+def test_pre_edit_group_measurements_are_cached_across_runs(tmp_path, one_thread, monkeypatch):
+    """A second run on the same unedited model and records reads every pre-edit group measurement back (eval.cache_pre);
+    its post measurements are still made on the edited model."""
+    from kedit_pl.eval.groups.fluency import Fluency
+
+    calls: list[int] = []
+    measure = Fluency.measure
+    monkeypatch.setattr(Fluency, "measure", lambda self, m, reqs: calls.append(len(reqs)) or measure(self, m, reqs))
+    args = ["dataset=counterfact_plus", "dataset.limit=2", "method=ft", f"paths.cache_dir={tmp_path / 'cache'}",
+            "eval.metrics=[es_ps_ns,fluency,general]", *FAST]
+    first = run_edit(edit_cfg(tmp_path / "a", *args))
+    assert calls == [2, 1, 1]  # pre for both records, then post after each edit
+    calls.clear()
+    second = run_edit(edit_cfg(tmp_path / "b", *args))
+    assert calls == [1, 1] and second["pre"] == first["pre"]  # post only: pre fluency and ppl came from the cache
+    off = run_edit(edit_cfg(tmp_path / "c", *args, "eval.cache_pre=false"))
+    assert off["pre"] == first["pre"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import random
+from functools import partial
 from typing import Any, Mapping, Sequence
 
 import lightning as L
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from kedit_pl.data.readers import merge_probes, read_requests
 from kedit_pl.data.requests import EditRequest
+from kedit_pl.distributed import rank_world, share
 from kedit_pl.errors import ConfigError, InvalidRecord
 
 log = logging.getLogger(__name__)
@@ -88,8 +90,21 @@ def _collate(batch: list[EditRequest]) -> list[EditRequest]:
     return batch
 
 
+def _rank_slice(batch: list[EditRequest], rank: int, world: int) -> list[EditRequest]:
+    """Rank `rank`'s contiguous part of a global training batch (its length is a multiple of `world`)."""
+    n = len(batch) // world
+    return batch[rank * n:(rank + 1) * n]
+
+
 class EditDataModule(L.LightningDataModule):
-    """Test batches are the edits (`edit_batch_size` records each); train/val serve learned editors."""
+    """Test batches are the edits (`edit_batch_size` records each); train/val serve learned editors.
+
+    Under DDP (the Trainer runs with `use_distributed_sampler=False`; the shares are chosen here):
+    - edits: whole batches go round-robin to the ranks, the same batches as in one process; with `shared_batches`
+      (a method that splits a batch's work among ranks) every rank gets every batch and evaluates its share of it;
+    - training: every rank draws the same shuffled global batch of `world × train_batch_size` records and takes its
+      own slice, so a step sees what one process sees with the batch `world` times larger.
+    """
 
     def __init__(self, cfg: Mapping[str, Any], edit_batch_size: int = 1, train_batch_size: int = 8,
                  exclude_ids: set[str] | None = None, seed: int = 0) -> None:
@@ -101,14 +116,18 @@ class EditDataModule(L.LightningDataModule):
         self.seed = seed
         self.requests: list[EditRequest] = []
         self.invalid: list[dict] = []  # records dataset.on_invalid=skip dropped: [{"case_id", "reason"}]
+        self.positions: dict[str, int] = {}  # case_id -> position in the selection, records done earlier included
         self.train_requests: list[EditRequest] = []
         self.val_requests: list[EditRequest] = []
+        self.shared_batches = False  # DDP: every rank gets every edit batch (EditMethod.can_share_batches)
 
     def prepare_requests(self) -> list[EditRequest]:
         c = self.cfg
         all_reqs, self.invalid = load_split_and_skips(c["path"], c.get("format", "counterfact"),
                                                       c.get("on_invalid", "error"))
-        self.requests = select(all_reqs, c.get("limit"), c.get("range"), c.get("ids"), self.exclude_ids)
+        chosen = select(all_reqs, c.get("limit"), c.get("range"), c.get("ids"))
+        self.positions = {r.case_id: i for i, r in enumerate(chosen)}
+        self.requests = [r for r in chosen if r.case_id not in self.exclude_ids] if self.exclude_ids else chosen
         if c.get("merge"):  # probe fields of the same records from other files (metric groups)
             self.requests = merge_probes(self.requests, c.get("format", "counterfact"), c["merge"])
         return self.requests
@@ -135,12 +154,43 @@ class EditDataModule(L.LightningDataModule):
         if stage in ("fit", "validate") and not self.train_requests:
             self.prepare_training()
 
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.requests, batch_size=self.edit_batch_size, shuffle=False, collate_fn=_collate)
+    # --- edits -------------------------------------------------------------------------------------------
+    def _world(self) -> tuple[int, int]:
+        return rank_world(self.trainer)
 
+    def edit_batches(self) -> list[list[EditRequest]]:
+        """Every batch of edits of the run, in order (a batch's global index is its position)."""
+        b = self.edit_batch_size
+        return [self.requests[i:i + b] for i in range(0, len(self.requests), b)]
+
+    def rank_batch_ids(self) -> list[int]:
+        """Global indices of the batches this rank applies."""
+        ids = list(range(len(self.edit_batches())))
+        return ids if self.shared_batches else share(ids, *self._world())
+
+    def global_batch(self, batch_idx: int) -> int:
+        """The global index of this rank's `batch_idx`-th batch."""
+        return self.rank_batch_ids()[batch_idx]
+
+    def rank_part(self, batch: list[EditRequest]) -> list[EditRequest]:
+        """The records of `batch` this rank evaluates and reports (all of them unless the batch is shared)."""
+        return share(batch, *self._world()) if self.shared_batches else list(batch)
+
+    def rank_requests(self) -> list[EditRequest]:
+        """Every record this rank evaluates and reports, in run order."""
+        batches = self.edit_batches()
+        return [r for i in self.rank_batch_ids() for r in self.rank_part(batches[i])]
+
+    def test_dataloader(self) -> DataLoader:
+        batches = self.edit_batches()
+        return DataLoader([batches[i] for i in self.rank_batch_ids()], batch_size=None, collate_fn=_collate)
+
+    # --- training ----------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_requests, batch_size=self.train_batch_size, shuffle=True, collate_fn=_collate,
-                          generator=_generator(self.seed))
+        rank, world = self._world()
+        return DataLoader(self.train_requests, batch_size=self.train_batch_size * world, shuffle=True,
+                          collate_fn=partial(_rank_slice, rank=rank, world=world), generator=_generator(self.seed),
+                          drop_last=world > 1)  # every rank needs a full slice of every global batch
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_requests, batch_size=self.train_batch_size, shuffle=False, collate_fn=_collate)

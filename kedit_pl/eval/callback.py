@@ -11,13 +11,15 @@ import lightning as L
 import torch
 
 from kedit_pl.data.requests import EditRequest
+from kedit_pl.distributed import gather_objects
 from kedit_pl.eval.groups import GroupRunner, MetricGroup
 from kedit_pl.eval.metrics import summarize
-from kedit_pl.eval.pre_cache import cached_pre_scores
+from kedit_pl.eval.pre_cache import cached_pre_scores, pre_cache_for
 from kedit_pl.eval.report import print_table, write_summary_files
 from kedit_pl.eval.samples import generate_samples, sample_rows, write_samples
 from kedit_pl.eval.scoring import score_requests
 from kedit_pl.io import write_text
+from kedit_pl.run_folder import RANK_RECORDS, rank_record_files
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +28,12 @@ RECORDS_FILE = "records.jsonl"
 
 
 def read_done_records(output_dir: str | Path) -> list[dict]:
-    """Per-record results already written by an interrupted run (a torn last line is ignored)."""
-    path = Path(output_dir) / RECORDS_FILE
+    """Per-record results already written by an interrupted run: records.jsonl, then the per-rank files of a DDP run
+    not merged yet (a torn last line is ignored)."""
+    paths = [Path(output_dir) / RECORDS_FILE] + rank_record_files(output_dir)
     by_id: dict[str, dict] = {}
     n = 0
-    if path.exists():
+    for path in (p for p in paths if p.exists()):
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 d = json.loads(line)
@@ -40,7 +43,7 @@ def read_done_records(output_dir: str | Path) -> list[dict]:
             n += 1
             by_id[str(d["case_id"])] = d  # a case_id written twice counts once (its last line, first position)
     if n > len(by_id):
-        log.warning("%s: %d duplicate line(s) by case_id ignored (each record counts once)", path, n - len(by_id))
+        log.warning("%s: %d duplicate line(s) by case_id ignored (each record counts once)", output_dir, n - len(by_id))
     return list(by_id.values())
 
 
@@ -49,6 +52,10 @@ class EditEvalCallback(L.Callback):
 
     mode=single/batch: restore after each batch. mode=sequential: keep edits, and re-evaluate every
     edited record at the end (`final/...`, i.e. retention after all edits).
+
+    Under DDP each rank scores and records its share (EditDataModule.rank_part) in records.rank<r>.jsonl; at the end
+    rank 0 gathers every rank's lines through the strategy, writes records.jsonl (in run order) and summary.json,
+    and is the only rank that logs (per-batch metrics then in batch order).
     """
 
     def __init__(self, output_dir: str | Path, mode: str = "single", eval_batch_size: int = 64,
@@ -69,15 +76,21 @@ class EditEvalCallback(L.Callback):
         self.groups = GroupRunner(groups or [], mode)  # metric groups beyond ES/PS/NS (eval.metrics)
         self.n_samples, self.sample_tokens = int(samples), int(sample_tokens)
         self.sample_ids: set[str] = set()
+        self.new: list[dict] = []  # the lines this process wrote in this run
 
     # --- helpers -------------------------------------------------------------------------------------
     def _score(self, pl_module, requests: list[EditRequest], batch_idx: int | None = None,
-               pre: bool = False) -> list[dict]:
-        """ES/PS/NS scores of each request (pre-edit ones from the cache when enabled), plus the selected metric
-        groups and, for sampled records, generations."""
-        recs = cached_pre_scores(self.pre_cache if pre else None, pl_module.logits_fn(), pl_module.tok, requests,
-                                 self.eval_batch_size, pl_module.device, score_requests)
-        self.groups.measure(pl_module, requests, recs, batch_idx)
+               pre: bool = False, state: bool = True) -> list[dict]:
+        """ES/PS/NS scores of each request, plus the selected metric groups (model-state groups only with `state`:
+        one DDP rank measures a state) and, for sampled records, generations. Pre-edit scores and group
+        measurements come from the on-disk cache when it is enabled (eval.cache_pre)."""
+        if not requests:  # a rank's share of a small shared batch
+            return []
+        logits_fn = pl_module.logits_fn()
+        cache = pre_cache_for(self.pre_cache, logits_fn, pl_module.tok) if pre else None
+        recs = cached_pre_scores(cache, logits_fn, pl_module.tok, requests, self.eval_batch_size, pl_module.device,
+                                 score_requests)
+        self.groups.measure(pl_module, requests, recs, batch_idx, cache=cache, state=state)
         sampled = [(req, rec) for req, rec in zip(requests, recs) if req.case_id in self.sample_ids]
         if sampled:
             for (_, rec), smp in zip(sampled, generate_samples(pl_module, [r for r, _ in sampled], self.sample_tokens)):
@@ -97,34 +110,75 @@ class EditEvalCallback(L.Callback):
         requests = trainer.datamodule.requests
         done_ids = {d["case_id"] for d in self.done}
         self.sample_ids = {r.case_id for r in requests[:max(0, self.n_samples - len(done_ids))]}
-        log.info("scoring %d records on the unedited model", len(requests))
-        self.pre = {r["case_id"]: r for r in self._score(pl_module, requests, pre=True)}
-        self._log(trainer, {f"pre/{k}": v for k, v in self._numbers(list(self.pre.values())).items()}, step=0)
+        mine = trainer.datamodule.rank_requests() if trainer.world_size > 1 else requests
+        log.info("scoring %d records on the unedited model", len(mine))
+        self.pre = {r["case_id"]: r for r in self._score(pl_module, mine, pre=True, state=trainer.is_global_zero)}
+        if trainer.world_size == 1:  # under DDP rank 0 logs every rank's numbers at the end
+            self._log(trainer, {f"pre/{k}": v for k, v in self._numbers(list(self.pre.values())).items()}, step=0)
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch: list[EditRequest],
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         handle = pl_module.last_handle
+        dm = trainer.datamodule
+        step = dm.global_batch(batch_idx) if trainer.world_size > 1 else batch_idx
+        mine = dm.rank_part(batch) if trainer.world_size > 1 else batch
         try:
-            for fn in self.on_edit:  # edit.save=patch, edit.show: before any restore
-                fn(pl_module, handle, batch, batch_idx)
-            post = self._score(pl_module, batch, batch_idx)
+            if not (dm.shared_batches and trainer.global_rank):  # a shared batch's edit is saved/shown once
+                for fn in self.on_edit:  # edit.save=patch, edit.show: before any restore
+                    fn(pl_module, handle, batch, step)
+            post = self._score(pl_module, mine, step, state=bool(mine) and mine[0] is batch[0])
         finally:
             if self.mode != "sequential" and handle is not None:
                 pl_module.restore(handle)
         lines = []
-        for req, rec in zip(batch, post):
-            lines.append({"case_id": req.case_id, "batch": batch_idx, "seconds": handle.seconds / len(batch),
+        for req, rec in zip(mine, post):
+            lines.append({"case_id": req.case_id, "batch": step, "seconds": handle.seconds / len(batch),
                           "pre": self.pre[req.case_id], "post": rec, "info": _jsonable_info(handle.info)})
-        with open(self.out / RECORDS_FILE, "a", encoding="utf-8") as f:  # one line per record, flushed per batch
+        name = RECORDS_FILE if trainer.world_size == 1 else RANK_RECORDS.format(rank=trainer.global_rank)
+        with open(self.out / name, "a", encoding="utf-8") as f:  # one line per record, flushed per batch
             for line in lines:
                 f.write(json.dumps(line) + "\n")
             f.flush()
         self.done.extend(lines)
-        step_metrics = self._numbers(post, [self.pre[r.case_id] for r in batch])
-        step_metrics["seconds_per_edit"] = handle.seconds / len(batch)
-        self._log(trainer, {f"edit/{k}": v for k, v in step_metrics.items()}, step=batch_idx + 1)
+        self.new.extend(lines)
+        if trainer.world_size == 1:
+            self._log_batch(trainer, lines)
+
+    def _log_batch(self, trainer: L.Trainer, lines: list[dict]) -> None:
+        """`edit/*` of one batch (its records' lines), at step batch + 1."""
+        step_metrics = self._numbers([d["post"] for d in lines], [d["pre"] for d in lines])
+        step_metrics["seconds_per_edit"] = lines[0]["seconds"]
+        self._log(trainer, {f"edit/{k}": v for k, v in step_metrics.items()}, step=lines[0]["batch"] + 1)
+
+    def _gather(self, trainer: L.Trainer) -> list[float] | None:
+        """DDP: every rank's new lines to rank 0 (they join the lines of earlier runs, when resuming); rank 0 logs them
+        batch by batch. Returns each rank's peak RSS (MB) on rank 0, None on the other ranks (they are done)."""
+        parts = gather_objects(trainer.strategy, (self.new, _peak_rss_mb()))
+        if not trainer.is_global_zero:
+            return None
+        new = [d for lines, _ in parts for d in lines]
+        new_ids = {d["case_id"] for d in new}
+        self.done = [d for d in self.done if d["case_id"] not in new_ids] + new
+        self._log(trainer, {f"pre/{k}": v for k, v in self._numbers([d["pre"] for d in new]).items()}, step=0)
+        for b in sorted({d["batch"] for d in new}):
+            self._log_batch(trainer, [d for d in new if d["batch"] == b])
+        return [rss for _, rss in parts]
+
+    def _merge_records(self, positions: dict[str, int]) -> None:
+        """One records.jsonl holding every record once in run order (`positions`: case_id -> place in the selection),
+        written atomically; then the per-rank files go."""
+        parts = rank_record_files(self.out)
+        if parts:
+            self.done.sort(key=lambda d: positions.get(d["case_id"], len(positions)))
+            write_text(self.out / RECORDS_FILE, "".join(json.dumps(d) + "\n" for d in self.done))
+            for p in parts:
+                p.unlink()
 
     def on_test_end(self, trainer: L.Trainer, pl_module) -> None:
+        rss = self._gather(trainer) if trainer.world_size > 1 else [_peak_rss_mb()]
+        if rss is None:
+            return
+        self._merge_records(trainer.datamodule.positions)
         done = self.done
         pres = [d["pre"] for d in done]
         summary: dict[str, Any] = {"pre": self._numbers(pres), "post": self._numbers([d["post"] for d in done], pres)}
@@ -143,15 +197,20 @@ class EditEvalCallback(L.Callback):
             "n_edits": len(done),
             "seconds_total_edit": seconds,
             "seconds_per_edit": seconds / max(1, len(done)),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": max(rss),
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         }
+        if trainer.world_size > 1:
+            summary["timing"] |= {"processes": trainer.world_size, "peak_rss_mb_per_rank": rss}
+        info = mean_info(done)
+        if info:
+            summary["edit_info"] = info
         if self.groups.groups:
             summary["metric_groups"] = self.groups.counts(done)
         summary["run"] = self.run_info | {"mode": self.mode}
         self.summary = summary
         flat = {f"{g}/{k}": v for g in ("pre", "post", "final") if g in summary for k, v in summary[g].items()}
-        flat.update({f"timing/{k}": v for k, v in summary["timing"].items()})
+        flat.update({f"timing/{k}": v for k, v in summary["timing"].items() if not isinstance(v, list)})
         self._log(trainer, flat, step=len(done) + 1)
         set_run_summary(trainer.loggers, flat)
         paths = write_summary_files(self.out, summary)
@@ -161,6 +220,18 @@ class EditEvalCallback(L.Callback):
         run = summary["run"]
         write_samples(self.out, sample_rows(done), trainer.loggers, f"{run.get('method', '')} on {run.get('model', '')}")
         print_table(summary)
+
+
+def mean_info(done: list[dict]) -> dict[str, float]:
+    """The mean over records of each number a method reports per edit (`info`: MEMIT's z_steps_mean, ...)."""
+    infos = [d.get("info") or {} for d in done]
+    numbers = lambda i: {k: v for k, v in i.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}  # noqa: E731
+    keys = sorted({k for i in infos for k in numbers(i)})
+    return {k: sum(vals) / len(vals) for k in keys if (vals := [numbers(i)[k] for i in infos if k in numbers(i)])}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def set_run_summary(loggers: list, flat: dict[str, float]) -> None:

@@ -39,6 +39,8 @@ def table_rows(summary: dict[str, Any]) -> tuple[str, list[str], list[list[str]]
     t = summary.get("timing", {})
     caption = (f"{int(t['n_edits'])} edits · {t['seconds_per_edit']:.2f} s/edit · peak RSS {t['peak_rss_mb']:.0f} MB"
                if t else "")
+    if t.get("processes"):
+        caption += f" (the largest of {t['processes']} processes)"
     return title, ["metric", *groups], rows, caption
 
 

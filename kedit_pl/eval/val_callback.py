@@ -10,9 +10,11 @@ measured once: the base model is frozen.
 from __future__ import annotations
 
 from statistics import harmonic_mean
+from typing import Callable
 
 import lightning as L
 
+from kedit_pl.distributed import gather_objects, rank_world, share
 from kedit_pl.eval.metrics import summarize
 from kedit_pl.eval.scoring import score_requests
 
@@ -44,7 +46,9 @@ class EditValidationCallback(L.Callback):
     """Each validation: apply the first `n_records` validation edits `edits_per_apply` at a time (1: each
     alone), score them with those edits in place, restore. Editors with a memory (SERAC) validate better
     with many edits at once: that also measures retrieval among edits, which one edit alone never tests.
-    A method with `on_edit_validation(metrics)` is handed the metrics (KE's margin schedule)."""
+    A method with `on_edit_validation(metrics)` is handed the metrics (KE's margin schedule). Under DDP the
+    chunks (and the unedited requests) go round-robin to the ranks and the scores are gathered, so every rank logs
+    (and checkpointing/early stopping/the margin schedule see) the same numbers over all `n_records`."""
 
     def __init__(self, n_records: int = 32, eval_batch_size: int = 64, edits_per_apply: int = 1) -> None:
         if edits_per_apply < 1:
@@ -58,20 +62,22 @@ class EditValidationCallback(L.Callback):
         if trainer.sanity_checking:
             return
         requests = trainer.datamodule.val_requests[: self.n_records]
+        chunks = [requests[s:s + self.edits_per_apply] for s in range(0, len(requests), self.edits_per_apply)]
         was_training = pl_module.training
         pl_module.eval()
         if self.pre is None:
-            self.pre = summarize(score_requests(pl_module.logits_fn(), pl_module.tok, requests,
-                                                self.eval_batch_size, pl_module.device))
-        post = []
-        for s in range(0, len(requests), self.edits_per_apply):
-            chunk = requests[s:s + self.edits_per_apply]
+            self.pre = summarize(self._gathered(trainer, [requests[s:s + self.eval_batch_size] for s in
+                                                          range(0, len(requests), self.eval_batch_size)],
+                                                lambda chunk: self._score(pl_module, chunk)))
+
+        def edited(chunk: list) -> list[dict]:
             handle = pl_module.apply(chunk)
             try:
-                post += score_requests(pl_module.logits_fn(), pl_module.tok, chunk, self.eval_batch_size,
-                                       pl_module.device)
+                return self._score(pl_module, chunk)
             finally:
                 pl_module.restore(handle)
+
+        post = self._gathered(trainer, chunks, edited)
         pl_module.train(was_training)
         m = summarize(post)
         m.pop("n_records", None)
@@ -79,6 +85,17 @@ class EditValidationCallback(L.Callback):
             m["loc_kept"] = kept
         m["edit_success"] = edit_success(m)
         for k, v in m.items():
-            pl_module.log(f"val/{k}", v, prog_bar=k in ("es", "ps", "edit_success"))
+            pl_module.log(f"val/{k}", v, prog_bar=k in ("es", "ps", "edit_success"), sync_dist=True)  # equal on all ranks
         if hasattr(pl_module, "on_edit_validation"):
             pl_module.on_edit_validation(m)
+
+    def _score(self, pl_module, chunk: list) -> list[dict]:
+        return score_requests(pl_module.logits_fn(), pl_module.tok, chunk, self.eval_batch_size, pl_module.device)
+
+    @staticmethod
+    def _gathered(trainer: L.Trainer, chunks: list[list], fn: Callable[[list], list[dict]]) -> list[dict]:
+        """fn over the chunks, round-robin over the ranks (all of them without DDP), gathered in chunk order."""
+        scored = {i: fn(chunks[i]) for i in share(range(len(chunks)), *rank_world(trainer))}
+        for part in gather_objects(getattr(trainer, "strategy", None), scored):
+            scored |= part
+        return [rec for i in range(len(chunks)) for rec in scored[i]]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from kedit_pl.io import read_json, write_json
+from kedit_pl.io import read_json_cache, save_json_cache
 from kedit_pl.tokens import prompt_ids
 
 STARTS = ("The", "Therefore", "Because", "I", "You")
@@ -84,11 +84,12 @@ def context_templates(model: nn.Module, tok: PreTrainedTokenizerBase, model_id: 
     if key in _MEMORY:
         return list(_MEMORY[key])
     path = Path(cache_dir) / f"context_templates_{key}.json" if cache_dir else None
-    if path is not None and path.is_file():
-        templates = read_json(path)["templates"]
+    entry = read_json_cache(path, "context templates") if path is not None else None
+    if entry is not None:
+        templates = entry["templates"]
     else:
         templates = generate_templates(model, tok, lengths, seed)
         if path is not None:
-            write_json(path, {"model": model_id, "lengths": lengths, "seed": seed, "templates": templates})
+            save_json_cache(path, {"model": model_id, "lengths": lengths, "seed": seed, "templates": templates})
     _MEMORY[key] = list(templates)
     return list(templates)

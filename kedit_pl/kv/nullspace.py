@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from kedit_pl.errors import ConfigError
-from kedit_pl.io import load_tensors, save_tensors
+from kedit_pl.io import read_cache, save_cache
 
 THRESHOLD_MODES = ("absolute", "relative")
 
@@ -73,11 +73,11 @@ def cached_null_space(C: torch.Tensor, stats_key: dict, threshold: float, mode: 
     key = {"stats": stats_key, "threshold": float(threshold), "mode": mode}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / str(stats_key["model"]) / f"nullspace_L{layer}_{digest}.safetensors"
-    if path.is_file():
-        t = load_tensors(path)
+    t = read_cache(path, "null-space projector cache")
+    if t is not None:
         return NullSpace(t["projector"], int(t["kept"]), int(t["dim"]), float(t["threshold"]), float(t["leak"]))
     ns = null_space(C, threshold, mode, layer)
-    save_tensors(path, {"projector": ns.projector, "kept": torch.tensor(ns.kept), "dim": torch.tensor(ns.dim),
+    save_cache(path, {"projector": ns.projector, "kept": torch.tensor(ns.kept), "dim": torch.tensor(ns.dim),
                         "threshold": torch.tensor(ns.threshold, dtype=torch.float64),
                         "leak": torch.tensor(ns.leak, dtype=torch.float64)},
                  metadata={"key": json.dumps(key)})

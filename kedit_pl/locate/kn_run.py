@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, EditFailed
+from kedit_pl.io import read_jsonl
 from kedit_pl.locate.knowledge_neurons import FactNeurons, NeuronAttributor, NeuronLocator, bag_prompts, by_layer
 
 log = logging.getLogger("kedit_pl.locate")
@@ -74,7 +75,7 @@ def locate_facts(locator: NeuronLocator, requests: list[EditRequest], lc: DictCo
     from kedit_pl.io import write_text
 
     path = out / "kn_facts.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines()] if resume and path.exists() else []
+    rows = read_jsonl(path, "knowledge neurons") if resume else []
     done = {r["case_id"] for r in rows}
     skipped: dict[str, list[str]] = {"unknown": [], "tokenization": [], "no_neurons": []}
     att = locator.att
@@ -156,8 +157,9 @@ def plot_results(summary: dict, out: Path, model_name: str, factors) -> list[Pat
     labels = [f"×{f}" for f in factors]
     for j, kind in enumerate(("kn", "random")):
         vals = [100 * summary["effects"][f"{kind}_x{f}"]["mean_rel_change"] for f in factors]
-        ax.bar([i + 0.4 * j for i in range(len(factors))], vals, width=0.4,
-               label="knowledge neurons" if kind == "kn" else "random neurons (same layers)")
+        bars = ax.bar([i + 0.4 * j for i in range(len(factors))], vals, width=0.4,
+                      label="knowledge neurons" if kind == "kn" else "random neurons (same layers)")
+        ax.bar_label(bars, fmt="%+.1f", fontsize=7, padding=2)  # the random control is ~0: print it
     ax.set_xticks([i + 0.2 for i in range(len(factors))], labels)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_ylabel("mean change of P(true object), %"), ax.legend(fontsize=7)

@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.hooks import capture, edit_inputs
-from kedit_pl.io import load_tensors, save_tensors
+from kedit_pl.io import read_cache, save_cache
 from kedit_pl.kv.value_cache import weights_digest
 from kedit_pl.models.kv_cache import cache_kwargs, cache_layers, new_cache, output_cache
 from kedit_pl.errors import ConfigError
@@ -287,7 +287,7 @@ class NeuronLocator:
         res = self.att.attribute(prompt, target)
         seconds = time.perf_counter() - start
         if path is not None:
-            save_tensors(path, {"scores": res.scores, "p_clean": torch.tensor(res.p_clean),
+            save_cache(path, {"scores": res.scores, "p_clean": torch.tensor(res.p_clean),
                                 "top1": torch.tensor(res.top1)})
         return res, seconds
 
@@ -316,13 +316,13 @@ class NeuronLocator:
 
 def read_cached_attribution(path: Path) -> PromptAttribution | None:
     """The one place attribution files are read: a missing, torn or malformed file is a miss (recomputed)."""
-    if not path.is_file():
+    t = read_cache(path, "knowledge-neuron attribution cache")  # digest-checked: damage is a named miss
+    if t is None:
         return None
     try:
-        t = load_tensors(path)
         return PromptAttribution(t["scores"], float(t["p_clean"]), int(t["top1"]))
-    except Exception as e:  # a torn or foreign file: recompute and overwrite it atomically
-        log.warning("ignoring unreadable attribution cache file %s (%s)", path, e)
+    except (KeyError, RuntimeError, ValueError) as e:  # a foreign file: recompute and overwrite it atomically
+        log.warning("knowledge-neuron attribution cache: %s lacks a field (%s); recomputing it", path, e)
         return None
 
 

@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.errors import ConfigError, EditFailed
+from kedit_pl.io import read_jsonl
 
 log = logging.getLogger("kedit_pl.trace")
 
@@ -27,7 +28,7 @@ def trace_facts(tracer, requests, tc: DictConfig, out: Path, resume: bool = Fals
     from kedit_pl.locate.causal_trace import TraceResult
 
     path = out / "traces.jsonl"
-    results = [TraceResult.from_dict(json.loads(x)) for x in path.read_text().splitlines()] if resume and path.exists() else []
+    results = [TraceResult.from_dict(x) for x in read_jsonl(path, "causal tracing")] if resume else []
     done = {r.case_id for r in results}
     lines = [json.dumps(r.to_dict()) for r in results]
     skipped = {"unknown": 0, "tokenization": 0}

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.data.requests import EditRequest
+from kedit_pl.distributed import agree_on_parameters, rank_world
 from kedit_pl.errors import EditFailed, KEditError
 from kedit_pl.eval.scoring import LogitsFn, model_logits
 from kedit_pl.models.spec import ModelSpec
@@ -65,6 +66,11 @@ class EditMethod(L.LightningModule):
     #: `load_editor(path)` (a train.py checkpoint or an exported editor) and `export(folder)`; train.py loads
     #: the best validated checkpoint and exports it.
     trainable: bool = False
+    #: True for methods that can share one batch among DDP ranks: each rank does its part of the work inside the
+    #: batch (MEMIT: its share of the z vectors, all-gathered through the strategy) and every rank ends with the same
+    #: edited model. edit.py then gives every rank every batch and sets `shared_batches`; otherwise whole batches
+    #: are spread over the ranks.
+    can_share_batches: bool = False
 
     def __init__(self, model: nn.Module | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
                  spec: ModelSpec | None = None) -> None:
@@ -73,6 +79,7 @@ class EditMethod(L.LightningModule):
         self.tok = tokenizer
         self.spec = spec
         self.last_handle: EditHandle | None = None
+        self.shared_batches = False  # set by edit.py under DDP for methods that `can_share_batches`
         self._low_rank: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         if model is not None:
             for p in model.parameters():
@@ -108,6 +115,8 @@ class EditMethod(L.LightningModule):
         try:
             with torch.enable_grad():
                 info = self.compute_edit(requests)
+            if self.shared_batches and self._trainer is not None:  # every rank must now hold the same edit
+                agree_on_parameters(self.trainer.strategy, self.model, names)
             params = dict(self.model.named_parameters())
             for n in names:
                 if not torch.isfinite(params[n]).all():
@@ -130,6 +139,10 @@ class EditMethod(L.LightningModule):
     def restore(self, handle: EditHandle) -> None:
         """Undo an edit: every touched weight returns to its exact original bits."""
         write_back(self.model, handle.originals)
+
+    def ranks(self) -> tuple[int, int]:
+        """(rank, world size) this method shares its batches with; (0, 1) unless `shared_batches` under DDP."""
+        return rank_world(self._trainer) if self.shared_batches else (0, 1)
 
     def logits_fn(self) -> LogitsFn:
         """How evaluation gets logits. Routing methods (SERAC) override this; weight editors don't."""

@@ -27,6 +27,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.data.requests import EditRequest
+from kedit_pl.distributed import gather_objects, gather_rows, share
 from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.hooks import StopForward, capture, stop_after
 from kedit_pl.kv.context import DEFAULT_LENGTHS, template_groups
@@ -102,8 +103,10 @@ class MEMIT(ROME):
     """Batch edit of the MLP output projections of `layers` (Hydra: conf/method/memit.yaml).
 
     Inherits ROME's per-model caches (fingerprint, context templates) and hyperparameters; `self.layer` is the
-    top layer L of the range, where the targets z live.
+    top layer L of the range, where the targets z live. Under DDP a batch is shared by the ranks (`compute_targets`).
     """
+
+    can_share_batches = True
 
     def __init__(self, model: nn.Module | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
                  spec: ModelSpec | None = None, layers: Sequence[int] | None = None, loss_layer: int | None = None,
@@ -140,6 +143,7 @@ class MEMIT(ROME):
         self.z_cache = bool(z_cache) and self.cache_dir is not None
         self.key_groups = template_groups(self.lengths) if key_average == "groups" else None
         self._mom2: dict[int, torch.Tensor] | None = None
+        self._z_seconds: list[float] = []  # z optimization seconds of each rank (shared batches under DDP)
 
     # --- cached per model ---------------------------------------------------------------------------
     def mom2(self) -> dict[int, torch.Tensor | None]:
@@ -164,7 +168,27 @@ class MEMIT(ROME):
         return self.compute_edit([req])
 
     def compute_targets(self, requests: list[EditRequest]) -> ValueResult:
-        """z_i at the top layer (eq. 16), optimized in groups of `z_batch_size` requests."""
+        """z_i at the top layer (eq. 16), optimized in groups of `z_batch_size` requests. The z_i are independent, so
+        with a batch shared among DDP ranks each rank optimizes whole groups (round-robin; a group is the same as in
+        one process, hence the same z) and the z are all-gathered through the strategy: every rank then solves the
+        same layer updates (eq. 14) from the same targets."""
+        rank, world = self.ranks()
+        if world == 1:
+            return self._own_targets(requests)
+        size = self.z_batch_size
+        groups = [list(range(i, min(i + size, len(requests)))) for i in range(0, len(requests), size)]
+        mine = [i for g in share(groups, rank, world) for i in g]
+        res = self._own_targets([requests[i] for i in mine]) if mine else None
+        rows = None if res is None else {"delta": res.delta, "v_init": res.v_init, "nll": res.nll, "kl": res.kl,
+                                         "steps": torch.tensor(res.steps, device=res.delta.device)}
+        full = gather_rows(self.trainer.strategy, rows, mine, len(requests), next(self.model.parameters()).device)
+        costs = gather_objects(self.trainer.strategy, (0.0, 0) if res is None else (res.seconds, res.cached))
+        self._z_seconds = [c[0] for c in costs]
+        return ValueResult(full["delta"], full["v_init"], full["nll"], full["kl"], full["steps"].tolist(),
+                           sum(self._z_seconds), cached=sum(c[1] for c in costs))
+
+    def _own_targets(self, requests: list[EditRequest]) -> ValueResult:
+        """z of `requests` computed here (or read from the z cache, which several processes may fill at once)."""
         templates = self.templates()
         max_rows = self.z_batch_size * (len(templates) + len(KL_PROMPTS))
 
@@ -181,9 +205,12 @@ class MEMIT(ROME):
     def compute_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
         self.check_and_prepare(requests)
         templates, mom2 = self.templates(), self.mom2()
+        self._z_seconds = []
         res = self.compute_targets(requests)
         Z = res.target.double()
         info: dict[str, Any] = {"layers": [], "value_seconds": res.seconds, "values_cached": res.cached,
+                                "z_steps_mean": sum(res.steps) / len(res.steps),  # Adam steps until stop_loss
+                                "z_seconds_per_rank": self._z_seconds,
                                 "per_request": [{"case_id": r.case_id, "nll": res.nll[i].item(),
                                                  "steps": res.steps[i], "delta_norm": res.delta[i].norm().item()}
                                                 for i, r in enumerate(requests)]}

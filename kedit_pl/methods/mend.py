@@ -76,6 +76,14 @@ class MEND(LearnedEditor):
         self.log("train/alpha_mean", self.editor.alpha.detach().mean(), batch_size=len(batch))
         return super().training_step(batch, batch_idx)
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # DDP: the running (u, δ) statistics merge every rank's rows, as one process with the whole batch would
+        self.editor.share_statistics(self.all_gather if self.trainer.world_size > 1 else None)
+
+    def on_fit_end(self) -> None:
+        self.editor.share_statistics(None)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         nets = [p for n, p in self.editor.named_parameters() if n != "alpha"]
         return torch.optim.Adam([{"params": nets, "lr": self.lr}, {"params": [self.editor.alpha], "lr": self.lr_lr}])

@@ -12,6 +12,7 @@ identity (on normalized inputs) at the start of training.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -73,15 +74,27 @@ class GradientEditor(nn.Module):
         self.register_buffer("count", torch.zeros(()))
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("m2", torch.zeros(dim))  # Σ (z − mean)², for the variance
+        #: under DDP: gathers a tensor from every rank, (world, ...) (the strategy's all_gather), so every rank merges
+        #: every rank's rows, as one process with the whole batch would; None in one process
+        self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @torch.no_grad()
     def update_stats(self, z: torch.Tensor) -> None:
-        """Merge a batch of rows into the running mean/variance (Chan et al.'s parallel Welford update)."""
+        """Merge a batch of rows into the running mean/variance (Chan et al.'s parallel Welford update); under DDP
+        the batch is every rank's rows (their (n, mean, M2) gathered and merged in rank order)."""
         n = z.shape[0]
+        b_mean = z.mean(0) if n else torch.zeros_like(self.mean)
+        b_m2 = ((z - b_mean) ** 2).sum(0)
+        if self.gather is not None:  # every rank calls this, even with no rows, so the collective always matches
+            parts = self.gather(torch.cat([z.new_tensor([n]), b_mean, b_m2]))
+            for part in parts:
+                self._merge(float(part[0]), *part[1:].split(len(self.mean)))
+        elif n:
+            self._merge(float(n), b_mean, b_m2)
+
+    def _merge(self, n: float, b_mean: torch.Tensor, b_m2: torch.Tensor) -> None:
         if n == 0:
             return
-        b_mean = z.mean(0)
-        b_m2 = ((z - b_mean) ** 2).sum(0)
         total = self.count + n
         diff = b_mean - self.mean
         self.mean += diff * (n / total)
@@ -121,6 +134,11 @@ class MendEditor(nn.Module):
                                 cfg.n_hidden, cfg.norm)
             for key, names in by_shape.items()})
         self.alpha = nn.Parameter(torch.full((len(cfg.params),), float(cfg.edit_lr)))
+
+    def share_statistics(self, gather: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """DDP: normalization statistics from every rank's rows (`gather`: the strategy's all_gather); None: own."""
+        for net in self.nets.values():
+            net.gather = gather
 
     def weight_deltas(self, rows: Rows, owner: torch.Tensor, n_edits: int) -> dict[str, torch.Tensor]:
         """ΔW_ℓ = −α_ℓ Σ_t δ̃_t ũ_tᵀ per parameter and edit, shape (n_edits, d_out, d_in), from the token rows

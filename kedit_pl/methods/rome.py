@@ -132,6 +132,11 @@ class ROME(EditMethod):
         self.templates()
         self.solver()
 
+    def prepare_data(self) -> None:
+        """Lightning hook, run by one process per node while the other ranks wait: under DDP the disk caches
+        (statistics, templates) are built once, and the other ranks read them in `on_test_start`."""
+        self.prepare()
+
     def on_test_start(self) -> None:
         """Lightning hook: build the caches before the first edit so edit timings exclude them."""
         self.prepare()

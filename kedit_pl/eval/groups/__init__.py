@@ -10,7 +10,7 @@ numbers. Adding a group = a class + one line in GROUPS.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError
@@ -18,6 +18,9 @@ from kedit_pl.eval.groups.base import MetricGroup, mean_numbers
 from kedit_pl.eval.groups.fluency import Fluency
 from kedit_pl.eval.groups.general import GeneralAbility
 from kedit_pl.eval.groups.scored import DistractingNeighborhood, Portability, SubjectAlias
+
+if TYPE_CHECKING:
+    from kedit_pl.eval.pre_cache import PreCache
 
 #: ES/PS/NS (and the token accuracies) are the callback's own scoring; every run measures them
 CORE = "es_ps_ns"
@@ -44,15 +47,22 @@ class GroupRunner:
         self.groups = groups
         self.mode = mode
 
-    def measure(self, method, requests: list[EditRequest], records: list[dict], batch_idx: int | None = None) -> None:
+    def measure(self, method, requests: list[EditRequest], records: list[dict], batch_idx: int | None = None,
+                cache: "PreCache | None" = None, state: bool = True) -> None:
         """Add each group's raw measurement (or why it skipped) to `records` (aligned with `requests`).
         A model-state group (general ability) goes into the first record only, when it is due; `batch_idx`
-        None means always (the unedited model, the final state)."""
+        None means always (the unedited model, the final state). `cache` (unedited model only) holds
+        measurements of earlier runs, keyed by the weights, the record and the group's settings. `state=False`:
+        per-record groups only (another DDP rank measures this model state)."""
         for g in self.groups:
+            key = {"group": g.name, **g.settings}
+            what = f"pre-edit {g.name}"
             if not g.per_record:
-                due = batch_idx is None or g.due(self.mode, batch_idx)
+                due = state and (batch_idx is None or g.due(self.mode, batch_idx))
                 if due and records:
-                    records[0].setdefault("groups", {})[g.name] = g.measure(method, requests)[0]
+                    compute = lambda g=g: g.measure(method, requests)[0]  # noqa: E731
+                    raw = cache.state(key, compute, what) if cache is not None else compute()
+                    records[0].setdefault("groups", {})[g.name] = raw
                 continue
             ok = []
             for req, rec in zip(requests, records):
@@ -62,7 +72,10 @@ class GroupRunner:
                 else:
                     rec.setdefault("groups_skipped", {})[g.name] = why
             if ok:
-                for (_, rec), raw in zip(ok, g.measure(method, [r for r, _ in ok])):
+                reqs = [r for r, _ in ok]
+                compute = lambda reqs, g=g: g.measure(method, reqs)  # noqa: E731
+                raws = cache.per_record(key, reqs, compute, what) if cache is not None else compute(reqs)
+                for (_, rec), raw in zip(ok, raws):
                     rec.setdefault("groups", {})[g.name] = raw
 
     def summarize(self, records: list[dict], pre: list[dict] | None = None) -> dict[str, float]:
