@@ -7,7 +7,10 @@ maps each (u_t, δ_t) to (ũ_t, δ̃_t) and the edit is  W̃ = W − α_ℓ Σ_t
 layers of that shape; a per-layer scale s_ℓ and shift o_ℓ make it layer-specific (the paper's editor MLP):
     h = z + σ(s¹_ℓ ⊙ (U₁V₁z + b₁) + o¹_ℓ),   g(z) = h + σ(s²_ℓ ⊙ (U₂V₂h + b₂) + o²_ℓ),   z = [u; δ]
 with z normalized by running mean/std of the training inputs. U is initialized to zero, so g is the
-identity (on normalized inputs) at the start of training.
+identity (on normalized inputs) at the start of training. σ is clamp(·, min=0) as in the reference code's
+LRLinear (on every layer, the last included: its `relu` flag is unused): the same values as a ReLU, but a
+gradient of 1 at exactly 0. With U = 0 and b = 0 every pre-activation starts at exactly 0, where torch.relu's
+gradient is 0: U, b, s_ℓ and o_ℓ would never move and only α_ℓ would learn.
 """
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ class EditorConfig:
 
 
 class LowRankResidual(nn.Module):
-    """One residual layer of the editor MLP: z + σ(s_ℓ ⊙ (U V z + b) + o_ℓ); U = 0 at init: the identity."""
+    """One residual layer of the editor MLP: z + σ(s_ℓ ⊙ (U V z + b) + o_ℓ), σ = clamp(·, min=0); U = 0 at init:
+    the identity, with a gradient for U, b, s_ℓ, o_ℓ from the first step."""
 
     def __init__(self, dim: int, rank: int, n_modes: int) -> None:
         super().__init__()
@@ -60,7 +64,7 @@ class LowRankResidual(nn.Module):
 
     def forward(self, z: torch.Tensor, mode: int) -> torch.Tensor:
         pre = (z @ self.V.T) @ self.U.T + self.b
-        return z + torch.relu(self.scale[mode] * pre + self.shift[mode])
+        return z + (self.scale[mode] * pre + self.shift[mode]).clamp(min=0)  # not relu: gradient 1 at 0
 
 
 class GradientEditor(nn.Module):
