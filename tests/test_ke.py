@@ -54,6 +54,33 @@ def test_generator_shapes_and_rank_one_factors():
     assert gen(c, torch.randn(3, 6, 4)).shape == (3, 6, 4)
 
 
+def test_condition_is_the_lms_embeddings_of_prediction_alternative_input(tiny_llama):
+    m = make(tiny_llama)
+    embeds, mask = m.condition(REQS)
+    emb = tiny_llama.model.get_input_embeddings()
+    for i, r in enumerate(REQS):
+        ids = tiny_llama.tokenizer(f"{r.target_true} >> {r.target_new} || {r.rewrite}",
+                                   add_special_tokens=False)["input_ids"]
+        assert int(mask[i].sum()) == len(ids) and bool(mask[i, :len(ids)].all())  # right-padded
+        torch.testing.assert_close(embeds[i, :len(ids)], emb(torch.tensor(ids)))
+    assert embeds.shape == (3, int(mask.sum(-1).max()), emb.weight.shape[1])
+
+
+def test_conditioner_bilstm_ffnn_shapes_and_padding():
+    from kedit_pl.methods.ke_net import Conditioner
+
+    torch.manual_seed(0)
+    cond = Conditioner(embed_dim=6, lstm_dim=5, condition_dim=7)
+    x = torch.randn(2, 4, 6)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    c = cond(x, mask)
+    assert c.shape == (2, 7) and c.abs().max() < 1  # FFNN with tanh
+    torch.testing.assert_close(c[1], cond(x[1:, :2], mask[1:, :2])[0])  # padding is never read
+    assert not torch.allclose(cond(x[:1].flip(1), mask[:1])[0], c[0])  # order matters (a sequence model)
+    lstm = cond.lstm
+    assert lstm.bidirectional and lstm.num_layers == 1 and cond.ffnn.in_features == 2 * 5
+
+
 def test_update_formula_by_hand_on_a_toy_matrix():
     cfg = KEConfig(params=(("w", 2, 3),), embed_dim=8, condition_dim=4, hidden_dim=3, max_scale=5.0)
     gen = MatrixGenerator(2, 3, cfg)
@@ -109,8 +136,11 @@ def test_margin_shrinks_only_when_validation_edits_succeed(tiny_llama):
 
 def test_training_reduces_the_edit_loss_and_leaves_the_base_model_alone(tiny_llama):
     before = {n: p.clone() for n, p in tiny_llama.model.named_parameters()}
-    logs = train_steps(make(tiny_llama, lr=3e-3, max_scale=20.0), 8)
+    m = make(tiny_llama, lr=3e-3, max_scale=20.0)
+    lstm_before = [p.clone() for p in m.editor.conditioner.parameters()]
+    logs = train_steps(m, 8)
     assert logs[-1]["edit_loss"] < logs[0]["edit_loss"] - 1e-3
+    assert all(not torch.equal(p, q) for p, q in zip(m.editor.conditioner.parameters(), lstm_before))
     assert all(torch.equal(p, before[n]) for n, p in tiny_llama.model.named_parameters())
 
 
