@@ -30,7 +30,7 @@ def train_steps(m: KE, n: int, reqs=REQS) -> list[dict[str, float]]:
         logs.append({k: float(v) for k, v in out.items()})
         opt.zero_grad()
         out["loss"].backward()
-        m.on_after_backward()
+        m.on_before_optimizer_step(opt)
         opt.step()
         m.on_train_batch_end(None, reqs, 0)
     m.ready = True

@@ -9,8 +9,8 @@ Training (`training_step`, via train.py): the base model stays frozen; the hyper
 objective of KE §3.3,
     min_φ  CE(alternative | x, paraphrase)   s.t.   KL(p_θ(·|x') ‖ p_θ̃(·|x')) ≤ margin      (x' locality inputs)
 as the Lagrangian  L = CE + α · (KL − margin), with α ≥ 0 updated by gradient *ascent* (its gradient is negated
-in `on_after_backward`, and it is clamped at 0 after each step). The margin shrinks ×`margin_decay` (down to
-`margin_min`) each validation whose edit success (`margin_metric`, KE: the share of flipped predictions) passes
+in `on_before_optimizer_step`, and it is clamped at 0 after each step). The margin shrinks ×`margin_decay` (down
+to `margin_min`) each validation whose edit success (`margin_metric`, KE: the share of flipped predictions) passes
 `margin_above`. Locality inputs: zsRE's NQ question, or CounterFact's neighborhood prompt (same relation, other
 subject); `loc_loss=nll` swaps the KL for the NLL of the unedited answer.
 """
@@ -92,8 +92,10 @@ class KE(LearnedEditor):
                 "edit_acc": acc, "loc_loss": loc, "rewrite_nll_pre": nll_pre.mean(),
                 "lagrange": alpha.detach(), "margin": margin.clone()}
 
-    def on_after_backward(self) -> None:
-        """Gradient ascent on the Lagrange multiplier: the optimizer's descent step then raises α while KL > margin."""
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradient ascent on the Lagrange multiplier: the optimizer's descent step then raises α while KL > margin.
+        Here, once per step, after gradient accumulation and DDP's all-reduce (after each backward, accumulated
+        micro-batches would flip each other's sign)."""
         grad = self.editor.lagrange.grad
         if grad is not None:
             grad.neg_()
