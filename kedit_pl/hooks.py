@@ -81,28 +81,35 @@ OutputEdit = Callable[[torch.Tensor], torch.Tensor]
 
 
 @contextmanager
-def edit_outputs(model: nn.Module, edits: dict[str, OutputEdit]) -> Iterator[None]:
-    """Replace each named module's output tensor with `fn(output)` (tuples keep their other items)."""
+def _forward_hooks(model: nn.Module, hooks: dict[str, Callable]) -> Iterator[None]:
+    """Register `hooks[name]` as a forward hook of each named module; remove them all on exit."""
     handles = []
-
-    def make(fn: OutputEdit):
-        def apply(t: torch.Tensor) -> torch.Tensor:
-            return fn(grid(t)).reshape(t.shape)
-
-        def hook(_mod, _args, out):
-            if isinstance(out, tuple):
-                return (apply(out[0]),) + tuple(out[1:])
-            return apply(out)
-        return hook
-
     try:
-        with _token_grid(model) as grid:
-            for n, fn in edits.items():
-                handles.append(model.get_submodule(n).register_forward_hook(make(fn)))
-            yield
+        for n, hook in hooks.items():
+            handles.append(model.get_submodule(n).register_forward_hook(hook))
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _replace_output(out, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """A module output with its (first) tensor replaced by fn(tensor); tuples keep their other items."""
+    if isinstance(out, tuple):
+        return (fn(out[0]),) + tuple(out[1:])
+    return fn(out)
+
+
+@contextmanager
+def edit_outputs(model: nn.Module, edits: dict[str, OutputEdit]) -> Iterator[None]:
+    """Replace each named module's output tensor with `fn(output)` (tuples keep their other items)."""
+    def make(fn: OutputEdit):
+        def hook(_mod, _args, out):
+            return _replace_output(out, lambda t: fn(grid(t)).reshape(t.shape))
+        return hook
+
+    with _token_grid(model) as grid, _forward_hooks(model, {n: make(fn) for n, fn in edits.items()}):
+        yield
 
 
 @contextmanager
@@ -139,3 +146,22 @@ def stop_after(model: nn.Module, name: str) -> Iterator[None]:
         yield
     finally:
         h.remove()
+
+
+@contextmanager
+def linear_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], owner: torch.Tensor) -> Iterator[None]:
+    """Run linear modules as if their weights were W + ΔW, with a different ΔW for each batch row.
+
+    `deltas[name]` is (E, d_out, d_in) (one update per edit, in (out, in) orientation whatever the storage) and
+    row b of the batch is edited by ΔW[owner[b]]: the module's output gains x_b ΔW[owner[b]]ᵀ. Learned editors
+    train on many independent edits in one forward pass this way; gradients flow into the ΔW.
+    """
+    def make(delta: torch.Tensor):
+        def hook(_mod, args, out):
+            x = grid(_first(args))
+            extra = torch.bmm(x, delta[owner].transpose(1, 2).to(x.dtype))  # (B, T, d_out)
+            return _replace_output(out, lambda t: t + extra.reshape(t.shape))
+        return hook
+
+    with _token_grid(model) as grid, _forward_hooks(model, {n: make(d) for n, d in deltas.items()}):
+        yield

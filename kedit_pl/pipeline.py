@@ -245,7 +245,7 @@ def cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
-    """Train a learned editor (MEND, SERAC) with checkpoints, early stopping and resume. Under DDP
+    """Train a learned editor (MEND, KE, SERAC) with checkpoints, early stopping and resume. Under DDP
     (`trainer.devices=N trainer.strategy=ddp`) `train.batch_size` is per process; checkpoints, the export and
     train_summary.json come from rank 0 (the other ranks return {}). With a `teach` node (experiment=ftrace_teach),
     fine-tune the model on a fact-tracing corpus instead (one process)."""
@@ -266,13 +266,15 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, verbose=False)
     method = build_method(cfg)
     if not method.trainable:
-        raise ConfigError(f"method '{cfg.method.name}' has nothing to train; use edit.py (train.py is for MEND, SERAC)")
+        raise ConfigError(f"method '{cfg.method.name}' has nothing to train; use edit.py (train.py is for learned editors: MEND, KE, SERAC)")
     ckpt_dir = out / "checkpoints"
     callbacks = [
         EditValidationCallback(n_records=t.val_edits, eval_batch_size=cfg.get("eval_batch_size", 64),
                                edits_per_apply=int(t.get("val_edits_per_apply", 1))),
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor=t.monitor, mode=t.monitor_mode,
-                        save_last=True, save_top_k=1, every_n_train_steps=t.get("checkpoint_every_n_steps")),
+        # the best editor is saved right after each validation, with that validation's score (a step-triggered
+        # save would pair the weights with the previous validation's score); last.ckpt (resume) every n steps
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best-{step}", monitor=t.monitor, mode=t.monitor_mode, save_top_k=1),
+        ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=t.get("checkpoint_every_n_steps")),
         EarlyStopping(monitor=t.monitor, mode=t.monitor_mode, patience=t.patience),
     ]
     loggers = build_loggers(cfg)

@@ -106,7 +106,7 @@ def test_cache_digest_detects_a_single_flipped_value(tmp_path):
 @pytest.mark.parametrize("damage", [truncate, noise_everywhere], ids=lambda f: f.__name__)
 @pytest.mark.parametrize("kind", ["mend_safetensors", "mend_ckpt", "serac_ckpt", "serac_dir"])
 def test_damaged_checkpoints_are_one_line_without_pickle_advice(tmp_path, kind, damage):
-    from kedit_pl.methods.mend import read_checkpoint
+    from kedit_pl.methods.learned import read_checkpoint
     from kedit_pl.methods.serac.checkpoint import read_state
 
     src = tmp_path / "good.ckpt"
@@ -125,7 +125,7 @@ def test_damaged_checkpoints_are_one_line_without_pickle_advice(tmp_path, kind, 
         path.write_bytes(src.read_bytes())
     damage(path / "classifier.safetensors" if kind == "serac_dir" else path)
     with pytest.raises(KEditError) as e:
-        (read_state if kind.startswith("serac") else read_checkpoint)(path)
+        (read_state if kind.startswith("serac") else lambda p: read_checkpoint(p, "mend"))(path)
     msg = str(e.value)
     assert "method.checkpoint" in msg and str(path) in msg and "\n" not in msg
     assert "weights_only=False" not in msg and "trust" not in msg

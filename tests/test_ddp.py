@@ -185,9 +185,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.slow
 @two_cores
-def test_training_on_two_processes_equals_one_with_accumulated_gradients(tmp_path):
-    """DDP averages the two ranks' gradients: exactly one process accumulating the same two half batches."""
+@pytest.mark.parametrize("method", ["mend", "ke"])
+def test_training_on_two_processes_equals_one_with_accumulated_gradients(tmp_path, method):
+    """DDP averages the two ranks' gradients: exactly one process accumulating the same two half batches (KE: its
+    Lagrange multiplier ascends once per step, on the all-reduced / accumulated gradient)."""
     common = _train_common(tmp_path, "method.norm=false", "train.batch_size=2")
+    if method == "ke":
+        common = ["method=ke", "method.max_scale=20", "method.lr=1e-3", "method.lr_alpha=0.1"] + [
+            o for o in common if not o.startswith(("method.", "method="))]
     run_train(edit_cfg(tmp_path / "one", *common, "+trainer.accumulate_grad_batches=2", config_name="train"))
     out = tmp_path / "two"
     p = launch("train.py", out, *common, *DDP)

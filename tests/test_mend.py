@@ -74,6 +74,26 @@ def test_training_reduces_edit_loss_and_leaves_base_model_alone(tiny_llama):
     assert all(torch.equal(p, before[n]) for n, p in tiny_llama.model.named_parameters())
 
 
+def test_the_editor_mlp_itself_learns_from_the_first_step(tiny_llama):
+    """U = 0 and b = 0 make every pre-activation exactly 0 at init; the nonlinearity must still pass a gradient
+    there (the reference's clamp, not relu, whose gradient at 0 is 0 and leaves only α learning)."""
+    m = make(tiny_llama, lr=1e-3)
+    m.train()
+    out = m.losses(REQS)
+    out["loss"].backward()
+    layers = [layer for net in m.editor.nets.values() for layer in net.layers]
+    assert all(layer.U.grad is not None and layer.U.grad.abs().sum() > 0 for layer in layers)
+    assert all(layer.b.grad.abs().sum() > 0 for layer in layers)
+    opt = m.configure_optimizers()
+    opt.step()
+    net = next(iter(m.editor.nets.values()))
+    net.eval()
+    z = torch.randn(5, net.d_in + net.d_out)
+    u, d = z.split([net.d_in, net.d_out], -1)
+    got = torch.cat(net(u, d, 0), -1)
+    assert not torch.allclose(got, net.normalize(z))  # no longer the identity: the MLP moved
+
+
 def test_restore_after_apply_is_bit_exact(tiny_llama):
     m = make(tiny_llama)
     train_steps(m, 2)

@@ -62,7 +62,7 @@ def write_back(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
 class EditMethod(L.LightningModule):
     """Base class: `apply(requests) -> EditHandle`, `restore(handle)`, optional training."""
 
-    #: True for learned editors (MEND, SERAC) that need `train.py` before they can edit. They also implement
+    #: True for learned editors (MEND, KE, SERAC) that need `train.py` before they can edit. They also implement
     #: `load_editor(path)` (a train.py checkpoint or an exported editor) and `export(folder)`; train.py loads
     #: the best validated checkpoint and exports it.
     trainable: bool = False

@@ -7,7 +7,10 @@ maps each (u_t, δ_t) to (ũ_t, δ̃_t) and the edit is  W̃ = W − α_ℓ Σ_t
 layers of that shape; a per-layer scale s_ℓ and shift o_ℓ make it layer-specific (the paper's editor MLP):
     h = z + σ(s¹_ℓ ⊙ (U₁V₁z + b₁) + o¹_ℓ),   g(z) = h + σ(s²_ℓ ⊙ (U₂V₂h + b₂) + o²_ℓ),   z = [u; δ]
 with z normalized by running mean/std of the training inputs. U is initialized to zero, so g is the
-identity (on normalized inputs) at the start of training.
+identity (on normalized inputs) at the start of training. σ is clamp(·, min=0) as in the reference code's
+LRLinear (on every layer, the last included: its `relu` flag is unused): the same values as a ReLU, but a
+gradient of 1 at exactly 0. With U = 0 and b = 0 every pre-activation starts at exactly 0, where torch.relu's
+gradient is 0: U, b, s_ℓ and o_ℓ would never move and only α_ℓ would learn.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from torch import nn
 from kedit_pl.errors import EditFailed
 
 #: per edited parameter: the token rows (u, δ) of its gradient, shapes (N, d_in) and (N, d_out)
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Rows = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,10 @@ class EditorConfig:
     def to_dict(self) -> dict:
         return asdict(self) | {"params": [list(p) for p in self.params]}
 
+    def arch(self) -> tuple:
+        """What must match for weights to load (edit_lr is only the initial α)."""
+        return self.params, self.rank, self.n_hidden, self.norm
+
     @classmethod
     def from_dict(cls, d: dict) -> "EditorConfig":
         return cls(params=tuple((str(n), int(o), int(i)) for n, o, i in d["params"]), rank=int(d["rank"]),
@@ -43,7 +50,8 @@ class EditorConfig:
 
 
 class LowRankResidual(nn.Module):
-    """One residual layer of the editor MLP: z + σ(s_ℓ ⊙ (U V z + b) + o_ℓ); U = 0 at init: the identity."""
+    """One residual layer of the editor MLP: z + σ(s_ℓ ⊙ (U V z + b) + o_ℓ), σ = clamp(·, min=0); U = 0 at init:
+    the identity, with a gradient for U, b, s_ℓ, o_ℓ from the first step."""
 
     def __init__(self, dim: int, rank: int, n_modes: int) -> None:
         super().__init__()
@@ -56,7 +64,7 @@ class LowRankResidual(nn.Module):
 
     def forward(self, z: torch.Tensor, mode: int) -> torch.Tensor:
         pre = (z @ self.V.T) @ self.U.T + self.b
-        return z + torch.relu(self.scale[mode] * pre + self.shift[mode])
+        return z + (self.scale[mode] * pre + self.shift[mode]).clamp(min=0)  # not relu: gradient 1 at 0
 
 
 class GradientEditor(nn.Module):
@@ -136,13 +144,15 @@ class MendEditor(nn.Module):
         for net in self.nets.values():
             net.gather = gather
 
-    def weight_deltas(self, factors: Factors) -> dict[str, torch.Tensor]:
-        """ΔW_ℓ = −α_ℓ Σ_t δ̃_t ũ_tᵀ (d_out × d_in) per parameter, from its token rows u (N, d_in), δ (N, d_out)."""
+    def weight_deltas(self, rows: Rows, owner: torch.Tensor, n_edits: int) -> dict[str, torch.Tensor]:
+        """ΔW_ℓ = −α_ℓ Σ_t δ̃_t ũ_tᵀ per parameter and edit, shape (n_edits, d_out, d_in), from the token rows
+        u (N, d_in), δ (N, d_out) of all edits; row t belongs to edit owner[t]."""
         out = {}
         for idx, (name, _, _) in enumerate(self.cfg.params):
-            u, delta = factors[name]
+            u, delta = rows[name]
             keep = (u != 0).any(-1) & (delta != 0).any(-1)  # rows with no gradient (padding) carry no edit
             key, mode = self.route[name]
             u_t, d_t = self.nets[key](u[keep], delta[keep], mode)
-            out[name] = -self.alpha[idx] * (d_t.T @ u_t)
+            own = owner[keep]
+            out[name] = -self.alpha[idx] * torch.stack([d_t[own == e].T @ u_t[own == e] for e in range(n_edits)])
         return out
