@@ -72,15 +72,18 @@ def memit_factors(keys: torch.Tensor, resid: torch.Tensor, C: torch.Tensor | Non
 
 @torch.no_grad()
 def block_outputs(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelSpec, layer: int,
-                  requests: list[EditRequest], batch_size: int = 64, site: str = "layer") -> torch.Tensor:
-    """Output of block `layer` (residual stream; or of its module `site`, e.g. "mlp_out") at the subject's last
-    token of each plain prompt, (R, d)."""
-    block = spec.module_name(site, layer)
+                  requests: list[EditRequest], batch_size: int = 64,
+                  also: Sequence[str] = ()) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Output of block `layer` (residual stream) at the subject's last token of each plain prompt, (R, d).
+    With `also` (module names at or below that block), their outputs there too, read in the same forward pass:
+    returns (block output, *those)."""
+    block = spec.module_name("layer", layer)
+    names = [block, *also]
     prompts = subject_prompts(tok, requests, ["{}"])
     rows = [prompt_ids(tok, p.text)[: p.subject_idx + 1] for p in prompts]  # causal: the rest is irrelevant
     device = next(model.parameters()).device
-    out = []
-    with capture(model, [block]) as cap, stop_after(model, block):
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    with capture(model, names) as cap, stop_after(model, block):
         for b0 in range(0, len(rows), batch_size):
             chunk = rows[b0: b0 + batch_size]
             width = max(len(r) for r in chunk)
@@ -93,8 +96,10 @@ def block_outputs(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelSpe
             except StopForward:
                 pass
             last = torch.tensor([len(r) - 1 for r in chunk], device=device)
-            out.append(cap.outputs[block][torch.arange(len(chunk), device=device), last])
-    return torch.cat(out)
+            for n in names:
+                out[n].append(cap.outputs[n][torch.arange(len(chunk), device=device), last])
+    result = tuple(torch.cat(out[n]) for n in names)
+    return result if also else result[0]
 
 
 #: how k_i averages the keys of the context templates: "groups" = the mean of per-group means (the plain prompt
@@ -223,10 +228,11 @@ class MEMIT(ROME):
         for i, layer in enumerate(self.layers):
             K = compute_keys(self.model, self.tok, self.spec, layer, requests, templates,  # lower layers edited
                              groups=self.key_groups)
-            H = block_outputs(self.model, self.tok, self.spec, self.layer, requests).double()
+            H, M = block_outputs(self.model, self.tok, self.spec, self.layer, requests,
+                                 also=[self.spec.module_name("mlp_out", layer)])  # one pass: z's layer and l's MLP
+            H = H.double()
             resid = (Z - H) / (len(self.layers) - i)  # spread the remaining error over the remaining layers
             if self.spec.mlp_post_norm:  # the block adds N(MLP output): target the MLP output through N
-                M = block_outputs(self.model, self.tok, self.spec, layer, requests, site="mlp_out")
                 resid = mlp_output_targets(self.spec.module(self.model, "mlp_post_norm", layer), M, resid)
             factors: list[torch.Tensor] = []  # the update's low-rank factors, when the method knows them
             delta_w = self.layer_update(layer, K, resid, mom2[layer], factors)

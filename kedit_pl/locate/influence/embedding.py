@@ -28,8 +28,8 @@ class EmbeddingSimilarity(InfluenceMethod):
     name = "embedding"
 
     def __init__(self, model=None, checkpoints: Sequence[Checkpoint] = (), layer: int | None = None,
-                 checkpoint: str = "last", center: bool = False, skip_first: int = 0, batch_size: int = 32, max_tokens: int = 48,
-                 name: str = "embedding", progress: bool = True, **_context: Any) -> None:
+                 checkpoint: str = "last", center: bool = False, skip_first: int = 0, batch_size: int = 32,
+                 max_tokens: int = 48, name: str = "embedding", progress: bool = True, **_context: Any) -> None:
         if model is None:
             raise ValueError("EmbeddingSimilarity needs the loaded model (model=LoadedModel)")
         n = model.spec.n_layers
