@@ -1,5 +1,6 @@
 """Metric groups beyond ES/PS/NS: pure numbers by hand, skip-and-count, the callback on edited vs unedited
 models, samples, the CounterFact-plus probes, compare columns and the resumable head-to-head."""
+import copy
 import json
 import math
 
@@ -130,6 +131,31 @@ def test_a_routing_method_generates_through_its_own_logits(tiny_llama):
 
     m = Routed(tiny_llama.model, tiny_llama.tokenizer, tiny_llama.spec)
     assert greedy_generate(m, ["Hi", "The capital of"], max_new_tokens=4) == ["AAAA", "AAAA"]
+
+
+def test_a_prompt_routing_method_generates_each_prompt_from_its_route_with_the_cache(tiny_llama, one_thread):
+    """SERAC's way: `prefixes` routes each prompt to (model, ids); generation continues exactly those ids."""
+    tok, model = tiny_llama.tokenizer, tiny_llama.model
+    other = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a different model: it generates something else
+        for w in other.parameters():
+            w.add_(torch.randn(w.shape, generator=gen) * 0.5)
+    ctx = prompt_ids(tok, "Context: the capital of France is Rome. ")
+
+    class PromptRouted(CollapseMethod):
+        def logits_fn(self):
+            def fn(*a, **k):
+                raise AssertionError("a prompt-routed method must not be generated token by token")
+            fn.prefixes = lambda rows: [(other, ctx + r) if len(r) > 3 else (model, r) for r in rows]
+            return fn
+
+    prompts = ["Hi", "The capital of France is"]
+    rows = [prompt_ids(tok, p) for p in prompts]
+    got = greedy_generate(PromptRouted(model, tok, tiny_llama.spec), prompts, max_new_tokens=6)
+    want = [_greedy_cached(model, [rows[0]], 256, 6)[0], _greedy_cached(other, [ctx + rows[1]], 256, 6)[0]]
+    assert got == [tok.decode(ids, skip_special_tokens=True) for ids in want]
+    assert got[1] != tok.decode(_greedy_cached(model, [rows[1]], 256, 6)[0], skip_special_tokens=True)
 
 
 # --- the callback: pre on the unedited model, post on the edited one ----------------------------------------

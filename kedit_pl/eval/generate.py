@@ -2,8 +2,11 @@
 
 Prompts are left-padded so every row's next token sits in the last column; position ids follow each row's real
 tokens. Every row generates exactly `max_new_tokens` tokens (no stop at EOS), as ROME's fluency evaluation does.
-A method that routes its logits (SERAC) is generated through its `logits_fn` without a cache (one full forward
-per token), so generations always come from the edited system, never from a bypassed base model.
+Generations always come from the edited system, never from a bypassed base model: each prompt is continued by
+the model and ids that the method's `logits_fn.prefixes` routes it to (a weight editor: its own model and the
+prompt; SERAC: by the prompt, as its paper routes an input, the base model or the counterfactual model reading
+"[edit] [prompt]"), with that model's cache. A `logits_fn` without `prefixes` is generated through itself, one
+full forward per token.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from kedit_pl.eval.scoring import model_logits
 from kedit_pl.models.kv_cache import cache_kwargs, output_cache
 from kedit_pl.tokens import left_pad, pad_id, prompt_ids, right_pad
 
@@ -43,6 +47,20 @@ def _greedy_routed(logits_fn, rows: list[list[int]], pad: int, max_new_tokens: i
     return [s[n:] for s, n in zip(seqs, plens)]
 
 
+def _generate_rows(fn, rows: list[list[int]], pad: int, max_new_tokens: int, device) -> list[list[int]]:
+    """New token ids per row: routed by prompt to (model, ids) and generated with the cache, grouped by model."""
+    prefixes = getattr(fn, "prefixes", None)
+    if prefixes is None:
+        return _greedy_routed(fn, rows, pad, max_new_tokens, device)
+    routes = prefixes(rows)
+    new: list[list[int] | None] = [None] * len(rows)
+    for model in {id(m): m for m, _ in routes}.values():
+        picked = [b for b, (m, _) in enumerate(routes) if m is model]
+        for b, ids in zip(picked, _greedy_cached(model, [routes[b][1] for b in picked], pad, max_new_tokens)):
+            new[b] = ids
+    return new
+
+
 def greedy_generate(method, prompts: list[str], max_new_tokens: int = 100, batch_size: int = 16,
                     stop_at_eos: bool = False) -> list[str]:
     """The continuation (decoded, special tokens dropped) of each prompt under the method's current model.
@@ -53,16 +71,13 @@ def greedy_generate(method, prompts: list[str], max_new_tokens: int = 100, batch
     from kedit_pl.methods.base import EditMethod
 
     tok: PreTrainedTokenizerBase = method.tok
-    routed = type(method).logits_fn is not EditMethod.logits_fn
+    fn = method.logits_fn() if type(method).logits_fn is not EditMethod.logits_fn else model_logits(method.model)
     unique = list(dict.fromkeys(prompts))
     texts: dict[str, str] = {}
     for s in range(0, len(unique), int(batch_size)):
         chunk = unique[s:s + int(batch_size)]
         rows = [prompt_ids(tok, p) for p in chunk]
-        if routed:
-            new = _greedy_routed(method.logits_fn(), rows, pad_id(tok), max_new_tokens, method.device)
-        else:
-            new = _greedy_cached(method.model, rows, pad_id(tok), max_new_tokens)
+        new = _generate_rows(fn, rows, pad_id(tok), max_new_tokens, method.device)
         for p, ids in zip(chunk, new):
             if stop_at_eos and tok.eos_token_id in ids:
                 ids = ids[:ids.index(tok.eos_token_id)]
