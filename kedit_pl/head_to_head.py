@@ -6,10 +6,13 @@ Resumable: a method whose run folder holds a summary.json is complete and is not
 but no summary (an interrupted single/batch run) continues with edit.resume=true. Learned editors (MEND,
 SERAC, any method with `trainable = True`) use `head_to_head.checkpoints.<name>`; without one they are skipped
 with a message, or trained first (`head_to_head.train_missing=true`, with `head_to_head.train.<name>`).
+With `trainer.devices=N trainer.strategy=ddp` each method runs as an `edit.py` child process over N ranks (its
+output in <out_dir>/<method>.log).
 """
 from __future__ import annotations
 
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +21,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from kedit_pl.config import compose
+from kedit_pl.config import REPO_ROOT, compose
+from kedit_pl.distributed import requested_devices
 from kedit_pl.errors import ConfigError, KEditError
 from kedit_pl.io import read_json, write_json
 
@@ -58,6 +62,18 @@ def _checkpoint(name: str, h: DictConfig, out: Path, overrides: list[str]) -> tu
     return str(train_dir / "editor"), None
 
 
+def run_edit_script(overrides: list[str], log_file: Path) -> None:
+    """`python edit.py <overrides>` in a child process (output to `log_file`): how a method runs over DDP ranks
+    (`trainer.devices=N trainer.strategy=ddp`), since Lightning starts ranks 1..N-1 by re-running the script."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as fh:
+        rc = subprocess.call([sys.executable, str(REPO_ROOT / "edit.py"), *overrides], stdout=fh,
+                             stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    if rc:
+        tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
+        raise KEditError(f"edit.py exited with {rc} ({log_file}): {tail[0]}")
+
+
 def run_head_to_head(overrides: list[str]) -> dict[str, Any]:
     """Run every configured method (skipping complete ones), then compare them; returns head_to_head.json."""
     from kedit_pl.compare import compare
@@ -89,7 +105,11 @@ def run_head_to_head(overrides: list[str]) -> dict[str, Any]:
         log.info("%s: running into %s%s", name, run_dir, " (resuming)" if resume else "")
         t0 = time.perf_counter()
         try:
-            run_edit(cfg)
+            if (requested_devices(cfg.trainer) or 1) > 1:  # DDP: Lightning's launcher re-runs a script, not us
+                run_edit_script([EXPERIMENT, *overrides, f"method={name}", *extra, f"edit.resume={str(resume).lower()}",
+                                 f"hydra.run.dir={run_dir}"], out / f"{name}.log")
+            else:
+                run_edit(cfg)
             status[name] = {"status": "ran", "run_dir": str(run_dir), "wall_seconds": time.perf_counter() - t0}
         except KEditError as e:
             log.error("%s failed: %s", name, e)

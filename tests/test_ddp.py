@@ -246,3 +246,24 @@ def test_statistics_merge_every_ranks_rows_like_one_batch():
     split.update_stats(rows[3:5])
     for name in ("count", "mean", "m2"):
         torch.testing.assert_close(getattr(split, name), getattr(whole, name), rtol=1e-6, atol=1e-6)
+
+
+@two_cores
+def test_head_to_head_runs_each_method_over_two_processes_like_one(tmp_path, monkeypatch):
+    """`python -m kedit_pl.head_to_head trainer.devices=2 trainer.strategy=ddp`: each method is an edit.py child over
+    2 ranks, in its folder, with the records of the in-process (one-process) head to head."""
+    from kedit_pl.head_to_head import run_head_to_head
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    common = ["model=tiny_llama", "logger=csv", "dataset.limit=4", "head_to_head.methods=[ft]", "method.lr=1e-2",
+              "eval.metrics=[es_ps_ns,portability]", *FRESH]
+    one = run_head_to_head([*common, f"head_to_head.out_dir={tmp_path / 'one'}"])
+    two = run_head_to_head([*common, *DDP, f"head_to_head.out_dir={tmp_path / 'two'}"])
+    assert two["methods"]["ft"]["status"] == "ran", two["methods"]
+    assert (tmp_path / "two" / "ft.log").is_file() and (tmp_path / "two" / "comparison.md").is_file()
+    assert_same_records(records(tmp_path / "one" / "ft"), records(tmp_path / "two" / "ft"))
+    summary = json.loads((tmp_path / "two" / "ft" / "summary.json").read_text())
+    assert summary["timing"]["processes"] == 2 and one["methods"]["ft"]["status"] == "ran"
+    broken = run_head_to_head([*common, *DDP, "method.lr=-", f"head_to_head.out_dir={tmp_path / 'bad'}"])
+    assert broken["methods"]["ft"]["status"] == "failed" and "ft.log" in broken["methods"]["ft"]["reason"]

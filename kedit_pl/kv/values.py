@@ -23,6 +23,7 @@ forwards are restored in a `finally`. fast=False runs the plain full forward eve
 """
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from kedit_pl.kv.precision import compute_dtype as resolve_dtype, lowp_forwards
 from kedit_pl.models.kv_cache import cache_kwargs, cache_layers, new_cache
 from kedit_pl.models.spec import ModelSpec
 from kedit_pl.tokens import encode_targets, pad_id, prompt_ids, subject_last_token
+
+log = logging.getLogger(__name__)
 
 KL_PROMPTS = ("{} is a",)
 
@@ -411,10 +414,17 @@ def optimize_values(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelS
     dtype = resolve_dtype(compute_dtype)
     per_req = len(templates) + len(kl_prompts)
     group = len(requests) if not max_rows else max(1, max_rows // per_req)
-    parts = [_optimize_group(model, tok, spec, requests[i: i + group], templates, layer, insert,
-                             spec.n_layers - 1 if loss_layer is None else loss_layer, steps, lr, weight_decay,
-                             clamp_norm_factor, kl_factor, kl_prompts, stop_loss, fast, dtype)
-             for i in range(0, len(requests), group)]
+    starts = range(0, len(requests), group)
+    parts: list[ValueResult] = []
+    for i in starts:
+        parts.append(_optimize_group(model, tok, spec, requests[i: i + group], templates, layer, insert,
+                                     spec.n_layers - 1 if loss_layer is None else loss_layer, steps, lr, weight_decay,
+                                     clamp_norm_factor, kl_factor, kl_prompts, stop_loss, fast, dtype))
+        if len(starts) > 1:  # long runs (MEMIT over hundreds of requests) show where they are
+            done, spent = i + len(parts[-1].steps), sum(p.seconds for p in parts)
+            log.info("values: %d/%d requests optimized, %.0f s, mean %.1f steps; about %.0f s left", done,
+                     len(requests), spent, sum(sum(p.steps) for p in parts) / done,
+                     spent / done * (len(requests) - done))
     return ValueResult(torch.cat([p.delta for p in parts]), torch.cat([p.v_init for p in parts]),
                        torch.cat([p.nll for p in parts]), torch.cat([p.kl for p in parts]),
                        sum((p.steps for p in parts), []), sum(p.seconds for p in parts),
