@@ -7,9 +7,9 @@
 
 Each method is one `edit.py` run in sequential mode with the lifelong protocol (kedit_pl/eval/lifelong.py:
 ES/PS/NS over a fixed sample of the edits so far, WikiText-2 perplexity and ‖ΔW‖ every k batches, stop on
-collapse) in <out>/<method>/. A method whose folder already holds a summary.json is not rerun (resume: an
-interrupted sequential run cannot continue, so it restarts). Then the curves of every method are drawn into
-one figure (one line per method) and a markdown table is written to <out>/table.md: the final scoring of every
+collapse) in <out>/<method>/. A method whose folder already holds a summary.json is not rerun; an interrupted
+one continues from its last checkpoint (edit.resume=true, kedit_pl/sequential_state.py). Then the curves of
+every method are drawn into one figure (one line per method) and a markdown table is written to <out>/table.md: the final scoring of every
 edit on the last model (`final`, the AlphaEdit protocol) beside the score right after each batch (`post`),
 perplexity at start and end, ‖ΔW‖, whether it collapsed, and the wall time of each run.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -55,13 +54,14 @@ def run_method(method: str, args: argparse.Namespace) -> dict:
     wall = Path(args.out) / f"{method}.wall.json"  # one file per method: several study processes may run at once
     if (folder / "summary.json").is_file():
         return read_json(wall) if wall.is_file() else {}
-    shutil.rmtree(folder, ignore_errors=True)  # an interrupted sequential run restarts from scratch
-    cmd = run_command(method, args, folder)
+    resume = (folder / "records.jsonl").is_file()  # interrupted: continue from its last checkpoint
+    cmd = run_command(method, args, folder) + (["edit.resume=true"] if resume else [])
     print("+", " ".join(cmd), flush=True)
     start = time.perf_counter()
-    with open(Path(args.out) / f"{method}.log", "w") as log:
+    with open(Path(args.out) / f"{method}.log", "a" if resume else "w") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-    result = {"returncode": rc, "wall_seconds": time.perf_counter() - start, "command": " ".join(cmd)}
+    result = {"returncode": rc, "wall_seconds": time.perf_counter() - start, "command": " ".join(cmd),
+              "resumed": resume}
     write_json(wall, result)
     return result
 
@@ -77,7 +77,8 @@ def table_row(method: str, summary: dict, wall: dict) -> dict:
             "ppl_start": life.get("start_perplexity"), "ppl_end": rows[-1].get("perplexity"),
             "dW": rows[-1].get("delta_norm_total"), "collapsed": life.get("collapsed"),
             "s_per_edit": summary.get("timing", {}).get("seconds_per_edit"),
-            "wall_s": wall.get("wall_seconds", summary.get("timing", {}).get("wall_seconds"))}
+            "wall_s": (summary.get("timing", {}).get("wall_seconds") if wall.get("resumed") else None)
+            or wall.get("wall_seconds", summary.get("timing", {}).get("wall_seconds"))}  # resumed: over all runs
 
 
 def markdown(rows: list[dict]) -> str:

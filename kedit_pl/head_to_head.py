@@ -3,8 +3,8 @@
     python -m kedit_pl.head_to_head [hydra overrides...]      (conf/experiment/head_to_head.yaml)
 
 Resumable: a method whose run folder holds a summary.json is complete and is not rerun; a folder with records
-but no summary (an interrupted single/batch run) continues with edit.resume=true. Learned editors (MEND,
-SERAC, any method with `trainable = True`) use `head_to_head.checkpoints.<name>`; without one they are skipped
+but no summary (an interrupted run; a sequential one from its last checkpoint) continues with edit.resume=true.
+Learned editors (MEND, SERAC, any method with `trainable = True`) use `head_to_head.checkpoints.<name>`; without one they are skipped
 with a message, or trained first (`head_to_head.train_missing=true`, with `head_to_head.train.<name>`).
 With `trainer.devices=N trainer.strategy=ddp` each method runs as an `edit.py` child process over N ranks (its
 output in <out_dir>/<method>.log).
@@ -99,7 +99,7 @@ def run_head_to_head(overrides: list[str]) -> dict[str, Any]:
                 status[name] = {"status": "skipped", "reason": why}
                 continue
             extra.append(f"method.checkpoint={ckpt}")
-        resume = (run_dir / "records.jsonl").is_file() and mcfg.edit.mode != "sequential"
+        resume = (run_dir / "records.jsonl").is_file()
         cfg = compose("edit", [EXPERIMENT, *overrides, f"method={name}", *extra, f"paths.output_dir={run_dir}",
                                f"edit.resume={str(resume).lower()}"])
         log.info("%s: running into %s%s", name, run_dir, " (resuming)" if resume else "")

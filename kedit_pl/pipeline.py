@@ -25,6 +25,7 @@ from kedit_pl.eval.report import print_table
 from kedit_pl.io import read_json, write_json
 from kedit_pl.methods.base import EditMethod
 from kedit_pl.run_folder import RunFolder, result_files, run_identity
+from kedit_pl.sequential_state import SequentialCheckpoint, resume_point
 from kedit_pl.validate import validate_edit_config, validate_processes
 from kedit_pl.persist import edit_hooks, finish_hooks
 
@@ -115,6 +116,7 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
 
 def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> dict[str, Any]:
     out = output_dir(cfg)
+    state = resume_point(out) if cfg.edit.resume and mode == "sequential" else None  # records.jsonl cut to it
     done_ids = {d["case_id"] for d in read_done_records(out)} if cfg.edit.resume else set()
     dm = EditDataModule(cfg.dataset, edit_batch_size=batch_size, exclude_ids=done_ids, seed=cfg.seed)
     dm.prepare_requests()  # fail on bad data before loading anything heavy
@@ -137,8 +139,12 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> 
                                 samples=int(samples.get("k") or 0), sample_tokens=int(samples.get("max_new_tokens", 40)),
                                 pre_cache=pre_cache, on_edit=hooks)
     lifelong = lifelong_callback(cfg, out) if mode == "sequential" else None
+    checkpoint = SequentialCheckpoint(out, state, lifelong) if mode == "sequential" else None
+    if state:
+        checkpoint.resume(method, callback, dm.done_requests)
     loggers = build_loggers(cfg)
-    trainer = build_trainer(cfg, [callback] + ([lifelong] if lifelong else []), loggers)
+    callbacks = [callback, lifelong, checkpoint if method.sequential_resumable else None]  # checkpoint: last
+    trainer = build_trainer(cfg, [c for c in callbacks if c is not None], loggers)
     start = time.perf_counter()
     try:
         trainer.test(method, datamodule=dm, verbose=False)
@@ -154,7 +160,8 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> 
         raise collective_error(e) or e
     finally:
         if callback.summary:
-            callback.summary["timing"]["wall_seconds"] = time.perf_counter() - start
+            earlier = checkpoint.earlier_seconds if checkpoint else 0.0  # a resumed run's, up to its checkpoint
+            callback.summary["timing"]["wall_seconds"] = earlier + time.perf_counter() - start
             if lifelong:
                 callback.summary["lifelong"] = lifelong.summary()
                 try:

@@ -28,8 +28,10 @@ IDENTITY_FILE = "run.json"
 #: Hydra rewrites <folder>/.hydra/ before any job code runs; the owner's copy is kept here and put back
 #: when a refused run (busy, used, mismatched) has overwritten it
 HYDRA_DIR, HYDRA_COPY = ".hydra", ".hydra.owner"
+#: a sequential run's checkpoint after its last batch (kedit_pl/sequential_state.py)
+SEQUENTIAL_STATE = "sequential_state.safetensors"
 #: files holding a run's results (removed by edit.overwrite=true); run.json alone is no result
-RESULT_FILES = ("records.jsonl", "summary.json", "metrics.png", "retention.png")
+RESULT_FILES = ("records.jsonl", "summary.json", "metrics.png", "retention.png", SEQUENTIAL_STATE)
 #: under DDP each rank appends its records here while it runs; rank 0 merges them into records.jsonl at the end
 #: (an interrupted run's parts are results too: a resume reads them)
 RANK_RECORDS = "records.rank{rank}.jsonl"
@@ -51,10 +53,14 @@ SELECTION = ("name", "path", "format", "limit", "range", "ids", "on_invalid")
 def run_identity(cfg: DictConfig, batch_size: int) -> dict[str, Any]:
     """What a run's results depend on, in the order differences are reported."""
     data = OmegaConf.to_container(cfg.dataset, resolve=True)
-    return {"method": cfg.method.name, "model": cfg.model.name,
-            "dataset": {k: data.get(k) for k in SELECTION}, "mode": cfg.edit.mode, "batch_size": batch_size,
-            "seed": cfg.seed, "method_config": OmegaConf.to_container(cfg.method, resolve=True),
-            "eval": OmegaConf.to_container(cfg.eval, resolve=True) if cfg.get("eval") else None}
+    identity = {"method": cfg.method.name, "model": cfg.model.name,
+                "dataset": {k: data.get(k) for k in SELECTION}, "mode": cfg.edit.mode, "batch_size": batch_size,
+                "seed": cfg.seed, "method_config": OmegaConf.to_container(cfg.method, resolve=True),
+                "eval": OmegaConf.to_container(cfg.eval, resolve=True) if cfg.get("eval") else None}
+    lifelong = cfg.edit.get("lifelong")
+    if cfg.edit.mode == "sequential" and lifelong is not None:  # its lifelong rows go on in a resumed run
+        identity["lifelong"] = OmegaConf.to_container(lifelong, resolve=True)
+    return identity
 
 
 def first_difference(old: Any, new: Any, path: str = "") -> str | None:

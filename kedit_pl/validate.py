@@ -34,8 +34,6 @@ def validate_edit_config(cfg: DictConfig) -> None:
         _bool(f"edit.{name}", e.get(name, False))
     if e.get("resume") and e.get("overwrite"):
         raise ConfigError("edit.resume and edit.overwrite: pick one (resume continues a run, overwrite restarts it)")
-    if e.mode == "sequential" and e.resume:
-        raise ConfigError("edit.resume: a sequential run cannot resume (its accumulated edits are gone); rerun it")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ConfigError(f"seed: must be an integer, got {cfg.seed!r}")
     _positive_int("dataset.limit", d.get("limit"), allow_none=True)

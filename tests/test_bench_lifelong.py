@@ -1,6 +1,7 @@
 """bench/lifelong.py's bookkeeping: variants, the table row from a run's summary, the report files."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 
@@ -42,3 +43,19 @@ def test_table_row_and_report(tmp_path):
     assert runs.count("\n") == 2 and "| memit | 5 | 10 | 85.0 |" in runs  # header, rule, the one finished run
     assert "| memit | 10 | 90.0 | 80.0 | 60.0 | 25.00 | 3.50 |" in checkpoints
     assert (tmp_path / "f.png").stat().st_size > 0 and json.loads((tmp_path / "table.json").read_text())[0]["wall_s"] == 120.0
+
+
+def test_an_interrupted_run_is_resumed_not_restarted(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    args = argparse.Namespace(
+        out=str(tmp_path), model="tiny_llama", n_edits=4, rome_batch=1, memit_batch=2, rome_every=1, memit_every=1,
+        sample=2, set=[], runs={"memit": ("memit", [])})
+    assert study.run_method("memit", args)["resumed"] is False and "edit.resume=true" not in calls[-1]
+    (tmp_path / "memit").mkdir()
+    (tmp_path / "memit" / "records.jsonl").write_text('{"case_id": "0"}\n')  # an interrupted run's first batch
+    result = study.run_method("memit", args)
+    assert result["resumed"] and calls[-1][-1] == "edit.resume=true"
+    assert (tmp_path / "memit" / "records.jsonl").is_file()  # kept, not deleted
+    # a resumed run's wall time is its summary's (summed over the runs that made it), not the last process's
+    assert study.table_row("memit", summary(), result)["wall_s"] == 120.0

@@ -272,6 +272,10 @@ def test_collapse_stops_the_run_and_writes_the_summary_so_far(tmp_path, monkeypa
     assert summary["timing"]["n_edits"] == 2 and summary["final"]["n_records"] == 2
     assert summary["lifelong"]["collapsed"].startswith("collapse after 2 edits")
     assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(Collapsed, match="the run in .* ended with a collapse after 2 edits"):  # resume: as it ended
+        run_edit(edit_cfg(tmp_path, "method=memit", "method.v_num_grad_steps=2", "edit.mode=sequential",
+                          f"stats.cache_dir={tmp_path}/cache", "stats.n_samples=800", "stats.seq_len=60",
+                          "edit.resume=true"))
     values = iter([10.0, 12.0, 500.0])
     with pytest.raises(SystemExit) as e:  # the entry point: one line, exit 2, the files stay
         cli(run_edit, edit_cfg(tmp_path / "b", "method=memit", "method.v_num_grad_steps=2", "edit.mode=sequential",

@@ -115,6 +115,7 @@ class EditDataModule(L.LightningDataModule):
         self.exclude_ids = exclude_ids or set()
         self.seed = seed
         self.requests: list[EditRequest] = []
+        self.done_requests: list[EditRequest] = []  # the selection's records in exclude_ids (done by an earlier run)
         self.invalid: list[dict] = []  # records dataset.on_invalid=skip dropped: [{"case_id", "reason"}]
         self.positions: dict[str, int] = {}  # case_id -> position in the selection, records done earlier included
         self.train_requests: list[EditRequest] = []
@@ -128,8 +129,11 @@ class EditDataModule(L.LightningDataModule):
         chosen = select(all_reqs, c.get("limit"), c.get("range"), c.get("ids"))
         self.positions = {r.case_id: i for i, r in enumerate(chosen)}
         self.requests = [r for r in chosen if r.case_id not in self.exclude_ids] if self.exclude_ids else chosen
+        self.done_requests = [r for r in chosen if r.case_id in self.exclude_ids]
         if c.get("merge"):  # probe fields of the same records from other files (metric groups)
             self.requests = merge_probes(self.requests, c.get("format", "counterfact"), c["merge"])
+            if self.done_requests:
+                self.done_requests = merge_probes(self.done_requests, c.get("format", "counterfact"), c["merge"])
         return self.requests
 
     def prepare_training(self) -> None:

@@ -77,6 +77,13 @@ class EditEvalCallback(L.Callback):
         self.n_samples, self.sample_tokens = int(samples), int(sample_tokens)
         self.sample_ids: set[str] = set()
         self.new: list[dict] = []  # the lines this process wrote in this run
+        self.prior: list[EditRequest] = []  # sequential resume: the records the interrupted run edited
+        self.batch_offset = 0  # sequential resume: the batches it made
+
+    def resume_sequential(self, edited: list[EditRequest], batches: int) -> None:
+        """Continue a sequential run after `batches` batches that edited `edited` (their lines are in records.jsonl):
+        batch numbers go on, and the final re-scoring covers them too."""
+        self.prior, self.batch_offset = list(edited), batches
 
     # --- helpers -------------------------------------------------------------------------------------
     def _score(self, pl_module, requests: list[EditRequest], batch_idx: int | None = None,
@@ -109,8 +116,11 @@ class EditEvalCallback(L.Callback):
     def on_test_start(self, trainer: L.Trainer, pl_module) -> None:
         requests = trainer.datamodule.requests
         done_ids = {d["case_id"] for d in self.done}
-        self.sample_ids = {r.case_id for r in requests[:max(0, self.n_samples - len(done_ids))]}
-        mine = trainer.datamodule.rank_requests() if trainer.world_size > 1 else requests
+        pool = self.prior + requests  # the first k records of the run have samples (prior: a sequential resume's)
+        self.sample_ids = {r.case_id for r in pool[:max(0, self.n_samples - len(done_ids) + len(self.prior))]}
+        # a resumed sequential run scores its earlier records again: each score then comes from the same batch of
+        # prompts as in a run that never stopped (float32 logits depend a little on the batch's padding)
+        mine = trainer.datamodule.rank_requests() if trainer.world_size > 1 else self.prior + requests
         log.info("scoring %d records on the unedited model", len(mine))
         self.pre = {r["case_id"]: r for r in self._score(pl_module, mine, pre=True, state=trainer.is_global_zero)}
         if trainer.world_size == 1:  # under DDP rank 0 logs every rank's numbers at the end
@@ -120,7 +130,7 @@ class EditEvalCallback(L.Callback):
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         handle = pl_module.last_handle
         dm = trainer.datamodule
-        step = dm.global_batch(batch_idx) if trainer.world_size > 1 else batch_idx
+        step = (dm.global_batch(batch_idx) if trainer.world_size > 1 else batch_idx) + self.batch_offset
         mine = dm.rank_part(batch) if trainer.world_size > 1 else batch
         try:
             if not (dm.shared_batches and trainer.global_rank):  # a shared batch's edit is saved/shown once
@@ -183,7 +193,7 @@ class EditEvalCallback(L.Callback):
         pres = [d["pre"] for d in done]
         summary: dict[str, Any] = {"pre": self._numbers(pres), "post": self._numbers([d["post"] for d in done], pres)}
         if self.mode == "sequential":
-            requests = trainer.datamodule.requests
+            requests = self.prior + trainer.datamodule.requests
             log.info("re-scoring all %d edited records after the last edit (retention)", len(requests))
             final = self._score(pl_module, requests)
             by_id = {r["case_id"]: r for r in final}

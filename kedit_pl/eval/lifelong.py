@@ -27,7 +27,7 @@ from kedit_pl.errors import Collapsed, ConfigError
 from kedit_pl.eval.metrics import summarize
 from kedit_pl.eval.perplexity import perplexity
 from kedit_pl.eval.scoring import score_requests
-from kedit_pl.io import atomic_path
+from kedit_pl.io import atomic_path, write_text
 from kedit_pl.methods.base import snapshot
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class LifelongCallback(L.Callback):
         self.collapse: str | None = None
         self._w0: dict[str, torch.Tensor] = {}
         self._batches = 0
+        self._resumed = 0  # batches made by the interrupted run this one continues (resume)
         self._written = 0  # rows already in lifelong.jsonl
 
     # --- measurements ---------------------------------------------------------------------------------
@@ -115,11 +116,14 @@ class LifelongCallback(L.Callback):
 
     # --- Lightning hooks --------------------------------------------------------------------------------
     def on_test_start(self, trainer: L.Trainer, pl_module) -> None:
-        requests = trainer.datamodule.requests
+        requests = self.edited + trainer.datamodule.requests  # (edited: by the run a resume continues)
+        self._w0 = snapshot(pl_module.model, pl_module.edited_parameters(requests))  # the unedited weights
+        if self._resumed:  # the rows so far are the checkpoint's
+            write_text(self.out / ROWS_FILE, "".join(json.dumps(r) + "\n" for r in self.rows))
+            return
         ids = [str(r.case_id) for r in requests]
         n = len(ids) if self.cfg.sample is None else min(int(self.cfg.sample), len(ids))
         self.sample_ids = set(random.Random(self.cfg.seed).sample(ids, n))
-        self._w0 = snapshot(pl_module.model, pl_module.edited_parameters(requests))
         (self.out / ROWS_FILE).unlink(missing_ok=True)
         row = self._row(pl_module)
         self.start_ppl = row["perplexity"]
@@ -129,7 +133,7 @@ class LifelongCallback(L.Callback):
                           batch_idx: int, dataloader_idx: int = 0) -> None:
         self._batches += 1
         self.edited.extend(batch)
-        total = trainer.num_test_batches[0] if trainer.num_test_batches else None
+        total = self._resumed + trainer.num_test_batches[0] if trainer.num_test_batches else None
         if self._batches % int(self.cfg.every) and self._batches != total:
             return
         row = self._row(pl_module)
@@ -139,6 +143,17 @@ class LifelongCallback(L.Callback):
             self.collapse = (f"collapse after {row['n_edits']} edits: WikiText-2 perplexity {row['perplexity']:.1f} "
                              f"> {self.cfg.collapse_factor:g} x its start {self.start_ppl:.1f}")
             raise Collapsed(self.collapse)
+
+    def state(self) -> dict[str, Any]:
+        """What a resumed sequential run needs to go on (kedit_pl/sequential_state.py)."""
+        return {"rows": self.rows, "sample_ids": sorted(self.sample_ids), "start_perplexity": self.start_ppl}
+
+    def resume(self, state: dict[str, Any], edited: list[EditRequest], batches: int) -> None:
+        """Continue after `batches` batches that edited `edited`, from their `state()`."""
+        self.rows, self.sample_ids = list(state["rows"]), set(state["sample_ids"])
+        self.start_ppl, self.edited = state["start_perplexity"], list(edited)
+        self._batches = self._resumed = batches
+        self._written = len(self.rows)
 
     def summary(self) -> dict[str, Any]:
         return {"start_perplexity": self.start_ppl, "collapsed": self.collapse, "every": self.cfg.every,

@@ -85,6 +85,15 @@ class AlphaEdit(MEMIT):
                 "nullspace_kept_fraction": [round(null[x].kept_fraction, 4) for x in self.layers],
                 "nullspace_leak": [round(null[x].leak, 6) for x in self.layers]}
 
+    # --- a sequential run's checkpoint holds the accumulated keys (sequential_state.py) ------------------------
+    def sequential_state(self) -> dict[str, torch.Tensor]:
+        sums, count = self.keys.state()
+        return {f"kp_sum.{layer}": s for layer, s in sums.items()} | {"kp_count": torch.tensor(count)}
+
+    def load_sequential_state(self, state: dict[str, torch.Tensor]) -> None:
+        sums = {int(k.removeprefix("kp_sum.")): v for k, v in state.items() if k.startswith("kp_sum.")}
+        self.keys.load((sums, int(state["kp_count"])))
+
     # --- the restore contract covers the accumulated keys too -------------------------------------------
     def apply(self, requests: list[EditRequest]) -> EditHandle:
         before = self.keys.state()

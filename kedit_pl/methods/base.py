@@ -71,6 +71,9 @@ class EditMethod(L.LightningModule):
     #: edited model. edit.py then gives every rank every batch and sets `shared_batches`; otherwise whole batches
     #: are spread over the ranks.
     can_share_batches: bool = False
+    #: False for methods whose state between sequential batches is not tensors (SERAC's memory of edit texts):
+    #: edit.resume then refuses to continue their sequential runs (kedit_pl/sequential_state.py)
+    sequential_resumable: bool = True
 
     def __init__(self, model: nn.Module | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
                  spec: ModelSpec | None = None) -> None:
@@ -139,6 +142,16 @@ class EditMethod(L.LightningModule):
     def restore(self, handle: EditHandle) -> None:
         """Undo an edit: every touched weight returns to its exact original bits."""
         write_back(self.model, handle.originals)
+
+    def sequential_state(self) -> dict[str, torch.Tensor]:
+        """What the method carries from one sequential batch to the next besides the weights (AlphaEdit: the
+        accumulated K_pK_pᵀ). Saved after every batch so that an interrupted run resumes exactly; default none."""
+        return {}
+
+    def load_sequential_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back what `sequential_state` returned (a resumed sequential run)."""
+        if state:
+            raise EditFailed(f"{type(self).__name__} keeps no sequential state, but was given {sorted(state)}")
 
     def ranks(self) -> tuple[int, int]:
         """(rank, world size) this method shares its batches with; (0, 1) unless `shared_batches` under DDP."""

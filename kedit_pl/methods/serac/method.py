@@ -47,6 +47,7 @@ class Serac(SeracTraining, EditMethod):
     """Edit memory + scope classifier + counterfactual model around a frozen base model."""
 
     trainable = True
+    sequential_resumable = False  # its sequential state is a memory of edit texts, not checkpointed
 
     def __init__(self, model=None, tokenizer=None, spec=None, *, name: str = "serac", checkpoint: str | None = None,
                  encoder: Mapping[str, Any] | None = None, init_scale: float = 10.0, init_threshold: float = 0.5,
