@@ -9,9 +9,10 @@ Each method is one `edit.py` run in sequential mode with the lifelong protocol (
 ES/PS/NS over a fixed sample of the edits so far, WikiText-2 perplexity and ‖ΔW‖ every k batches, stop on
 collapse) in <out>/<method>/. A method whose folder already holds a summary.json is not rerun; an interrupted
 one continues from its last checkpoint (edit.resume=true, kedit_pl/sequential_state.py). Then the curves of
-every method are drawn into one figure (one line per method) and a markdown table is written to <out>/table.md: the final scoring of every
-edit on the last model (`final`, the AlphaEdit protocol) beside the score right after each batch (`post`),
-perplexity at start and end, ‖ΔW‖, whether it collapsed, and the wall time of each run.
+every method are drawn into one figure (one line per method) and a markdown table is written to <out>/table.md:
+the final scoring of every edit on the last model (`final`, the AlphaEdit protocol) beside the score right after
+each batch (`post`), perplexity at start and end, ‖ΔW‖, whether it collapsed, and the wall time of each run (of
+a resumed one: summed over its runs up to their last checkpoints, `summary.json → timing.wall_seconds`).
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from kedit_pl.methods.memit import MEMIT
 from kedit_pl.methods.rome import ROME
 from kedit_pl.pipeline import run_edit
 from kedit_pl.run_folder import SEQUENTIAL_STATE
+from kedit_pl.sequential_state import SequentialState
 from tests.conftest import edit_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,6 +73,9 @@ def assert_resumes_exactly(tmp_path, monkeypatch, method: str, cls: type, *extra
     for key in ("pre", "post", "final", "retention"):
         assert resumed[key] == whole[key]
     assert rows2[-1]["delta_norm_total"] > 0  # the edits changed the weights
+    state = SequentialState.read(tmp_path / "cut" / SEQUENTIAL_STATE)
+    assert state.batches == 4 and state.edited == [r["case_id"] for r in n1]
+    assert 0 < state.wall_seconds <= resumed["timing"]["wall_seconds"]  # the wall time sums both runs
     return t2
 
 
