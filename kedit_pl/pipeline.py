@@ -148,7 +148,7 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> 
     start = time.perf_counter()
     try:
         trainer.test(method, datamodule=dm, verbose=False)
-        finish_hooks(cfg, method, hooks, out, dm.requests)  # edit.save=model
+        finish_hooks(cfg, method, hooks, out, dm.done_requests + dm.requests)  # edit.save=model (sequential: all)
     except Collapsed:
         # summarize the edits made up to the collapse, then fail the run with the reason
         edited = {str(r.case_id) for r in lifelong.edited}

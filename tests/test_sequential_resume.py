@@ -104,7 +104,13 @@ def test_interrupted_alphaedit_run_resumes_with_its_accumulated_keys(tmp_path, m
 
 
 def test_interrupted_rome_run_resumes_bit_exact(tmp_path, monkeypatch):
-    assert_resumes_exactly(tmp_path, monkeypatch, "rome", ROME)
+    from safetensors.torch import load_file
+
+    assert_resumes_exactly(tmp_path, monkeypatch, "rome", ROME, "edit.save=model")
+    whole, cut = (load_file(tmp_path / f / "model" / "model.safetensors") for f in ("whole", "cut"))
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)  # every weight
+    edits = [json.loads((tmp_path / f / "model" / "kedit_edits.json").read_text()) for f in ("whole", "cut")]
+    assert len(edits[1]) == 4 and edits[1] == edits[0]  # the saved model lists the edits of both runs
 
 
 def test_damaged_checkpoint_or_records_is_one_clear_error(tmp_path, monkeypatch):
