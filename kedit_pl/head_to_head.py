@@ -100,14 +100,13 @@ def run_head_to_head(overrides: list[str]) -> dict[str, Any]:
                 continue
             extra.append(f"method.checkpoint={ckpt}")
         resume = (run_dir / "records.jsonl").is_file()
-        cfg = compose("edit", [EXPERIMENT, *overrides, f"method={name}", *extra, f"paths.output_dir={run_dir}",
-                               f"edit.resume={str(resume).lower()}"])
+        args = [EXPERIMENT, *overrides, f"method={name}", *extra, f"edit.resume={str(resume).lower()}"]
+        cfg = compose("edit", [*args, f"paths.output_dir={run_dir}"])
         log.info("%s: running into %s%s", name, run_dir, " (resuming)" if resume else "")
         t0 = time.perf_counter()
         try:
             if (requested_devices(cfg.trainer) or 1) > 1:  # DDP: Lightning's launcher re-runs a script, not us
-                run_edit_script([EXPERIMENT, *overrides, f"method={name}", *extra, f"edit.resume={str(resume).lower()}",
-                                 f"hydra.run.dir={run_dir}"], out / f"{name}.log")
+                run_edit_script([*args, f"hydra.run.dir={run_dir}"], out / f"{name}.log")
             else:
                 run_edit(cfg)
             status[name] = {"status": "ran", "run_dir": str(run_dir), "wall_seconds": time.perf_counter() - t0}

@@ -127,13 +127,11 @@ class EditDataModule(L.LightningDataModule):
         all_reqs, self.invalid = load_split_and_skips(c["path"], c.get("format", "counterfact"),
                                                       c.get("on_invalid", "error"))
         chosen = select(all_reqs, c.get("limit"), c.get("range"), c.get("ids"))
+        if c.get("merge"):  # probe fields of the same records from other files (metric groups)
+            chosen = merge_probes(chosen, c.get("format", "counterfact"), c["merge"])
         self.positions = {r.case_id: i for i, r in enumerate(chosen)}
         self.requests = [r for r in chosen if r.case_id not in self.exclude_ids] if self.exclude_ids else chosen
         self.done_requests = [r for r in chosen if r.case_id in self.exclude_ids]
-        if c.get("merge"):  # probe fields of the same records from other files (metric groups)
-            self.requests = merge_probes(self.requests, c.get("format", "counterfact"), c["merge"])
-            if self.done_requests:
-                self.done_requests = merge_probes(self.done_requests, c.get("format", "counterfact"), c["merge"])
         return self.requests
 
     def prepare_training(self) -> None:
