@@ -142,7 +142,10 @@ def tradeoff_chart(rows: list[dict], path: Path) -> Path:
     from kedit_pl.io import atomic_path
 
     rates = [(k, lab) for k, lab in RATES if any(r.get(k) is not None for r in rows)]
-    labels = [r["method"] for r in rows]
+    counts = [r.get("n") for r in rows]
+    most = max((c for c in counts if c), default=None)
+    # a method that edited fewer records (KN skips facts without specific neurons) shows its count
+    labels = [r["method"] if c == most else f"{r['method']} (n={c})" for r, c in zip(rows, counts)]
     x = np.arange(len(rows))
     fig, axes = plt.subplots(1, 3, figsize=(max(10, 1.6 * len(rows) + 8), 4.2), gridspec_kw={"width_ratios": [4, 1.3, 1.3]})
     w = 0.8 / max(1, len(rates))
@@ -167,7 +170,8 @@ def tradeoff_chart(rows: list[dict], path: Path) -> Path:
         ax.set_title(title, fontsize=9)
     axes[2].legend(fontsize=7, loc="lower right")
     model = rows[0].get("model", "") if rows else ""
-    fig.suptitle(f"head to head on {model} ({rows[0].get('n', '') if rows else ''} records per method)", fontsize=10)
+    scope = f"{most} records per method" if len(set(counts)) <= 1 else f"{most} records; fewer where marked"
+    fig.suptitle(f"head to head on {model} ({scope})", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

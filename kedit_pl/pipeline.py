@@ -18,7 +18,7 @@ from kedit_pl.data.datamodule import EditDataModule
 from kedit_pl.distributed import (check_request, collective_error, is_worker, launched_rank, requested_devices,
                                   stop_workers, strategy_for)
 from kedit_pl.errors import Collapsed, ConfigError, InvalidRecord, KEditError, RunFolderBusy
-from kedit_pl.eval.callback import EditEvalCallback, read_done_records
+from kedit_pl.eval.callback import EditEvalCallback, new_invocation, read_done_records, wall_seconds
 from kedit_pl.eval.groups import CORE, build_groups
 from kedit_pl.eval.lifelong import LifelongCallback, plot_curves
 from kedit_pl.eval.report import print_table
@@ -109,12 +109,14 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
     batch_size = 1 if mode == "single" else int(cfg.edit.batch_size)
     if is_worker():  # a DDP rank > 0 in rank 0's folder: rank 0 owns it (lock, identity) and writes the results
         return _run_edit(cfg, mode, batch_size, n_procs)
+    new_invocation()
     with RunFolder(output_dir(cfg), run_identity(cfg, batch_size), resume=cfg.edit.resume,
                    overwrite=bool(cfg.edit.get("overwrite", False))):
         return _run_edit(cfg, mode, batch_size, n_procs)
 
 
 def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> dict[str, Any]:
+    started = time.perf_counter()  # the wall time covers loading, locating (KN) and pre-scoring too
     out = output_dir(cfg)
     state = resume_point(out) if cfg.edit.resume and mode == "sequential" else None  # records.jsonl cut to it
     done_ids = {d["case_id"] for d in read_done_records(out)} if cfg.edit.resume else set()
@@ -137,7 +139,7 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> 
     callback = EditEvalCallback(out, mode=mode, eval_batch_size=cfg.edit.eval_batch_size,
                                 resume=cfg.edit.resume, run_info=run_info, groups=groups,
                                 samples=int(samples.get("k") or 0), sample_tokens=int(samples.get("max_new_tokens", 40)),
-                                pre_cache=pre_cache, on_edit=hooks)
+                                pre_cache=pre_cache, on_edit=hooks, started=started)
     lifelong = lifelong_callback(cfg, out) if mode == "sequential" else None
     checkpoint = SequentialCheckpoint(out, state, lifelong) if mode == "sequential" else None
     if state:
@@ -145,7 +147,6 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> 
     loggers = build_loggers(cfg)
     callbacks = [callback, lifelong, checkpoint if method.sequential_resumable else None]  # checkpoint: last
     trainer = build_trainer(cfg, [c for c in callbacks if c is not None], loggers)
-    start = time.perf_counter()
     try:
         trainer.test(method, datamodule=dm, verbose=False)
         finish_hooks(cfg, method, hooks, out, dm.done_requests + dm.requests)  # edit.save=model (sequential: all)
@@ -160,8 +161,10 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> 
         raise collective_error(e) or e
     finally:
         if callback.summary:
-            earlier = checkpoint.earlier_seconds if checkpoint else 0.0  # a resumed run's, up to its checkpoint
-            callback.summary["timing"]["wall_seconds"] = earlier + time.perf_counter() - start
+            wall = wall_seconds(callback.done, callback.invocation, started)  # a resume adds the earlier runs'
+            if wall is None:  # lines from before `elapsed` was recorded: a sequential checkpoint still knows
+                wall = (checkpoint.earlier_seconds if checkpoint else 0.0) + time.perf_counter() - started
+            callback.summary["timing"]["wall_seconds"] = wall
             if lifelong:
                 callback.summary["lifelong"] = lifelong.summary()
                 try:

@@ -94,6 +94,22 @@ def test_resume_skips_finished_records(tmp_path):
     assert len(lines) == 3 and s["timing"]["n_edits"] == 3
 
 
+def test_resumed_run_wall_time_adds_the_earlier_runs(tmp_path):
+    """A resume's summary counts the earlier invocation's wall time (up to its last record line) plus its own."""
+    run_edit(edit_cfg(tmp_path, "method=ft", "dataset.limit=2"))
+    path = tmp_path / "records.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert rows[0]["invocation"] == rows[1]["invocation"] and 0 < rows[0]["elapsed"] <= rows[1]["elapsed"]
+    rows[1]["elapsed"] = 1000.0  # as if the first run had taken 1,000 s up to its last record
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t0 = time.perf_counter()
+    s = run_edit(edit_cfg(tmp_path, "method=ft", "dataset.limit=3", "edit.resume=true"))
+    own = time.perf_counter() - t0
+    new = json.loads(path.read_text().splitlines()[2])
+    assert new["invocation"] != rows[0]["invocation"]
+    assert 1000.0 < s["timing"]["wall_seconds"] <= 1000.0 + own
+
+
 def test_wandb_offline_run_holds_metrics(tmp_path):
     run_edit(edit_cfg(tmp_path, "method=ft", "logger=wandb", "dataset.limit=1"))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))

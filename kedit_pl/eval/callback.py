@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +27,27 @@ log = logging.getLogger(__name__)
 
 MODES = ("single", "batch", "sequential")
 RECORDS_FILE = "records.jsonl"
+INVOCATION_ENV = "KEDIT_INVOCATION"  # one id per invocation, inherited by the DDP ranks it launches
+
+
+def new_invocation() -> str:
+    """A fresh id for this run (rank 0; the DDP ranks it launches inherit it): it tells a resumed run's record lines
+    from the earlier runs'."""
+    os.environ[INVOCATION_ENV] = f"{os.getpid()}-{time.time():.6f}"
+    return os.environ[INVOCATION_ENV]
+
+
+def wall_seconds(done: list[dict], invocation: str, since: float) -> float | None:
+    """Wall time of the whole run: this invocation's since `since` (perf_counter) plus, on a resume, each earlier
+    invocation's up to its last record line (`elapsed`). None when an earlier line predates the `elapsed` field."""
+    earlier: dict[str, float] = {}
+    for d in done:
+        inv = d.get("invocation")
+        if inv is None:
+            return None
+        if inv != invocation:
+            earlier[inv] = max(earlier.get(inv, 0.0), float(d.get("elapsed", 0.0)))
+    return sum(earlier.values()) + time.perf_counter() - since
 
 
 def read_done_records(output_dir: str | Path) -> list[dict]:
@@ -61,7 +84,8 @@ class EditEvalCallback(L.Callback):
     def __init__(self, output_dir: str | Path, mode: str = "single", eval_batch_size: int = 64,
                  resume: bool = False, run_info: dict[str, Any] | None = None,
                  groups: list[MetricGroup] | None = None, samples: int = 0, sample_tokens: int = 40,
-                 pre_cache: str | Path | None = None, on_edit: list[Callable] | None = None) -> None:
+                 pre_cache: str | Path | None = None, on_edit: list[Callable] | None = None,
+                 started: float | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"edit.mode: must be one of {MODES}, got {mode!r}")
         self.out = Path(output_dir)
@@ -70,6 +94,8 @@ class EditEvalCallback(L.Callback):
         self.run_info = run_info or {}
         self.pre_cache = pre_cache  # folder of cached pre-edit scores (eval.cache_pre), or None
         self.on_edit = list(on_edit or [])  # fn(method, handle, batch, batch_idx) while the edit is in place
+        self.invocation = os.environ.get(INVOCATION_ENV) or new_invocation()
+        self.started = time.perf_counter() if started is None else started  # this invocation's start (wall time)
         self.done = read_done_records(self.out) if resume else []
         self.pre: dict[str, dict] = {}
         self.summary: dict[str, Any] = {}
@@ -143,7 +169,8 @@ class EditEvalCallback(L.Callback):
         lines = []
         for req, rec in zip(mine, post):
             lines.append({"case_id": req.case_id, "batch": step, "seconds": handle.seconds / len(batch),
-                          "pre": self.pre[req.case_id], "post": rec, "info": _jsonable_info(handle.info)})
+                          "pre": self.pre[req.case_id], "post": rec, "info": _jsonable_info(handle.info),
+                          "invocation": self.invocation, "elapsed": round(time.perf_counter() - self.started, 3)})
         name = RECORDS_FILE if trainer.world_size == 1 else RANK_RECORDS.format(rank=trainer.global_rank)
         with open(self.out / name, "a", encoding="utf-8") as f:  # one line per record, flushed per batch
             for line in lines:
