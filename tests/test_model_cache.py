@@ -84,6 +84,23 @@ def test_cache_without_digest_is_rebuilt(fake_gguf: dict, caplog: pytest.LogCapt
     assert len(fake_gguf["builds"]) == 2 and "no content digest" in caplog.text
 
 
+def test_cache_follows_the_gguf_content_not_its_path(fake_gguf: dict, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same GGUF installed elsewhere (another virtual environment) reuses the cache; new content rebuilds it."""
+    c, cache = fake_gguf["c"], fake_gguf["cache"]
+    gguf.load_gguf(c, torch.float32)
+    other = tmp_path / "other_venv" / "fake.gguf"
+    other.parent.mkdir()
+    other.write_bytes((tmp_path / "fake.gguf").read_bytes())
+    monkeypatch.setattr(gguf, "gguf_path", lambda _c: other)
+    gguf.load_gguf(c, torch.float32)
+    assert len(fake_gguf["builds"]) == 1
+    other.write_bytes(b"GGUF stand-ix")  # same size, other content
+    assert "source GGUF changed" in gguf.cache_problem(cache, gguf._fingerprint(other))
+    gguf.load_gguf(c, torch.float32)
+    assert len(fake_gguf["builds"]) == 2
+
+
 def test_damaged_tokenizer_is_detected(fake_gguf: dict) -> None:
     c, cache = fake_gguf["c"], fake_gguf["cache"]
     gguf.load_gguf(c, torch.float32)

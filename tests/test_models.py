@@ -246,12 +246,12 @@ def _fake_cache(folder: Path, source: dict) -> None:
 
 
 def test_cache_problem_detects_damage(tmp_path: Path) -> None:
-    src = {"path": "/x.gguf", "size": 10, "mtime_ns": 1}
+    src = {"size": 10, "sha256": "ab" * 32}
     cache = tmp_path / "m"
     assert cache_problem(cache, src) == "absent"
     _fake_cache(cache, src)
     assert cache_problem(cache, src) is None
-    assert "source GGUF changed" in cache_problem(cache, {**src, "mtime_ns": 2})
+    assert "source GGUF changed" in cache_problem(cache, {**src, "sha256": "cd" * 32})
     weights = cache / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
     assert "bytes, expected" in cache_problem(cache, src)
