@@ -109,14 +109,16 @@ def curve_table(curves: dict[str, list[dict]]) -> str:
 
 def report(args: argparse.Namespace) -> str:
     out = Path(args.out)
-    rows, curves = [], {}
+    rows, curves, limits = [], {}, set()
     for method in args.runs:
         path, partial = out / method / "summary.json", out / method / ROWS_FILE
         if path.is_file():
             summary = read_json(path)
             wall = out / f"{method}.wall.json"
             rows.append(table_row(method, summary, read_json(wall) if wall.is_file() else {}))
-            curves[method] = (summary.get("lifelong") or {}).get("rows", [])
+            life = summary.get("lifelong") or {}
+            curves[f"{method} (collapsed)" if life.get("collapsed") else method] = life.get("rows", [])
+            limits.add(collapse_limit(out / method, life))
         elif partial.is_file():  # still running (or killed): its checkpoints so far, in the curves only
             curves[f"{method} (unfinished)"] = [json.loads(x) for x in partial.read_text().splitlines() if x.strip()]
     text = markdown(rows) + "\n" + curve_table(curves)
@@ -124,8 +126,16 @@ def report(args: argparse.Namespace) -> str:
     write_json(out / "table.json", rows)
     if curves:
         Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
-        plot_curves(curves, args.figure)
+        plot_curves(curves, args.figure, limits.pop() if len(limits) == 1 else None)  # one model: one start
     return text
+
+
+def collapse_limit(folder: Path, life: dict) -> float | None:
+    """The perplexity at which a run stops as collapsed: its collapse factor × its start perplexity."""
+    factor = (read_json(folder / "run.json").get("lifelong") or {}).get("collapse_factor") \
+        if (folder / "run.json").is_file() else None
+    start = life.get("start_perplexity")
+    return None if factor is None or start is None else round(float(factor) * float(start), 6)
 
 
 def main(argv: list[str] | None = None) -> None:

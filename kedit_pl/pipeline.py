@@ -168,7 +168,7 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> 
             if lifelong:
                 callback.summary["lifelong"] = lifelong.summary()
                 try:
-                    plot_curves({cfg.method.name: lifelong.rows}, out / "lifelong.png")
+                    plot_curves({cfg.method.name: lifelong.rows}, out / "lifelong.png", lifelong.collapse_limit)
                 except Exception as e:  # a plot must never cost the results
                     log.warning("lifelong plot failed: %s", e)
             write_json(out / "summary.json", callback.summary)  # again, with the wall time and lifelong rows

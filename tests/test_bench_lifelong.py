@@ -59,3 +59,16 @@ def test_an_interrupted_run_is_resumed_not_restarted(tmp_path, monkeypatch):
     assert (tmp_path / "memit" / "records.jsonl").is_file()  # kept, not deleted
     # a resumed run's wall time is its summary's (summed over the runs that made it), not the last process's
     assert study.table_row("memit", summary(), result)["wall_s"] == 120.0
+
+
+def test_report_names_a_collapsed_run_and_its_collapse_limit(tmp_path, monkeypatch):
+    (tmp_path / "rome").mkdir()
+    (tmp_path / "rome" / "summary.json").write_text(json.dumps(summary("collapse after 10 edits")))
+    (tmp_path / "rome" / "run.json").write_text(json.dumps({"lifelong": {"collapse_factor": 10.0}}))
+    drawn = {}
+    monkeypatch.setattr(study, "plot_curves", lambda curves, path, limit=None: drawn.update(curves=curves, limit=limit))
+    args = type("A", (), {"out": str(tmp_path), "runs": {"rome": ("rome", [])}, "figure": str(tmp_path / "f.png")})
+    text = study.report(args)
+    assert list(drawn["curves"]) == ["rome (collapsed)"] and drawn["limit"] == 200.0  # 10 × its start perplexity 20
+    assert "| rome (collapsed) | 10 | 90.0 |" in text
+    assert study.collapse_limit(tmp_path / "missing", {"start_perplexity": 20.0}) is None  # no run.json: no line

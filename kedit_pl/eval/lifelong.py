@@ -138,11 +138,16 @@ class LifelongCallback(L.Callback):
             return
         row = self._row(pl_module)
         self._record(trainer, row)
-        limit = None if self.cfg.collapse_factor is None else float(self.cfg.collapse_factor) * self.start_ppl
+        limit = self.collapse_limit
         if limit is not None and row["perplexity"] > limit:
             self.collapse = (f"collapse after {row['n_edits']} edits: WikiText-2 perplexity {row['perplexity']:.1f} "
                              f"> {self.cfg.collapse_factor:g} x its start {self.start_ppl:.1f}")
             raise Collapsed(self.collapse)
+
+    @property
+    def collapse_limit(self) -> float | None:
+        """The perplexity past which the run stops as collapsed (None: never)."""
+        return None if self.cfg.collapse_factor is None else float(self.cfg.collapse_factor) * self.start_ppl
 
     def state(self) -> dict[str, Any]:
         """What a resumed sequential run needs to go on (kedit_pl/sequential_state.py)."""
@@ -160,8 +165,10 @@ class LifelongCallback(L.Callback):
                 "sample": len(self.sample_ids), "rows": self.rows}
 
 
-def plot_curves(curves: Mapping[str, list[dict[str, Any]]], path: str | Path) -> Path:
-    """ES, PS, NS, perplexity and total ‖ΔW‖ against the number of edits, one line per curve (method)."""
+def plot_curves(curves: Mapping[str, list[dict[str, Any]]], path: str | Path,
+                collapse_limit: float | None = None) -> Path:
+    """ES, PS, NS, perplexity and total ‖ΔW‖ against the number of edits, one line per curve (method); the
+    perplexity panel marks `collapse_limit`, where a run stops as collapsed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,7 +176,7 @@ def plot_curves(curves: Mapping[str, list[dict[str, Any]]], path: str | Path) ->
 
     panels = [("es", "ES (edits so far)"), ("ps", "PS"), ("ns", "NS"), ("perplexity", "WikiText-2 perplexity"),
               ("delta_norm_total", "‖ΔW‖_F (all edited layers)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.8))
     for label, rows in curves.items():
         for ax, (key, _) in zip(axes, panels):
             pts = [(r["n_edits"], r[key]) for r in rows if key in r]
@@ -180,8 +187,13 @@ def plot_curves(curves: Mapping[str, list[dict[str, Any]]], path: str | Path) ->
         ax.set_xlabel("edits")
         if key == "perplexity":
             ax.set_yscale("log")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+            if collapse_limit is not None:
+                ax.axhline(collapse_limit, color="grey", ls=":", lw=1)
+                ax.annotate("collapse", (0, collapse_limit), textcoords="offset points", xytext=(2, 2),
+                            fontsize=7, color="grey", xycoords=("axes fraction", "data"))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # the legend below the panels, clear of the curves
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
