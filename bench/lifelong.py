@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from kedit_pl.config import REPO_ROOT
-from kedit_pl.eval.lifelong import ROWS_FILE, plot_curves
+from kedit_pl.eval.lifelong import ROWS_FILE, collapse_limit, plot_curves
 from kedit_pl.io import read_json, write_json, write_text
 
 ROME_FAMILY = ("rome", "r_rome")
@@ -118,7 +118,7 @@ def report(args: argparse.Namespace) -> str:
             rows.append(table_row(method, summary, read_json(wall) if wall.is_file() else {}))
             life = summary.get("lifelong") or {}
             curves[f"{method} (collapsed)" if life.get("collapsed") else method] = life.get("rows", [])
-            limits.add(collapse_limit(out / method, life))
+            limits.add(run_collapse_limit(out / method, life))
         elif partial.is_file():  # still running (or killed): its checkpoints so far, in the curves only
             curves[f"{method} (unfinished)"] = [json.loads(x) for x in partial.read_text().splitlines() if x.strip()]
     text = markdown(rows) + "\n" + curve_table(curves)
@@ -130,12 +130,13 @@ def report(args: argparse.Namespace) -> str:
     return text
 
 
-def collapse_limit(folder: Path, life: dict) -> float | None:
-    """The perplexity at which a run stops as collapsed: its collapse factor × its start perplexity."""
+def run_collapse_limit(folder: Path, life: dict) -> float | None:
+    """A finished run's collapse limit, from its `run.json` (the collapse factor) and its start perplexity;
+    rounded so that runs of one model share one line."""
     factor = (read_json(folder / "run.json").get("lifelong") or {}).get("collapse_factor") \
         if (folder / "run.json").is_file() else None
-    start = life.get("start_perplexity")
-    return None if factor is None or start is None else round(float(factor) * float(start), 6)
+    limit = collapse_limit(factor, life.get("start_perplexity"))
+    return None if limit is None else round(limit, 6)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -71,4 +71,4 @@ def test_report_names_a_collapsed_run_and_its_collapse_limit(tmp_path, monkeypat
     text = study.report(args)
     assert list(drawn["curves"]) == ["rome (collapsed)"] and drawn["limit"] == 200.0  # 10 × its start perplexity 20
     assert "| rome (collapsed) | 10 | 90.0 |" in text
-    assert study.collapse_limit(tmp_path / "missing", {"start_perplexity": 20.0}) is None  # no run.json: no line
+    assert study.run_collapse_limit(tmp_path / "missing", {"start_perplexity": 20.0}) is None  # no run.json: no line

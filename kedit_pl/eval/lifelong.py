@@ -146,8 +146,8 @@ class LifelongCallback(L.Callback):
 
     @property
     def collapse_limit(self) -> float | None:
-        """The perplexity past which the run stops as collapsed (None: never)."""
-        return None if self.cfg.collapse_factor is None else float(self.cfg.collapse_factor) * self.start_ppl
+        """The perplexity past which this run stops as collapsed (None: never)."""
+        return collapse_limit(self.cfg.collapse_factor, self.start_ppl)
 
     def state(self) -> dict[str, Any]:
         """What a resumed sequential run needs to go on (kedit_pl/sequential_state.py)."""
@@ -163,6 +163,12 @@ class LifelongCallback(L.Callback):
     def summary(self) -> dict[str, Any]:
         return {"start_perplexity": self.start_ppl, "collapsed": self.collapse, "every": self.cfg.every,
                 "sample": len(self.sample_ids), "rows": self.rows}
+
+
+def collapse_limit(factor: float | None, start_perplexity: float | None) -> float | None:
+    """The perplexity past which a run stops as collapsed: `collapse_factor` × its unedited perplexity (None:
+    never, or not known)."""
+    return None if factor is None or start_perplexity is None else float(factor) * float(start_perplexity)
 
 
 def plot_curves(curves: Mapping[str, list[dict[str, Any]]], path: str | Path,
