@@ -7,19 +7,9 @@
     python locate.py locate=tracin_cosine|embedding|bm25 ...        # (docs/training_data.md)
     python locate.py locate=bm25 locate.task=illustrate              # top WikiText paragraphs for known facts
     python locate.py ... resume=true hydra.run.dir=DIR              # continue an interrupted run
-"""
-import hydra
-from omegaconf import DictConfig
 
-import kedit_pl.config  # noqa: F401  (registers the ${kedit_root:} resolver)
-from kedit_pl.locate.run import run_locate
-from kedit_pl.pipeline import cli
-
-
-@hydra.main(config_path="conf", config_name="locate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    cli(run_locate, cfg)
-
+A thin wrapper: the entry point is kedit_pl/cli/locate.py (also the console script kedit-locate)."""
+from kedit_pl.cli.locate import main
 
 if __name__ == "__main__":
     main()

@@ -2,19 +2,9 @@
 
     python train.py method=mend dataset=zsre
     python train.py method=mend dataset=zsre train.resume=true hydra.run.dir=<the interrupted run>
-"""
-import hydra
-from omegaconf import DictConfig
 
-import kedit_pl.config  # noqa: F401  (registers the ${kedit_root:} resolver)
-from kedit_pl.pipeline import cli, run_train
-
-
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
-    result = cli(run_train, cfg)
-    return result.get("best_score")
-
+A thin wrapper: the entry point is kedit_pl/cli/train.py (also the console script kedit-train)."""
+from kedit_pl.cli.train import main
 
 if __name__ == "__main__":
     main()

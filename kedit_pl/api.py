@@ -167,7 +167,7 @@ class Editor:
 
     def save_model(self, folder: str | Path) -> Path:
         """The current (edited) model as a Hugging Face folder: `AutoModelForCausalLM.from_pretrained(folder)`."""
-        if type(self.method).logits_fn is not EditMethod.logits_fn:
+        if self.method.serves_own_logits():
             raise ConfigError(f"method '{self.cfg.method.name}' routes inputs instead of changing weights; "
                               "its edits are not in the model's weights")
         return save_model(self.model, self.tokenizer, folder)

@@ -1,27 +1,73 @@
-"""Hydra/OmegaConf glue: resolvers the configs use, and composing configs outside an entry point."""
+"""Hydra/OmegaConf glue: where the configs and the data are, the resolvers the configs use, and composing configs
+outside an entry point.
+
+The configs are found through the package: an installed wheel carries them as `kedit_pl/conf` (setup.py maps the
+repository's top-level `conf/` there at build time); a clone (editable install) reads `conf/` beside the package.
+"""
 from __future__ import annotations
 
+import logging
+import os
 import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = REPO_ROOT / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+#: the configs shipped in the wheel, else those of the clone
+CONF_DIR = PACKAGE_DIR / "conf" if (PACKAGE_DIR / "conf" / "edit.yaml").is_file() else PACKAGE_DIR.parent / "conf"
+#: True in a clone (the package sits beside the repository's conf/), False for an installed wheel
+IN_CLONE = CONF_DIR == PACKAGE_DIR.parent / "conf"
+#: the repository root in a clone; for an installed package the working directory (`${paths.root}`: outputs,
+#: and the `../shared/data` default beside it)
+REPO_ROOT = PACKAGE_DIR.parent if IN_CLONE else Path.cwd()
+#: 10 CounterFact + 10 zsRE records shipped in the package (data/sample/SOURCES.md), laid out like the data folder
+SAMPLE_DATA_DIR = PACKAGE_DIR / "data" / "sample"
+DATA_HELP = ("put the benchmark data in a shared/data folder beside the clone (../shared/data), or set "
+             "KEDIT_DATA_DIR=DIR (DIR/counterfact, DIR/zsre, DIR/text; docs/packaging.md)")
+
+log = logging.getLogger("kedit_pl")
 
 # conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml carry the launcher plugins' own names, so Hydra
 # checks their values against the plugins' schemas (wanted); it warns that this matching is deprecated
 warnings.filterwarnings("ignore", message=r"\n?'hydra/launcher/\w+' is validated against ConfigStore schema",
                         category=UserWarning)
-import kedit_pl.models.infer  # noqa: E402,F401  (registers ${kedit_hf_arch:...} and friends for conf/model/hf.yaml)
+
+
+def data_dir() -> str:
+    """The benchmark data folder: $KEDIT_DATA_DIR, else ../shared/data beside the root; when neither is set up,
+    the bundled 10-record sample, with a warning that says so and where the data goes."""
+    env = os.environ.get("KEDIT_DATA_DIR")
+    if env:
+        return env
+    beside = REPO_ROOT.parent / "shared" / "data"
+    if beside.is_dir():
+        return str(beside)
+    log.warning("no benchmark data (KEDIT_DATA_DIR is unset and %s does not exist): using the 10-record CounterFact "
+                "and zsRE samples bundled in %s; for the full benchmarks %s", beside, SAMPLE_DATA_DIR, DATA_HELP)
+    return str(SAMPLE_DATA_DIR)
+
+
+def missing_data(field: str, path: str | Path) -> str:
+    """The one-line message for a data file that is not there: which field, which file, where the data goes."""
+    path = Path(path)
+    sample = SAMPLE_DATA_DIR in path.parents
+    why = (f"the sample bundled in the package holds only 10 CounterFact and 10 zsRE evaluation records; {DATA_HELP}"
+           if sample else DATA_HELP)
+    return f"{field}: file not found: {path} ({why}; or point {field}=FILE at a file)"
+
 
 if not OmegaConf.has_resolver("kedit_root"):
-    # ${kedit_root:} -> the repository root, so data paths work from any working directory
+    # ${kedit_root:} -> the repository root (installed: the working directory), so paths work from anywhere
     OmegaConf.register_new_resolver("kedit_root", lambda: str(REPO_ROOT))
+if not OmegaConf.has_resolver("kedit_data_dir"):
+    # ${kedit_data_dir:} -> data_dir(); cached, so the fallback warning comes once per config
+    OmegaConf.register_new_resolver("kedit_data_dir", data_dir, use_cache=True)
 
 
 def compose(config_name: str = "edit", overrides: list[str] | None = None) -> DictConfig:
-    """Compose a config the way the entry points do (for tests, notebooks and benches)."""
+    """Compose a config the way the entry points do (for tests, notebooks and benches). conf/model/hf.yaml's
+    resolvers are registered by kedit_pl.models.resolvers (imported wherever a model loads)."""
     from hydra import compose as _compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

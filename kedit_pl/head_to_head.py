@@ -63,15 +63,16 @@ def _checkpoint(name: str, h: DictConfig, out: Path, overrides: list[str]) -> tu
 
 
 def run_edit_script(overrides: list[str], log_file: Path) -> None:
-    """`python edit.py <overrides>` in a child process (output to `log_file`): how a method runs over DDP ranks
-    (`trainer.devices=N trainer.strategy=ddp`), since Lightning starts ranks 1..N-1 by re-running the script."""
+    """`kedit-edit <overrides>` (`python -m kedit_pl.cli.edit`) in a child process (output to `log_file`): how a
+    method runs over DDP ranks (`trainer.devices=N trainer.strategy=ddp`), since Lightning starts ranks 1..N-1 by
+    re-running the command."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as fh:
-        rc = subprocess.call([sys.executable, str(REPO_ROOT / "edit.py"), *overrides], stdout=fh,
+        rc = subprocess.call([sys.executable, "-m", "kedit_pl.cli.edit", *overrides], stdout=fh,
                              stderr=subprocess.STDOUT, cwd=REPO_ROOT)
     if rc:
         tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
-        raise KEditError(f"edit.py exited with {rc} ({log_file}): {tail[0]}")
+        raise KEditError(f"kedit-edit exited with {rc} ({log_file}): {tail[0]}")
 
 
 def run_head_to_head(overrides: list[str]) -> dict[str, Any]:

@@ -1,7 +1,6 @@
 """Atomic, pickle-free file writing and reading: a crash never leaves a half-written file behind."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -14,6 +13,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from kedit_pl.digests import (DIGEST_VERSION, VERSION_KEY, file_version, json_digest,  # noqa: F401  (re-exported)
+                              jsonable, tensor_digest)
 from kedit_pl.errors import DamagedFile
 
 log = logging.getLogger(__name__)
@@ -47,17 +48,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    write_text(path, json.dumps(obj, indent=2, default=jsonable) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def json_digest(value: Any) -> str:
-    """Digest of a JSON value's canonical text (sorted keys)."""
-    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=_jsonable)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def save_json_cache(path: str | os.PathLike, value: Any) -> None:
@@ -136,30 +131,31 @@ def load_torch_checkpoint(path: str | os.PathLike, what: str) -> dict[str, Any]:
     return ckpt
 
 
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """Digest of names, dtypes, shapes and exact bytes of every tensor (order-independent)."""
-    h = hashlib.blake2b(digest_size=16)
-    for k in sorted(tensors):
-        t = tensors[k].detach().contiguous().cpu()
-        h.update(f"{k}{t.dtype}{tuple(t.shape)}".encode())
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return h.hexdigest()
-
-
 def save_cache(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """A cache entry: `save_tensors` plus a digest of its tensors, so that `read_cache` detects any damage."""
-    save_tensors(path, tensors, (metadata or {}) | {DIGEST_KEY: tensor_digest(tensors)})
+    """A cache entry: `save_tensors` plus a digest of its tensors (and the digest version), so that `read_cache`
+    detects any damage."""
+    save_tensors(path, tensors, (metadata or {}) | digest_metadata(tensors))
+
+
+def digest_metadata(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Safetensors metadata naming the digest of `tensors` and the digest version it was made with."""
+    return {DIGEST_KEY: tensor_digest(tensors), VERSION_KEY: str(DIGEST_VERSION)}
 
 
 def read_cache(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor] | None:
-    """A cache entry's tensors, or None for a miss: absent, unreadable, or failing its digest. A damaged entry
-    is named in a warning and removed, so the caller recomputes and replaces it. Entries written before
-    digests existed are accepted unverified."""
+    """A cache entry's tensors, or None for a miss: absent, unreadable, failing its digest, or digested with
+    another digest version. A damaged or outdated entry is named in a log line and removed, so the caller
+    recomputes and replaces it (once). Entries written before digests existed are accepted unverified."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
         tensors, meta = read_tensors(path, what)
+        if DIGEST_KEY in meta and file_version(meta) != DIGEST_VERSION:
+            log.warning("%s: %s was written with digest version %d, now %d (kedit_pl/digests.py); recomputing and "
+                        "replacing it once", what, path, file_version(meta), DIGEST_VERSION)
+            path.unlink(missing_ok=True)
+            return None
         if DIGEST_KEY in meta and meta[DIGEST_KEY] != tensor_digest(tensors):
             raise DamagedFile(f"{what}: {path} is damaged (its tensors do not match the digest stored in it)")
     except DamagedFile as e:
@@ -169,16 +165,30 @@ def read_cache(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor] | 
     return tensors
 
 
+#: the marker in a cache root naming the digest version its entries' keys were made with
+CACHE_MARKER = "kedit_cache.json"
+
+
+def cache_root(root: str | os.PathLike, what: str) -> Path:
+    """`root` of a cache whose entries are keyed by weights digests, marked with the digest version. When the
+    marker shows an older version (or an older cache has none), say once that its entries are rebuilt as needed
+    (new keys never find the old entries) and update the marker."""
+    root = Path(root)
+    marker = root / CACHE_MARKER
+    try:
+        version = int(read_json(marker).get("digest_version", 0)) if marker.is_file() else None
+    except (ValueError, OSError, AttributeError):
+        version = 0
+    if version == DIGEST_VERSION:
+        return root
+    if version is not None or (root.is_dir() and any(root.iterdir())):
+        log.warning("%s: the entries in %s are keyed by digest version %s, now %d (kedit_pl/digests.py merged the "
+                    "weights and tensor digests); they are rebuilt once, as they are needed, and the old ones are "
+                    "never read again (delete them to free space)", what, root, version or 1, DIGEST_VERSION)
+    write_json(marker, {"digest_version": DIGEST_VERSION})
+    return root
+
+
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    if hasattr(x, "item"):
-        return x.item()
-    raise TypeError(f"not JSON serializable: {type(x).__name__}")

@@ -30,6 +30,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from kedit_pl.digests import tensor_digest  # the one tensor digest (kedit_pl/digests.py)
 from kedit_pl.errors import ConfigError, KEditError
 from kedit_pl.io import load_tensors, read_json, save_tensors, write_json
 
@@ -59,16 +60,6 @@ class Patch:
 
 
 # ----------------------------------------------------------------------------- digests
-
-
-def tensor_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """SHA-256 over names, dtypes, shapes and exact bytes."""
-    h = hashlib.sha256()
-    for name, t in tensors:
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def rest_digest(model: nn.Module, exclude: Iterable[str]) -> str:

@@ -10,8 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.errors import ConfigError
 from kedit_pl.eval.show import EditShow
-from kedit_pl.methods.base import EditMethod
 from kedit_pl.patch import edit_meta, make_patch, save_model, save_patch
+from kedit_pl.weights import EditMethodProtocol as EditMethod
 
 log = logging.getLogger("kedit_pl")
 SAVES = ("patch", "model")
@@ -37,7 +37,7 @@ def edit_hooks(cfg: DictConfig, method: EditMethod, requests: list, out: Path) -
     save, show = cfg.edit.get("save"), int(cfg.edit.get("show") or 0)
     if save is not None and save not in SAVES:
         raise ConfigError(f"edit.save: {save!r} is not one of {', '.join(SAVES)} (or null)")
-    if save is not None and type(method).logits_fn is not EditMethod.logits_fn:
+    if save is not None and method.serves_own_logits():
         raise ConfigError(f"edit.save={save}: method '{cfg.method.name}' routes inputs instead of changing weights; "
                           "there are no weights to save")
     if save == "model" and cfg.edit.mode != "sequential":

@@ -11,12 +11,11 @@ from typing import Any, Callable
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.data.datamodule import EditDataModule
 from kedit_pl.distributed import (check_request, collective_error, is_worker, launched_rank, requested_devices,
-                                  stop_workers, strategy_for)
+                                  stop_workers)
 from kedit_pl.errors import Collapsed, ConfigError, InvalidRecord, KEditError, RunFolderBusy
 from kedit_pl.eval.callback import EditEvalCallback, new_invocation, read_done_records, wall_seconds
 from kedit_pl.eval.groups import CORE, build_groups
@@ -25,6 +24,7 @@ from kedit_pl.eval.report import print_table
 from kedit_pl.io import read_json, write_json
 from kedit_pl.methods.base import EditMethod
 from kedit_pl.run_folder import RunFolder, result_files, run_identity
+from kedit_pl.runtime import build_loggers, build_trainer, finish_loggers, output_dir  # noqa: F401  (re-exported)
 from kedit_pl.sequential_state import SequentialCheckpoint, resume_point
 from kedit_pl.validate import validate_edit_config, validate_processes
 from kedit_pl.persist import edit_hooks, finish_hooks
@@ -32,10 +32,6 @@ from kedit_pl.persist import edit_hooks, finish_hooks
 log = logging.getLogger("kedit_pl")
 #: train.py outputs a failed run must not delete
 KEEP = ("checkpoints", "editor", "train_summary.json")
-
-
-def output_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.output_dir)
 
 
 def build_method(cfg: DictConfig, loaded=None) -> EditMethod:
@@ -55,30 +51,6 @@ def build_method(cfg: DictConfig, loaded=None) -> EditMethod:
         return cls(model=loaded.model, tokenizer=loaded.tokenizer, spec=loaded.spec, **kwargs)
     except TypeError as e:
         raise ConfigError(f"method '{kwargs.get('name')}': bad hyperparameter ({e})") from None
-
-
-def build_loggers(cfg: DictConfig) -> list:
-    loggers = []
-    for name, lg_cfg in (cfg.get("logger") or {}).items():
-        if lg_cfg is not None and "_target_" in lg_cfg:
-            loggers.append(hydra.utils.instantiate(lg_cfg))
-    return loggers
-
-
-def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    """The Trainer of `cfg.trainer`. The data module chooses each DDP rank's share itself (the same batches as one
-    process), so Lightning's DistributedSampler stays out."""
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks + [RichProgressBar()], logger=loggers or False,
-                                   strategy=strategy_for(cfg.trainer), use_distributed_sampler=False)
-
-
-def finish_loggers(loggers: list) -> None:
-    for lg in loggers:
-        lg.finalize("success")
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
-
-        wandb.finish()
 
 
 def drop_uneditable(method: EditMethod, dm: EditDataModule, skip: bool) -> list[dict[str, str]]:

@@ -28,13 +28,13 @@ import lightning as L
 import torch
 
 from kedit_pl.data.requests import EditRequest
+from kedit_pl.digests import DIGEST_VERSION, file_version, json_digest, model_fingerprint, tensor_digest
 from kedit_pl.errors import Collapsed, ConfigError, DamagedFile
 from kedit_pl.eval.callback import RECORDS_FILE, EditEvalCallback, read_done_records
 from kedit_pl.eval.lifelong import LifelongCallback
-from kedit_pl.io import DIGEST_KEY, json_digest, read_json, read_tensors, save_tensors, tensor_digest, write_text
-from kedit_pl.kv.stats import model_fingerprint
-from kedit_pl.methods.base import EditMethod, write_back
+from kedit_pl.io import DIGEST_KEY, digest_metadata, read_json, read_tensors, save_tensors, write_text
 from kedit_pl.run_folder import SEQUENTIAL_STATE
+from kedit_pl.weights import EditMethodProtocol as EditMethod, write_back
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,7 @@ class SequentialState:
     def save(self, path: str | Path) -> None:
         tensors = {prefix + k: v for prefix, part in self._tensors().items() for k, v in part.items()}
         info = {k: getattr(self, k) for k in JSON_FIELDS}
-        save_tensors(path, tensors, {DIGEST_KEY: tensor_digest(tensors), STATE_KEY: json.dumps(info),
-                                     STATE_DIGEST: json_digest(info)})
+        save_tensors(path, tensors, digest_metadata(tensors) | {STATE_KEY: json.dumps(info), STATE_DIGEST: json_digest(info)})
 
     def _tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return {WEIGHT: self.weights, METHOD: self.method, RNG: self.rng}
@@ -73,6 +72,10 @@ class SequentialState:
     def read(cls, path: str | Path) -> "SequentialState":
         """The checkpoint at `path`; `DamagedFile` (one line naming it) if it is unreadable or fails a digest."""
         tensors, meta = read_tensors(path, "edit.resume")
+        if DIGEST_KEY in meta and file_version(meta) != DIGEST_VERSION:
+            raise ConfigError(f"edit.resume: {path} was written with digest version {file_version(meta)}, this kedit_pl "
+                              f"checks weights with version {DIGEST_VERSION} (kedit_pl/digests.py) and cannot verify "
+                              f"it; rerun with edit.overwrite=true")
         try:
             info = json.loads(meta[STATE_KEY])
             intact = meta[DIGEST_KEY] == tensor_digest(tensors) and meta[STATE_DIGEST] == json_digest(info)

@@ -51,6 +51,9 @@ class _M:
     def logits_fn(self):
         return model_logits(self.model)
 
+    def serves_own_logits(self):
+        return False
+
 
 def req(cid="1", **kw):
     base = dict(case_id=cid, subject="Paris", prompt="{} is the capital of", target_true="France",

@@ -1,4 +1,4 @@
-"""Knowledge neurons (locate/knowledge_neurons.py, methods/kn.py, methods/kn_erase.py, locate.py) on tiny models."""
+"""Knowledge neurons (locate/knowledge_neurons.py, methods/kn.py, locate/kn_erase.py, locate.py) on tiny models."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from kedit_pl.data.requests import EditRequest
 from kedit_pl.locate.knowledge_neurons import (NeuronAttributor, NeuronLocator, coarse_neurons, read_cached_attribution,
                                                refine, shared_neurons)
 from kedit_pl.methods.kn import KnowledgeNeuronsEdit
-from kedit_pl.methods.kn_erase import erase_value_slots, relation_neurons, restore_weights
+from kedit_pl.locate.kn_erase import erase_value_slots, relation_neurons, restore_weights
 from kedit_pl.models.spec import linear_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -46,5 +46,5 @@ def test_perplexity_rises_when_weights_break(tiny_llama, one_thread):
 
 
 def test_missing_corpus_is_a_config_error(tiny_llama):
-    with pytest.raises(ConfigError, match="no file"):
+    with pytest.raises(ConfigError, match="eval.perplexity.corpus: file not found: .*KEDIT_DATA_DIR"):
         perplexity(tiny_llama.model, tiny_llama.tokenizer, "/nonexistent/valid.txt")

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from kedit_pl.config import missing_data
 from kedit_pl.data.requests import EditRequest, normalize_target
 from kedit_pl.errors import ConfigError, InvalidRecord
 
@@ -76,8 +77,7 @@ READERS: dict[str, Reader] = {
 def read_json_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"dataset.path: file not found: {path} (the benchmark data must be in ../shared/data beside "
-                          f"the clone, or in $KEDIT_DATA_DIR; or point dataset.path=FILE at a data file)")
+        raise ConfigError(missing_data("dataset.path", path))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

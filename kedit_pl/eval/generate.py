@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from kedit_pl.eval.scoring import model_logits
 from kedit_pl.models.kv_cache import cache_kwargs, output_cache
 from kedit_pl.tokens import left_pad, pad_id, prompt_ids, right_pad
+from kedit_pl.weights import EditMethodProtocol
 
 
 @torch.no_grad()
@@ -61,17 +62,15 @@ def _generate_rows(fn, rows: list[list[int]], pad: int, max_new_tokens: int, dev
     return new
 
 
-def greedy_generate(method, prompts: list[str], max_new_tokens: int = 100, batch_size: int = 16,
+def greedy_generate(method: EditMethodProtocol, prompts: list[str], max_new_tokens: int = 100, batch_size: int = 16,
                     stop_at_eos: bool = False) -> list[str]:
     """The continuation (decoded, special tokens dropped) of each prompt under the method's current model.
 
     Weight editors generate from `method.model` with its KV cache; a method whose `logits_fn` is its own
     (routing) generates through it. Identical prompts are generated once. `stop_at_eos` cuts each continuation
     at its first EOS (what a reader expects); fluency keeps all `max_new_tokens`, as ROME's evaluation does."""
-    from kedit_pl.methods.base import EditMethod
-
     tok: PreTrainedTokenizerBase = method.tok
-    fn = method.logits_fn() if type(method).logits_fn is not EditMethod.logits_fn else model_logits(method.model)
+    fn = method.logits_fn() if method.serves_own_logits() else model_logits(method.model)
     unique = list(dict.fromkeys(prompts))
     texts: dict[str, str] = {}
     for s in range(0, len(unique), int(batch_size)):

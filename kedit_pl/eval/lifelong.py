@@ -28,7 +28,7 @@ from kedit_pl.eval.metrics import summarize
 from kedit_pl.eval.perplexity import perplexity
 from kedit_pl.eval.scoring import score_requests
 from kedit_pl.io import atomic_path, write_text
-from kedit_pl.methods.base import snapshot
+from kedit_pl.weights import snapshot
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from kedit_pl.config import missing_data
 from kedit_pl.errors import ConfigError
 
 #: WikiText's tokenized release splits numbers and punctuation (" @-@ ", " , "); undo the common cases so the
@@ -32,8 +33,7 @@ def detokenize_wikitext(text: str) -> str:
 def _token_slice(tok: PreTrainedTokenizerBase, path: str, n_tokens: int) -> tuple[int, ...]:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"eval.perplexity.corpus: no file {p} (benchmark data lives in ../shared/data beside the "
-                          f"clone, or set KEDIT_DATA_DIR)")
+        raise ConfigError(missing_data("eval.perplexity.corpus", p))
     # read a prefix generous enough for n_tokens (≈4 characters a token), never the whole file when not needed
     with p.open(encoding="utf-8") as f:
         text = f.read(max(4096, n_tokens * 8))

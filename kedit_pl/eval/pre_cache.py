@@ -24,8 +24,8 @@ from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.eval.scoring import LogitsFn, ModelLogits, score_requests
-from kedit_pl.io import read_json_cache, save_json_cache
-from kedit_pl.kv.value_cache import weights_digest
+from kedit_pl.digests import weights_digest
+from kedit_pl.io import cache_root, read_json_cache, save_json_cache
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class PreCache:
     """The pre-edit cache of one unedited model: `<root>/<weights digest>_<kind + settings digest>/`."""
 
     def __init__(self, root: str | Path, model: nn.Module, tok: PreTrainedTokenizerBase) -> None:
-        self.root, self.model, self.tok = Path(root), model, tok
+        self.root, self.model, self.tok = cache_root(root, "pre-score cache"), model, tok
         self.weights = weights_digest(model)  # once: hashing every weight costs ~0.5 s on a 135M model
         self.tok_digest = tokenizer_digest(tok)
 

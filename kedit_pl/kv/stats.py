@@ -25,9 +25,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from kedit_pl.config import missing_data
+from kedit_pl.digests import model_fingerprint  # noqa: F401  (re-exported)
 from kedit_pl.errors import ConfigError
 from kedit_pl.hooks import StopForward, capture, stop_after
-from kedit_pl.io import read_cache, save_cache
+from kedit_pl.io import cache_root, read_cache, save_cache
 from kedit_pl.models.spec import ModelSpec
 from kedit_pl.tokens import pad_id, prompt_ids, right_pad
 
@@ -75,21 +77,6 @@ class StatsConfig:
         if out.n_samples is not None and out.n_samples < 1:
             raise ConfigError(f"stats.n_samples must be positive or null (got {out.n_samples})")
         return out
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A cheap digest of the weights: names, shapes and a strided sample of every parameter.
-
-    Used in cache keys so that two different models sharing a name (e.g. random tiny test models) never
-    share cached statistics or context templates. Compute it before editing the model.
-    """
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        t = p.detach().reshape(-1)
-        step = max(1, t.numel() // 65536)
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update(t[::step].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _file_digest(path: Path) -> str:
@@ -144,7 +131,7 @@ def cache_key(spec: ModelSpec, fingerprint: str, layer: int, cfg: StatsConfig, t
 
 def _paths(cfg: StatsConfig, key: dict) -> tuple[Path, Path]:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    d = Path(cfg.cache_dir) / _safe(key["model"])
+    d = cache_root(cfg.cache_dir, "stats cache") / _safe(key["model"])
     stem = f"mom2_L{key['layer']}_{key['dtype']}_{key['n_samples']}_{digest}"
     return d / f"{stem}.safetensors", d / f"{stem}.partial.safetensors"
 
@@ -183,7 +170,7 @@ def second_moment(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelSpe
         return {}
     corpus = Path(cfg.corpus)
     if not corpus.is_file():
-        raise ConfigError(f"stats corpus {corpus} does not exist; set stats.corpus (or paths.data_dir)")
+        raise ConfigError(missing_data("stats.corpus", corpus))
     dtype = _DTYPES[cfg.dtype]
     fingerprint = fingerprint or model_fingerprint(model)
     keys = {layer: cache_key(spec, fingerprint, layer, cfg, tok) for layer in layers}

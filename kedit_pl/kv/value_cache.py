@@ -18,25 +18,17 @@ import torch
 from torch import nn
 
 from kedit_pl.data.requests import EditRequest
-from kedit_pl.io import read_cache, save_cache
+from kedit_pl.digests import weights_digest
+from kedit_pl.io import cache_root, read_cache, save_cache
 from kedit_pl.kv.values import ValueResult
 
 log = logging.getLogger(__name__)
 
 
-def weights_digest(model: nn.Module) -> str:
-    """Digest of every parameter's exact bytes (changes with any edit, unlike the sampled `model_fingerprint`)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, p in model.named_parameters():
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        h.update(memoryview(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-    return h.hexdigest()
-
-
 def cache_folder(root: str | Path, model: nn.Module, settings: dict[str, Any]) -> Path:
     """<root>/<weights digest>_<settings digest>: one folder per (weights, layer, hyperparameters, templates)."""
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return Path(root) / f"{weights_digest(model)}_{key}"
+    return cache_root(root, "z cache") / f"{weights_digest(model)}_{key}"
 
 
 def request_file(folder: Path, req: EditRequest) -> Path:

@@ -182,7 +182,7 @@ def prompt_scores(model, tok, prompts: list[str], targets: list[str]) -> dict[st
 
 def erase_experiment(loaded, rows: list[dict], requests: list[EditRequest], ec: DictConfig) -> list[dict]:
     """Erase each chosen relation's shared neurons; accuracy/perplexity on it vs the other relations."""
-    from kedit_pl.methods.kn_erase import erase_value_slots, relation_neurons, restore_weights
+    from kedit_pl.locate.kn_erase import erase_value_slots, relation_neurons, restore_weights
 
     per_rel: dict[str, list[list]] = {}
     for r in rows:

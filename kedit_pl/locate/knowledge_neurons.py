@@ -34,9 +34,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.data.requests import EditRequest
+from kedit_pl.digests import weights_digest
 from kedit_pl.hooks import capture, edit_inputs
-from kedit_pl.io import read_cache, save_cache
-from kedit_pl.kv.value_cache import weights_digest
+from kedit_pl.io import cache_root, read_cache, save_cache
 from kedit_pl.models.kv_cache import cache_kwargs, cache_layers, new_cache, output_cache
 from kedit_pl.errors import ConfigError
 from kedit_pl.models.spec import ModelSpec, linear_weight
@@ -271,7 +271,7 @@ class NeuronLocator:
         settings = json.dumps({"steps": self.att.steps, "answer": "first_token", "baseline": "zero",
                                "riemann": "right", "position": "last"}, sort_keys=True)
         key = hashlib.sha256(settings.encode()).hexdigest()[:12]
-        return self.cache_dir / self.att.spec.name / f"{self._digest[1]}_{key}"
+        return cache_root(self.cache_dir, "knowledge-neuron cache") / self.att.spec.name / f"{self._digest[1]}_{key}"
 
     def attribution(self, prompt: str, target: str) -> tuple[PromptAttribution, float]:
         """One prompt's attribution (from the cache when present) and the seconds spent computing it."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -25,42 +24,12 @@ from kedit_pl.distributed import agree_on_parameters, rank_world
 from kedit_pl.errors import EditFailed, KEditError
 from kedit_pl.eval.scoring import LogitsFn, model_logits
 from kedit_pl.models.spec import ModelSpec
-
-
-@dataclass
-class EditHandle:
-    """Exactly what `restore` needs: the original values of every parameter the edit touched."""
-
-    originals: dict[str, torch.Tensor] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    n_requests: int = 0
-    method_state: Any = None  # method-side state that `restore` also rolls back (AlphaEdit's accumulated keys)
-    #: parameter name -> the low-rank updates (left, right) written to it, in order: the parameter changed by
-    #: `param += (left @ right).to(param.dtype)` for each (methods that know their update is low rank say so
-    #: with `EditMethod.record_low_rank`; patch.py stores these factors instead of a dense delta)
-    low_rank: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
-
-
-def snapshot(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """Bit-exact copies of the named parameters."""
-    params = dict(model.named_parameters())
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise KeyError(f"no parameter named {missing[0]!r} in the model")
-    return {n: params[n].detach().clone() for n in names}
-
-
-@torch.no_grad()
-def write_back(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
-    """Copy saved values back into the named parameters (bit-exact restore)."""
-    params = dict(model.named_parameters())
-    for n, v in originals.items():
-        params[n].copy_(v)
+from kedit_pl.weights import EditHandle, snapshot, write_back  # noqa: F401  (re-exported: the restore contract)
 
 
 class EditMethod(L.LightningModule):
-    """Base class: `apply(requests) -> EditHandle`, `restore(handle)`, optional training."""
+    """Base class: `apply(requests) -> EditHandle`, `restore(handle)`, optional training (implements
+    `kedit_pl.weights.EditMethodProtocol`)."""
 
     #: True for learned editors (MEND, KE, SERAC) that need `train.py` before they can edit. They also implement
     #: `load_editor(path)` (a train.py checkpoint or an exported editor) and `export(folder)`; train.py loads
@@ -160,6 +129,10 @@ class EditMethod(L.LightningModule):
     def logits_fn(self) -> LogitsFn:
         """How evaluation gets logits. Routing methods (SERAC) override this; weight editors don't."""
         return model_logits(self.model)
+
+    def serves_own_logits(self) -> bool:
+        """True when this method overrides `logits_fn` (routes its logits, as SERAC does)."""
+        return type(self).logits_fn is not EditMethod.logits_fn
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         """Batches are lists of text requests; tensors are made (on the right device) where needed."""

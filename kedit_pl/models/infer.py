@@ -15,13 +15,13 @@ What is found, per block 0 of the decoder's ModuleList (the one with `num_hidden
 - embeddings and head from `get_input_embeddings()` / `get_output_embeddings()`; the final norm is the last
   norm module of the decoder body outside the blocks; tying is read off the weights.
 Anything not identifiable is a one-line ConfigError naming what was found; `model.arch_override` sets a field.
+The config resolvers that call this for conf/model/hf.yaml live in models/resolvers.py.
 """
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from omegaconf import OmegaConf
 from torch import nn
 
 from kedit_pl.errors import ConfigError
@@ -162,29 +162,3 @@ def method_defaults(n_layers: int) -> dict[str, Any]:
     memit = list(range(max(0, rome - 2), max(1, min(last - 1, rome + 2)) + 1))  # z's layer needs layers above it
     return {"rome": {"layer": rome, "loss_layer": last}, "memit": {"layers": memit}, "ft": {"layers": [rome]},
             "mend": {"layers": list(range(max(0, n_layers - 3), n_layers))}}
-
-
-def _hf_arch(path: str) -> dict[str, Any]:
-    from kedit_pl.models.hub import pretrained_config, skeleton
-
-    return infer_arch(skeleton(pretrained_config(str(path))))
-
-
-def _hf_default(path: str, key: str) -> Any:
-    """One entry of `method_defaults` ('rome.layer', ...) for the model at `path` (one resolver per field: OmegaConf
-    cannot interpolate into a node that a resolver returned)."""
-    from kedit_pl.models.hub import pretrained_config
-
-    method, field = key.split(".")
-    return method_defaults(int(pretrained_config(str(path)).get_text_config().num_hidden_layers))[method][field]
-
-
-def _hf_name(path: str) -> str:
-    """A short run-folder-safe name for a hub id or folder: hf_<last part>."""
-    tail = str(path).rstrip("/").rsplit("/", 1)[-1] or "model"
-    return "hf_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", tail)
-
-
-for _name, _fn in (("kedit_hf_arch", _hf_arch), ("kedit_hf_default", _hf_default), ("kedit_hf_name", _hf_name)):
-    if not OmegaConf.has_resolver(_name):
-        OmegaConf.register_new_resolver(_name, _fn, use_cache=True)

@@ -20,8 +20,11 @@ from kedit_pl.models.checks import GLOBAL, LAYERED, WEIGHTED, check_arch, check_
     prepare_tokenizer
 from kedit_pl.models.gguf import CACHE_FORMAT, MARKER, cache_problem, cache_root, gguf_path, load_gguf
 from kedit_pl.models.hub import FALLBACK_HINT, load_hub, load_path
+from kedit_pl.models.resolvers import register as register_resolvers
 from kedit_pl.models.spec import ModelSpec
 from kedit_pl.models.tiny import byte_tokenizer, tiny_model
+
+register_resolvers()  # conf/model/hf.yaml's ${kedit_hf_arch:...}: a composed config resolves wherever a model loads
 
 SOURCES = ("gguf", "hub", "hf", "tiny")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -65,7 +68,7 @@ def _plain(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     try:
         out = OmegaConf.to_container(node, resolve=True)
-    except Exception as e:  # a resolver (models/infer.py) raised a ConfigError: OmegaConf wraps it
+    except Exception as e:  # a resolver (models/resolvers.py) raised a ConfigError: OmegaConf wraps it
         cause: BaseException | None = e
         while cause is not None and not isinstance(cause, ConfigError):
             cause = cause.__cause__ or cause.__context__

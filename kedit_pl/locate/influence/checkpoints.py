@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from kedit_pl.errors import ConfigError, DamagedFile
-from kedit_pl.io import DIGEST_KEY, read_tensors, save_cache, tensor_digest
+from kedit_pl.digests import file_version, tensor_digest, tensor_digest_matches
+from kedit_pl.io import DIGEST_KEY, read_tensors, save_cache
 from kedit_pl.models.spec import ModelSpec
 
 META_KEY = "kedit_influence_checkpoint"
@@ -87,7 +88,7 @@ def load_checkpoints(files: Sequence[Path], model: nn.Module, model_name: str, c
         if not path.is_file():
             raise ConfigError(f"{where}: file not found: {path}")
         tensors, meta = read_tensors(path, where)
-        if DIGEST_KEY in meta and meta[DIGEST_KEY] != tensor_digest(tensors):
+        if DIGEST_KEY in meta and not tensor_digest_matches(tensors, meta[DIGEST_KEY], file_version(meta)):
             raise DamagedFile(f"{where}: {path} is damaged (its tensors do not match their stored digest)")
         info = json.loads(meta.get(META_KEY, "{}") or "{}")
         if info.get("model") not in (None, model_name):

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from kedit_pl.config import missing_data
 from kedit_pl.data.readers import read_json_records, read_requests
 from kedit_pl.data.requests import EditRequest, normalize_target
 from kedit_pl.errors import ConfigError
@@ -96,7 +97,7 @@ def wikitext_paragraphs(path: str | Path, max_words: int, min_words: int = 12) -
     """Body paragraphs of a raw WikiText file (no headings), detokenized, cut to their first sentences."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"ftrace.wikitext: file not found: {path}")
+        raise ConfigError(missing_data("ftrace.wikitext", path))
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from kedit_pl.errors import ConfigError
+from kedit_pl.io import cache_root
 from kedit_pl.locate.influence.batches import encode_examples, example_losses, length_batches, token_lengths
 
 PROJECTIONS = ("kronecker", "none")
@@ -124,7 +125,7 @@ class GradientCache:
 
     def __init__(self, root: str | Path | None, weights_key: str, settings: dict, chunk: int = 256) -> None:
         key = hashlib.sha256(json.dumps([weights_key, settings], sort_keys=True).encode()).hexdigest()[:24]
-        self.folder = Path(root) / key if root else None
+        self.folder = cache_root(root, "gradient cache") / key if root else None
         self.chunk = chunk
 
     def features(self, featurizer: GradientFeaturizer, pairs: Sequence[tuple[str, str]],

@@ -173,7 +173,7 @@ def run_teach(cfg: DictConfig) -> dict[str, Any]:
     from kedit_pl.io import write_json
     from kedit_pl.locate.influence.corpus import build_benchmark, write_benchmark
     from kedit_pl.models.load import load_model
-    from kedit_pl.pipeline import build_loggers, build_trainer, finish_loggers, output_dir
+    from kedit_pl.runtime import build_loggers, build_trainer, finish_loggers, output_dir
 
     from kedit_pl.distributed import requested_devices
 

@@ -44,7 +44,7 @@ class TracIn(InfluenceMethod):
         self._base_digest: str | None = None
 
     def _weights_key(self, ckpt: Checkpoint | None) -> str:
-        from kedit_pl.kv.value_cache import weights_digest
+        from kedit_pl.digests import weights_digest
 
         if self._base_digest is None:
             self._base_digest = weights_digest(self.loaded.model)

@@ -1,0 +1,69 @@
+"""The restore contract, below everything that edits or evaluates: snapshot and write back named parameters, the
+handle an edit returns, and the protocol that evaluation, persistence and sequential state see of an editing method.
+
+`kedit_pl.methods.base.EditMethod` implements `EditMethodProtocol`; layers below `methods/` (eval/, locate/) and the
+modules beside the pipeline type against the protocol, so no import runs up the layers (docs/architecture.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class EditHandle:
+    """Exactly what `restore` needs: the original values of every parameter the edit touched."""
+
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    n_requests: int = 0
+    method_state: Any = None  # method-side state that `restore` also rolls back (AlphaEdit's accumulated keys)
+    #: parameter name -> the low-rank updates (left, right) written to it, in order: the parameter changed by
+    #: `param += (left @ right).to(param.dtype)` for each (methods that know their update is low rank say so
+    #: with `EditMethod.record_low_rank`; patch.py stores these factors instead of a dense delta)
+    low_rank: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+
+def snapshot(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Bit-exact copies of the named parameters."""
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"no parameter named {missing[0]!r} in the model")
+    return {n: params[n].detach().clone() for n in names}
+
+
+@torch.no_grad()
+def write_back(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
+    """Copy saved values back into the named parameters (bit-exact restore)."""
+    params = dict(model.named_parameters())
+    for n, v in originals.items():
+        params[n].copy_(v)
+
+
+@runtime_checkable
+class EditMethodProtocol(Protocol):
+    """What code below `methods/` may use of an editing method (`kedit_pl.methods.base.EditMethod`)."""
+
+    model: nn.Module
+    tok: Any
+
+    def edited_parameters(self, requests: list) -> list[str]: ...
+
+    def apply(self, requests: list) -> EditHandle: ...
+
+    def restore(self, handle: EditHandle) -> None: ...
+
+    def logits_fn(self) -> Callable[..., torch.Tensor]: ...
+
+    def serves_own_logits(self) -> bool:
+        """True when `logits_fn` is the method's own (a router such as SERAC), not the edited model's forward."""
+        ...
+
+    def sequential_state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_sequential_state(self, state: dict[str, torch.Tensor]) -> None: ...
