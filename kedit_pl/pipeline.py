@@ -244,7 +244,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     out = output_dir(cfg)
     t = cfg.train
     dm = EditDataModule(cfg.dataset, train_batch_size=t.batch_size, seed=cfg.seed)
-    dm.prepare_training()
+    dm.prepare_training(out)  # skipped training records: one warning line, listed in out/skipped_train_records.json
     L.seed_everything(cfg.seed, verbose=False)
     method = build_method(cfg)
     if not method.trainable:

@@ -104,3 +104,25 @@ def test_training_split_never_holds_an_evaluation_fact(tmp_path):
     leaky = EditDataModule(cfg.dataset)
     leaky.prepare_training()
     assert any(fact_key(r) in held_out for r in leaky.train_requests + leaky.val_requests)  # the overlap is real
+
+
+def test_skipped_training_records_are_one_line_and_a_file(tmp_path, caplog):
+    """zsRE's training split has records without an edit target: train.py says so once, with a count, and lists
+    them in the run folder (it used to log one warning line per record)."""
+    import logging
+
+    from kedit_pl.data.datamodule import SKIPPED_TRAIN, EditDataModule
+
+    rows = [cf_row(i, subject=f"S{i}", new="" if i % 3 == 0 else "English") for i in range(9)]  # 3 invalid
+    train = write(tmp_path, rows)
+    cfg = {"name": "t", "path": str(train), "format": "counterfact",
+           "train": {"path": str(train), "format": "counterfact", "on_invalid": "skip", "exclude_eval": False}}
+    dm = EditDataModule(cfg)
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="kedit_pl.data.datamodule"):
+        dm.prepare_training(run)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "skipped 3 invalid records of 9" in lines[0] and str(run / SKIPPED_TRAIN) in lines[0]
+    listed = json.loads((run / SKIPPED_TRAIN).read_text())
+    assert [r["case_id"] for r in listed] == ["0", "3", "6"] and all("invalid record" in r["reason"] for r in listed)
+    assert len(dm.train_requests) + len(dm.val_requests) == 6

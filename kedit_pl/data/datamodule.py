@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import random
 from functools import partial
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import lightning as L
@@ -13,6 +14,7 @@ from kedit_pl.data.readers import merge_probes, read_requests
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.distributed import rank_world, share
 from kedit_pl.errors import ConfigError, InvalidRecord
+from kedit_pl.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,14 @@ def load_split(path: str, fmt: str, on_invalid: str = "error") -> list[EditReque
     return load_split_and_skips(path, fmt, on_invalid)[0]
 
 
-def load_split_and_skips(path: str, fmt: str, on_invalid: str = "error") -> tuple[list[EditRequest], list[dict]]:
-    """`load_split`, plus the skipped records as [{"case_id", "reason"}] (listed in summary.json)."""
+#: the run-folder file listing the training records dataset.train.on_invalid=skip dropped (train.py)
+SKIPPED_TRAIN = "skipped_train_records.json"
+
+
+def load_split_and_skips(path: str, fmt: str, on_invalid: str = "error",
+                         listed_in: str | None = None) -> tuple[list[EditRequest], list[dict]]:
+    """`load_split`, plus the skipped records as [{"case_id", "reason"}]. Skips are said in one warning line (a
+    count and the first reason; `listed_in` names where the caller lists them all), never one line per record."""
     if on_invalid not in ("error", "skip"):
         raise ConfigError(f"dataset.on_invalid: must be 'error' or 'skip', got {on_invalid!r}")
     good, bad = [], []
@@ -43,10 +51,9 @@ def load_split_and_skips(path: str, fmt: str, on_invalid: str = "error") -> tupl
     if bad and on_invalid == "error":
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise InvalidRecord(f"{bad[0]}{more}; fix the data or set dataset.on_invalid=skip")
-    for e in bad:
-        log.warning("skipping invalid record: %s", e)
     if bad:
-        log.warning("skipped %d invalid records of %d in %s", len(bad), len(bad) + len(good), path)
+        log.warning("skipped %d invalid records of %d in %s (the first: %s)%s", len(bad), len(bad) + len(good), path,
+                    bad[0], f"; all of them are listed in {listed_in}" if listed_in else "")
     return good, [{"case_id": getattr(e, "case_id", None), "reason": f"invalid record: {e}"} for e in bad]
 
 
@@ -120,12 +127,13 @@ class EditDataModule(L.LightningDataModule):
         self.positions: dict[str, int] = {}  # case_id -> position in the selection, records done earlier included
         self.train_requests: list[EditRequest] = []
         self.val_requests: list[EditRequest] = []
+        self.train_invalid: list[dict] = []  # training records dataset.train.on_invalid=skip dropped
         self.shared_batches = False  # DDP: every rank gets every edit batch (EditMethod.can_share_batches)
 
     def prepare_requests(self) -> list[EditRequest]:
         c = self.cfg
         all_reqs, self.invalid = load_split_and_skips(c["path"], c.get("format", "counterfact"),
-                                                      c.get("on_invalid", "error"))
+                                                      c.get("on_invalid", "error"), "summary.json (run.skipped)")
         chosen = select(all_reqs, c.get("limit"), c.get("range"), c.get("ids"))
         if c.get("merge"):  # probe fields of the same records from other files (metric groups)
             chosen = merge_probes(chosen, c.get("format", "counterfact"), c["merge"])
@@ -134,12 +142,17 @@ class EditDataModule(L.LightningDataModule):
         self.done_requests = [r for r in chosen if r.case_id in self.exclude_ids]
         return self.requests
 
-    def prepare_training(self) -> None:
-        """Train split from `dataset.train`, with `val_fraction` of it held out for validation."""
+    def prepare_training(self, run_dir: str | Path | None = None) -> None:
+        """Train split from `dataset.train`, with `val_fraction` of it held out for validation. Records skipped as
+        invalid are listed in `run_dir`/skipped_train_records.json (and in `self.train_invalid`)."""
         t = self.cfg.get("train")
         if not t:
             raise ConfigError(f"dataset '{self.cfg.get('name')}' has no 'train' split configured")
-        reqs = load_split(t["path"], t.get("format", self.cfg.get("format")), t.get("on_invalid", "skip"))
+        listed = Path(run_dir) / SKIPPED_TRAIN if run_dir is not None else None
+        reqs, self.train_invalid = load_split_and_skips(t["path"], t.get("format", self.cfg.get("format")),
+                                                        t.get("on_invalid", "skip"), str(listed) if listed else None)
+        if listed and self.train_invalid:
+            write_json(listed, self.train_invalid)
         if t.get("exclude_eval", True):
             reqs = drop_eval_facts(reqs, self.cfg["path"], self.cfg.get("format"), t["path"])
         rng = random.Random(self.seed)
