@@ -27,6 +27,7 @@ DATA_HELP = ("put the benchmark data in a shared/data folder beside the clone (.
              "KEDIT_DATA_DIR=DIR (DIR/counterfact, DIR/zsre, DIR/text; docs/packaging.md)")
 
 log = logging.getLogger("kedit_pl")
+_said_sample: list[bool] = []  # the fallback to the sample is said once per process
 
 # conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml carry the launcher plugins' own names, so Hydra
 # checks their values against the plugins' schemas (wanted); it warns that this matching is deprecated
@@ -43,8 +44,11 @@ def data_dir() -> str:
     beside = REPO_ROOT.parent / "shared" / "data"
     if beside.is_dir():
         return str(beside)
-    log.warning("no benchmark data (KEDIT_DATA_DIR is unset and %s does not exist): using the 10-record CounterFact "
-                "and zsRE samples bundled in %s; for the full benchmarks %s", beside, SAMPLE_DATA_DIR, DATA_HELP)
+    if not _said_sample:
+        _said_sample.append(True)
+        log.warning("no benchmark data (KEDIT_DATA_DIR is unset and %s does not exist): using the 10-record "
+                    "CounterFact and zsRE samples bundled in %s; for the full benchmarks %s", beside,
+                    SAMPLE_DATA_DIR, DATA_HELP)
     return str(SAMPLE_DATA_DIR)
 
 
@@ -61,8 +65,8 @@ if not OmegaConf.has_resolver("kedit_root"):
     # ${kedit_root:} -> the repository root (installed: the working directory), so paths work from anywhere
     OmegaConf.register_new_resolver("kedit_root", lambda: str(REPO_ROOT))
 if not OmegaConf.has_resolver("kedit_data_dir"):
-    # ${kedit_data_dir:} -> data_dir(); cached, so the fallback warning comes once per config
-    OmegaConf.register_new_resolver("kedit_data_dir", data_dir, use_cache=True)
+    # ${kedit_data_dir:} -> data_dir()
+    OmegaConf.register_new_resolver("kedit_data_dir", data_dir)
 
 
 def compose(config_name: str = "edit", overrides: list[str] | None = None) -> DictConfig:
