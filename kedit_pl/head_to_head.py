@@ -6,7 +6,7 @@ Resumable: a method whose run folder holds a summary.json is complete and is not
 but no summary (an interrupted run; a sequential one from its last checkpoint) continues with edit.resume=true.
 Learned editors (MEND, SERAC, any method with `trainable = True`) use `head_to_head.checkpoints.<name>`; without one they are skipped
 with a message, or trained first (`head_to_head.train_missing=true`, with `head_to_head.train.<name>`).
-With `trainer.devices=N trainer.strategy=ddp` each method runs as an `edit.py` child process over N ranks (its
+With `trainer.devices=N trainer.strategy=ddp` each method runs as a `kedit-edit` child process over N ranks (its
 output in <out_dir>/<method>.log).
 """
 from __future__ import annotations

@@ -63,7 +63,8 @@ class SequentialState:
     def save(self, path: str | Path) -> None:
         tensors = {prefix + k: v for prefix, part in self._tensors().items() for k, v in part.items()}
         info = {k: getattr(self, k) for k in JSON_FIELDS}
-        save_tensors(path, tensors, digest_metadata(tensors) | {STATE_KEY: json.dumps(info), STATE_DIGEST: json_digest(info)})
+        save_tensors(path, tensors,
+                     digest_metadata(tensors) | {STATE_KEY: json.dumps(info), STATE_DIGEST: json_digest(info)})
 
     def _tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return {WEIGHT: self.weights, METHOD: self.method, RNG: self.rng}

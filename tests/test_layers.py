@@ -15,11 +15,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kedit_pl"
 #: docs/architecture.md (change both together).
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "io", "digests", "config"),                                       # 0 leaves
-    ("hooks", "weights", "distributed", "run_folder", "runtime"),                # 1 restore contract, runtime glue
+    ("hooks", "weights", "distributed", "run_folder", "runtime"),                # 1 restore contract, runtime
     ("models", "data", "tokens"),                                                # 2 models, records, token batches
-    ("kv", "eval", "locate"),                                                    # 3 keys/values/stats, scoring, locating
+    ("kv", "eval", "locate"),                                                    # 3 shared machinery
     ("methods",),                                                                # 4 one module per method
-    ("pipeline", "api", "patch", "persist", "sequential_state", "validate"),     # 5 composition, Python API, saved edits
+    ("pipeline", "api", "patch", "persist", "sequential_state", "validate"),     # 5 composition
     ("cli", "compare", "head_to_head", ""),                                      # 6 entry points ("" = kedit_pl/__init__)
 ]
 
