@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from kedit_pl.errors import ConfigError
 from kedit_pl.eval.show import EditShow
 from kedit_pl.patch import edit_meta, make_patch, save_model, save_patch
-from kedit_pl.weights import EditMethodProtocol as EditMethod
+from kedit_pl.weights import EditMethodProtocol
 
 log = logging.getLogger("kedit_pl")
 SAVES = ("patch", "model")
@@ -24,7 +24,7 @@ class PatchWriter:
         self.folder, self.cfg = folder, cfg
         self.config = OmegaConf.to_container(cfg.method, resolve=True)
 
-    def __call__(self, method: EditMethod, handle, batch: list, batch_idx: int) -> None:
+    def __call__(self, method: EditMethodProtocol, handle, batch: list, batch_idx: int) -> None:
         patch = make_patch(method.model, handle.originals, handle.low_rank,
                            edit_meta(self.cfg.method.name, self.cfg.model.name, batch, self.config,
                                      mode=self.cfg.edit.mode, step=batch_idx))
@@ -32,7 +32,7 @@ class PatchWriter:
         save_patch(patch, self.folder / f"{batch_idx:05d}_{name}")
 
 
-def edit_hooks(cfg: DictConfig, method: EditMethod, requests: list, out: Path) -> list[Callable]:
+def edit_hooks(cfg: DictConfig, method: EditMethodProtocol, requests: list, out: Path) -> list[Callable]:
     """The callbacks `EditEvalCallback` calls while each edit is in place; checks `edit.save` / `edit.show` first."""
     save, show = cfg.edit.get("save"), int(cfg.edit.get("show") or 0)
     if save is not None and save not in SAVES:
@@ -55,7 +55,8 @@ def edit_hooks(cfg: DictConfig, method: EditMethod, requests: list, out: Path) -
     return hooks
 
 
-def finish_hooks(cfg: DictConfig, method: EditMethod, hooks: list[Callable], out: Path, requests: list) -> None:
+def finish_hooks(cfg: DictConfig, method: EditMethodProtocol, hooks: list[Callable], out: Path,
+                 requests: list) -> None:
     """After the last edit: print the show table, save the edited model (sequential + edit.save=model)."""
     for hook in hooks:
         if isinstance(hook, EditShow):

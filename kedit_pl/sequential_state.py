@@ -34,7 +34,7 @@ from kedit_pl.eval.callback import RECORDS_FILE, EditEvalCallback, read_done_rec
 from kedit_pl.eval.lifelong import LifelongCallback
 from kedit_pl.io import DIGEST_KEY, digest_metadata, read_json, read_tensors, save_tensors, write_text
 from kedit_pl.run_folder import SEQUENTIAL_STATE
-from kedit_pl.weights import EditMethodProtocol as EditMethod, write_back
+from kedit_pl.weights import EditMethodProtocol, write_back
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class SequentialCheckpoint(L.Callback):
         self.state, self.lifelong = state or SequentialState(), lifelong
         self.earlier_seconds, self._start = self.state.wall_seconds, time.perf_counter()
 
-    def resume(self, method: EditMethod, evaluation: EditEvalCallback, done: list[EditRequest]) -> None:
+    def resume(self, method: EditMethodProtocol, evaluation: EditEvalCallback, done: list[EditRequest]) -> None:
         """Hand the earlier records (`done`, the datamodule's) to the callbacks that go on counting them."""
         if not method.sequential_resumable:
             raise ConfigError(f"edit.resume: {type(method).__name__} cannot continue a sequential run (its state "
@@ -145,7 +145,7 @@ class SequentialCheckpoint(L.Callback):
                                   f"with edit.lifelong.every=0 as it ran")
             self.lifelong.resume(self.state.lifelong, edited, self.state.batches)
 
-    def on_test_start(self, trainer: L.Trainer, pl_module: EditMethod) -> None:
+    def on_test_start(self, trainer: L.Trainer, pl_module: EditMethodProtocol) -> None:
         # the method's per-model caches (statistics, templates: prepare_data) and the pre-edit scores were made on
         # the unedited model, as in an uninterrupted run; now the edits so far go in
         fingerprint = model_fingerprint(pl_module.model)
@@ -166,8 +166,8 @@ class SequentialCheckpoint(L.Callback):
             torch.cuda.set_rng_state(s.rng["cuda"])
         random.setstate((s.python_rng[0], tuple(s.python_rng[1]), s.python_rng[2]))
 
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module: EditMethod, outputs, batch: list[EditRequest],
-                          batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: EditMethodProtocol, outputs,
+                          batch: list[EditRequest], batch_idx: int, dataloader_idx: int = 0) -> None:
         s = self.state
         for n, v in getattr(pl_module.last_handle, "originals", {}).items():
             if n not in s.base:  # its value before its first edit: the unedited one
