@@ -24,7 +24,7 @@ from kedit_pl.eval.lifelong import LifelongCallback, plot_curves
 from kedit_pl.eval.report import print_table
 from kedit_pl.io import read_json, write_json
 from kedit_pl.methods.base import EditMethod
-from kedit_pl.run_folder import RunFolder, result_files, run_identity
+from kedit_pl.run_folder import RunFolder, edit_batch_size, result_files, run_identity
 from kedit_pl.sequential_state import SequentialCheckpoint, resume_point
 from kedit_pl.validate import validate_edit_config, validate_processes
 from kedit_pl.persist import edit_hooks, finish_hooks
@@ -106,7 +106,7 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
     validate_processes(cfg, requested_devices(cfg.trainer) or 1)
     n_procs = check_request(cfg)
     mode = cfg.edit.mode
-    batch_size = 1 if mode == "single" else int(cfg.edit.batch_size)
+    batch_size = edit_batch_size(cfg)
     if is_worker():  # a DDP rank > 0 in rank 0's folder: rank 0 owns it (lock, identity) and writes the results
         return _run_edit(cfg, mode, batch_size, n_procs)
     new_invocation()
