@@ -13,8 +13,6 @@ from kedit_pl.data.datamodule import select
 from kedit_pl.data.readers import read_requests
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, InvalidRecord
-from kedit_pl.eval.metrics import metric_counts
-from kedit_pl.model_folder import MARKER_FILE
 from kedit_pl.patch import PatchError, apply_patch, load_patch, main as patch_cli
 from kedit_pl.pipeline import cli, run_edit
 from tests.conftest import DATA_DIR, edit_cfg
@@ -62,6 +60,8 @@ def test_patch_apply_out_refuses_a_folder_holding_user_files(rome_patch, tmp_pat
 
 
 def test_save_model_writes_new_or_empty_folders_and_replaces_only_its_own(tmp_path):
+    from kedit_pl.model_folder import MARKER_FILE
+
     ed = Editor(method="ft", model="tiny_llama", method__steps=1)
     with pytest.raises(ConfigError, match="Editor.save_model: .* not a model folder written by kedit_pl"):
         ed.save_model(_user_folder(tmp_path / "keep"))
@@ -172,6 +172,8 @@ def test_range_past_the_end_says_how_many_records_exist(caplog):
 
 
 def test_record_without_neighborhood_prompts_is_invalid_and_each_metric_has_its_n(tmp_path):
+    from kedit_pl.eval.metrics import metric_counts
+
     rows = json.loads(CF.read_text())[:3]
     del rows[1]["neighborhood_prompts"]
     data = tmp_path / "d.json"
