@@ -27,6 +27,8 @@ from kedit_pl.errors import ConfigError, RunFolderBusy
 from kedit_pl.io import mend_torn_tail, read_json, write_json
 
 log = logging.getLogger(__name__)
+#: before Hydra makes this process's run folder (edit.py imports this module first)
+PROCESS_STARTED = time.time()
 
 LOCK_FILE = ".kedit.lock"
 IDENTITY_FILE = "run.json"
@@ -116,6 +118,25 @@ def is_finished_run_of(path: str | Path, identity: dict[str, Any]) -> bool:
 def edit_batch_size(cfg: DictConfig) -> int:
     """Records per edit: 1 in single mode, else edit.batch_size."""
     return 1 if cfg.edit.mode == "single" else int(cfg.edit.batch_size)
+
+
+def remove_failed_run(path: str | Path, before: set[str]) -> None:
+    """A run that failed before writing any result leaves nothing behind, and touches nothing it did not make:
+    the entries that appeared in `path` after `before` (its listing when the run started) go, and Hydra's
+    .hydra/ and log when this process made them; the folder itself goes only if that empties it."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    hydra = path / HYDRA_DIR
+    hydra_ours = (hydra.is_dir() and not (path / HYDRA_COPY).exists()
+                  and hydra.stat().st_mtime >= PROCESS_STARTED - 1)
+    hydra_files = {HYDRA_DIR, *(f.name for f in _own_log_files(path))} if hydra_ours else set()
+    logging.shutdown()  # (closes the log file before it goes)
+    for entry in path.iterdir():
+        if entry.name not in before or entry.name in hydra_files:
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    if not any(path.iterdir()):
+        path.rmdir()
 
 
 def _own_log_files(folder: Path) -> list[Path]:

@@ -220,3 +220,15 @@ def test_single_mode_resume_keeps_the_batch_ordinal(tmp_path):
         header = rows[0].split(",")
         steps += [int(r.split(",")[header.index("step")]) for r in rows[1:] if r.split(",")[header.index("edit/es")]]
     assert steps == [1, 2, 3, 4]  # edit/* at step batch + 1, never twice at one step
+
+
+def test_failed_run_removes_what_it_made_and_keeps_the_users_files(tmp_path, capsys):
+    """A run that fails before any result leaves nothing behind, but never deletes a folder's other files (it did:
+    `hydra.run.dir=keep dataset.limit=0` removed keep/ with everything in it)."""
+    keep = _user_folder(tmp_path / "keep")
+    (keep / ".hydra").mkdir()  # what Hydra writes before the job starts
+    for bad in ("dataset.limit=0", "method.lr=-1"):
+        with pytest.raises(SystemExit):
+            cli(run_edit, edit_cfg(keep, *FT, bad))
+        _one_line_error(capsys)
+    assert sorted(str(p.relative_to(keep)) for p in keep.rglob("*")) == ["notes.txt", "sub", "sub/data.csv"]
