@@ -144,8 +144,8 @@ class EditMethod(L.LightningModule):
         limit = max_positions(self.model)
         if limit is None or self.tok is None:
             return None
-        margin = self.context_tokens()
         for fld, prompt, targets in request_texts(req):
+            margin = self.context_tokens() if fld == "prompt" else 0  # the edited prompt gets the context prefix
             n = len(prompt_ids(self.tok, prompt)) + max((len(target_ids(self.tok, t)) for t in targets if t.strip()),
                                                         default=0) + margin
             if n > limit:
