@@ -9,6 +9,7 @@
   run, everything in the folder but this run's lock, `.hydra/` and log, to the sibling folder
   `<name>.replaced-<UTC time>` (said in the log): nothing is deleted, and nothing of the old run stays beside the new.
 - A resume first cuts a torn last line off records.jsonl (a run killed while writing it), so it appends cleanly.
+- A run that fails before any result removes what it made (`remove_failed_run`), never the folder's other files.
 See docs/run_folders.md.
 """
 from __future__ import annotations
@@ -226,7 +227,7 @@ class RunFolder:
         logs = _own_log_files(self.path)
         moved = []
         for entry in sorted(self.path.iterdir()):
-            if entry.name in (LOCK_FILE, HYDRA_DIR) or entry in logs:
+            if entry.name in (LOCK_FILE, HYDRA_DIR, *(f.name for f in logs)):
                 continue
             entry.rename(aside / (HYDRA_DIR if entry.name == HYDRA_COPY else entry.name))
             moved.append(entry.name)
