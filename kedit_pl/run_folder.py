@@ -129,7 +129,7 @@ def remove_failed_run(path: str | Path, before: set[str]) -> None:
     if not path.is_dir():
         return
     hydra = path / HYDRA_DIR
-    hydra_ours = (hydra.is_dir() and not (path / HYDRA_COPY).exists()
+    hydra_ours = (hydra.is_dir() and HYDRA_COPY not in before  # (an earlier owner's run: its .hydra/ is restored)
                   and hydra.stat().st_mtime >= PROCESS_STARTED - 1)
     hydra_files = {HYDRA_DIR, *(f.name for f in _own_log_files(path))} if hydra_ours else set()
     logging.shutdown()  # (closes the log file before it goes)

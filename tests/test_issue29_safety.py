@@ -227,7 +227,7 @@ def test_failed_run_removes_what_it_made_and_keeps_the_users_files(tmp_path, cap
     `hydra.run.dir=keep dataset.limit=0` removed keep/ with everything in it)."""
     keep = _user_folder(tmp_path / "keep")
     (keep / ".hydra").mkdir()  # what Hydra writes before the job starts
-    for bad in ("dataset.limit=0", "method.lr=-1"):
+    for bad in ("dataset.limit=0", "method.lr=-1", "dataset.path=/no/such.json"):  # before and inside RunFolder
         with pytest.raises(SystemExit):
             cli(run_edit, edit_cfg(keep, *FT, bad))
         _one_line_error(capsys)
