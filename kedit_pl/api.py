@@ -165,12 +165,13 @@ class Editor:
                                 self.method.device)
         return summarize(scores)
 
-    def save_model(self, folder: str | Path) -> Path:
-        """The current (edited) model as a Hugging Face folder: `AutoModelForCausalLM.from_pretrained(folder)`."""
+    def save_model(self, folder: str | Path, replace: bool = False) -> Path:
+        """The current (edited) model as a Hugging Face folder: `AutoModelForCausalLM.from_pretrained(folder)`.
+        `folder` must be new or empty; `replace=True` replaces a model folder kedit_pl wrote (nothing else)."""
         if self.method.serves_own_logits():
             raise ConfigError(f"method '{self.cfg.method.name}' routes inputs instead of changing weights; "
                               "its edits are not in the model's weights")
-        return save_model(self.model, self.tokenizer, folder)
+        return save_model(self.model, self.tokenizer, folder, replace=replace, what="Editor.save_model")
 
     def digest(self) -> str:
         """SHA-256 of every weight (to check two models are bit-identical)."""

@@ -2,8 +2,10 @@
 
     python -m kedit_pl.head_to_head [hydra overrides...]      (conf/experiment/head_to_head.yaml)
 
-Resumable: a method whose run folder holds a summary.json is complete and is not rerun; a folder with records
-but no summary (an interrupted run; a sequential one from its last checkpoint) continues with edit.resume=true.
+Resumable: a method whose run folder holds the summary.json of a run with these exact settings (its run.json) is
+complete and is not rerun; a folder with records but no summary (an interrupted run; a sequential one from its last
+checkpoint), or a finished run of a smaller dataset.limit, continues with edit.resume=true. A folder holding a run
+with other settings (seed, method hyperparameters, model, records...) is refused before anything runs.
 Learned editors (MEND, SERAC, any method with `trainable = True`) use `head_to_head.checkpoints.<name>`; without one they are skipped
 with a message, or trained first (`head_to_head.train_missing=true`, with `head_to_head.train.<name>`).
 With `trainer.devices=N trainer.strategy=ddp` each method runs as a `kedit-edit` child process over N ranks (its
@@ -25,13 +27,48 @@ from kedit_pl.config import REPO_ROOT, compose
 from kedit_pl.distributed import requested_devices
 from kedit_pl.errors import ConfigError, KEditError
 from kedit_pl.io import read_json, write_json
+from kedit_pl.run_folder import edit_batch_size, identity_difference, is_finished_run_of, result_files, run_identity
 
 log = logging.getLogger("kedit_pl.head_to_head")
 EXPERIMENT = "experiment=head_to_head"
 
 
-def is_complete(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").is_file()
+def is_complete(run_dir: Path, identity: dict[str, Any]) -> bool:
+    """`run_dir` holds the finished run of exactly these settings (run.json), not one of others."""
+    return is_finished_run_of(run_dir, identity)
+
+
+def _planned_checkpoint(name: str, h: DictConfig, out: Path) -> str | None:
+    """The editor a learned method will use: the given checkpoint, or the one train_missing trains (None: skipped)."""
+    ckpt = (h.get("checkpoints") or {}).get(name)
+    if ckpt:
+        return str(ckpt)
+    return str(out / "_train" / name / "editor") if h.get("train_missing") else None
+
+
+def plan_runs(overrides: list[str], h: DictConfig, out: Path) -> dict[str, tuple[list[str], dict] | None]:
+    """Per method: (its extra overrides, its run identity), None for a learned editor without a checkpoint. Refuses,
+    in one line and before anything runs, an out_dir whose method folders hold runs with other settings."""
+    plans: dict[str, tuple[list[str], dict] | None] = {}
+    for name in h.methods:
+        run_dir = out / name
+        extra = list((h.get("overrides") or {}).get(name, []))
+        mcfg = compose("edit", [EXPERIMENT, *overrides, f"method={name}", *extra, "paths.output_dir=/dev/null"])
+        if _trainable(mcfg):
+            ckpt = _planned_checkpoint(name, h, out)
+            if ckpt is None:
+                plans[name] = None
+                continue
+            extra.append(f"method.checkpoint={ckpt}")
+        cfg = compose("edit", [EXPERIMENT, *overrides, f"method={name}", *extra, f"paths.output_dir={run_dir}"])
+        identity = run_identity(cfg, edit_batch_size(cfg))
+        if result_files(run_dir):
+            diff = identity_difference(run_dir, identity)
+            if diff:
+                raise ConfigError(f"head_to_head.out_dir: {run_dir} holds a run with other settings ({diff}); use "
+                                  f"another head_to_head.out_dir, or move that folder away")
+        plans[name] = (extra, identity)
+    return plans
 
 
 def _trainable(cfg: DictConfig) -> bool:
@@ -85,21 +122,21 @@ def run_head_to_head(overrides: list[str]) -> dict[str, Any]:
     out = Path(h.out_dir)
     start = time.perf_counter()
     status: dict[str, dict[str, Any]] = {}
+    plans = plan_runs(overrides, h, out)
     for name in h.methods:
-        run_dir = out / name
-        if is_complete(run_dir):
+        run_dir, plan = out / name, plans[name]
+        if plan is None:  # a learned editor without a checkpoint
+            why = _checkpoint(name, h, out, overrides)[1]
+            log.warning("skipping %s", why)
+            status[name] = {"status": "skipped", "reason": why}
+            continue
+        extra, identity = plan
+        if is_complete(run_dir, identity):
             log.info("%s: complete in %s, not rerun", name, run_dir)
             status[name] = {"status": "complete (earlier)", "run_dir": str(run_dir)}
             continue
-        extra = list((h.get("overrides") or {}).get(name, []))
-        mcfg = compose("edit", [EXPERIMENT, *overrides, f"method={name}", *extra, "paths.output_dir=/dev/null"])
-        if _trainable(mcfg):
-            ckpt, why = _checkpoint(name, h, out, overrides)
-            if why:
-                log.warning("skipping %s", why)
-                status[name] = {"status": "skipped", "reason": why}
-                continue
-            extra.append(f"method.checkpoint={ckpt}")
+        if any(e.startswith("method.checkpoint=") for e in extra):
+            _checkpoint(name, h, out, overrides)  # train_missing: trains it now, unless an earlier invocation did
         resume = (run_dir / "records.jsonl").is_file()
         args = [EXPERIMENT, *overrides, f"method={name}", *extra, f"edit.resume={str(resume).lower()}"]
         cfg = compose("edit", [*args, f"paths.output_dir={run_dir}"])
@@ -114,7 +151,7 @@ def run_head_to_head(overrides: list[str]) -> dict[str, Any]:
         except KEditError as e:
             log.error("%s failed: %s", name, e)
             status[name] = {"status": "failed", "reason": str(e), "wall_seconds": time.perf_counter() - t0}
-    done = [out / n for n in h.methods if is_complete(out / n)]
+    done = [out / n for n in h.methods if plans[n] and is_complete(out / n, plans[n][1])]
     result: dict[str, Any] = {"methods": status, "config": OmegaConf.to_container(h, resolve=True),
                               "wall_seconds_this_invocation": time.perf_counter() - start}
     if done:

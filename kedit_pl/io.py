@@ -97,6 +97,30 @@ def read_jsonl(path: str | os.PathLike, what: str) -> list[Any]:
     return rows
 
 
+def mend_torn_tail(path: str | os.PathLike, what: str) -> bool:
+    """Before appending to a JSON-lines file: a last line without its newline (a run killed while writing it) is
+    cut off, atomically, with a warning, so the next line does not land on the fragment. A last line that is
+    whole JSON only gets its newline. True if the file was changed."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    keep = data.rfind(b"\n") + 1
+    tail = data[keep:]
+    try:
+        json.loads(tail)
+        fixed = data + b"\n"
+    except ValueError:
+        fixed = data[:keep]
+        log.warning("%s: cutting the torn last line of %s (%d bytes, line %d; its record is recomputed)", what, path,
+                    len(tail), data.count(b"\n") + 1)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(fixed)
+    return True
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Safetensors (no pickle), written atomically."""
     with atomic_path(path) as tmp:

@@ -10,7 +10,10 @@ index/value fixups, so applying gives the edited weights bit-exactly and reverti
 Digests (SHA-256 of the exact bytes) bind a patch to weights: `before` of the changed parameters as they were,
 `after` as the edit left them, `rest` a strided sample of every other parameter. Apply needs `before` + `rest`,
 revert needs `after` + `rest`; anything else is refused with one line (a patch made for other weights, or
-patches of a sequence applied out of order).
+patches of a sequence applied out of order). `dtypes` records each changed parameter's dtype: weights held in
+another dtype are refused by name. `meta`, the digest of the JSON's every other field (method, requests,
+config, dtypes, ...), makes a hand-edited patch fail to load: what `list` shows is what was edited.
+`format` is the version of these rules (2: the JSON is covered; 1, older: it was not, and is refused).
 
     python -m kedit_pl.patch list <patch or folder>...
     python -m kedit_pl.patch apply  --model smollm2_135m --out edited/ runs/x/patches/
@@ -20,10 +23,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import shutil
+import json
 import sys
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -32,9 +34,12 @@ from torch import nn
 
 from kedit_pl.digests import tensor_digest  # the one tensor digest (kedit_pl/digests.py)
 from kedit_pl.errors import ConfigError, KEditError
-from kedit_pl.io import load_tensors, read_json, save_tensors, write_json
+from kedit_pl.io import json_digest, load_tensors, read_json, save_tensors, write_json
+from kedit_pl.model_folder import EDITS_FILE, check_model_folder, request_dict, save_model  # noqa: F401 (re-exported)
 
-FORMAT = 1
+FORMAT = 2
+#: the formats of older versions, and why they are refused
+OLD_FORMATS = {1: "its request metadata is not covered by a digest"}
 #: replay fixups beyond this share of a parameter's elements mean the factors do not describe the update:
 #: the parameter is stored dense instead
 MAX_FIX_SHARE = 0.01
@@ -103,10 +108,20 @@ def make_patch(model: nn.Module, originals: dict[str, torch.Tensor],
         kinds[name] = entry
     full = {**(meta or {})}
     full.update(format=FORMAT, params=changed, encoding=kinds,
+                dtypes={n: str(originals[n].dtype).removeprefix("torch.") for n in changed},
                 digests={"before": tensor_digest((n, originals[n]) for n in changed),
                          "after": tensor_digest((n, params[n]) for n in changed),
                          "rest": rest_digest(model, changed)})
+    full = json.loads(json.dumps(full, default=str))  # as it reads back from the file (tuples -> lists, ...)
+    full["digests"]["meta"] = meta_digest(full)
     return Patch(full, tensors)
+
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """Digest of a patch's JSON without its own `digests.meta` and the `file` it was read from."""
+    rest = {k: v for k, v in meta.items() if k != "file"}
+    rest["digests"] = {k: v for k, v in (meta.get("digests") or {}).items() if k != "meta"}
+    return json_digest(rest)
 
 
 def _encode(name: str, old: torch.Tensor, new: torch.Tensor, factors, tensors: dict[str, torch.Tensor]) -> dict:
@@ -162,6 +177,12 @@ def _change(model: nn.Module, patch: Patch, forward: bool) -> None:
     want, goal = ("before", "after") if forward else ("after", "before")
     where = patch.meta.get("file", "patch")
     verb = "apply" if forward else "revert"
+    for name, p in touched:
+        made = patch.meta["dtypes"][name]
+        if str(p.dtype).removeprefix("torch.") != made:
+            raise PatchError(f"{where}: cannot {verb}: the patch was made on {made} weights and {name} is "
+                             f"{str(p.dtype).removeprefix('torch.')} here; load the model in {made} "
+                             f"(model.dtype={made})")
     if tensor_digest(touched) != patch.meta["digests"][want] or rest_digest(model, names) != patch.meta["digests"]["rest"]:
         state = "unedited" if forward else "edited"
         raise PatchError(f"{where}: cannot {verb}: the model's weights are not the {state} weights this patch was made "
@@ -221,8 +242,15 @@ def load_patch(path: str | Path) -> Patch:
         tensors = load_tensors(st)
     except Exception as e:  # damaged JSON or safetensors
         raise PatchError(f"{stem}: unreadable patch ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise PatchError(f"{js}: not a kedit_pl patch (format {meta.get('format') if isinstance(meta, dict) else '?'})")
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt in OLD_FORMATS:
+        raise PatchError(f"{js}: patch format {fmt}, written by an older kedit_pl ({OLD_FORMATS[fmt]}); this version "
+                         f"reads format {FORMAT}: make the edit again (edit.save=patch or AppliedEdit.save)")
+    if fmt != FORMAT:
+        raise PatchError(f"{js}: not a kedit_pl patch (format {fmt if fmt is not None else '?'})")
+    if (meta.get("digests") or {}).get("meta") != meta_digest(meta):
+        raise PatchError(f"{js}: its JSON was changed after the patch was made (it fails its digest digests.meta); "
+                         f"the requests it lists may not be what it edits: remake the patch")
     meta["file"] = str(js)
     return Patch(meta, tensors)
 
@@ -241,40 +269,10 @@ def find_patches(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-EDITS_FILE = "kedit_edits.json"
-
-
-def save_model(model: nn.Module, tokenizer, folder: str | Path, edits: list | None = None) -> Path:
-    """`save_pretrained` of the model and tokenizer into `folder`, written in a temp folder and renamed into place,
-    so `AutoModelForCausalLM.from_pretrained(folder)` loads the (edited) model. `edits` (requests) are listed in
-    `kedit_edits.json` beside the weights."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if edits is not None:
-            write_json(tmp / EDITS_FILE, [_request(r) for r in edits])
-        tmp.chmod(0o755)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
 def edit_meta(method: str, model: str, requests: list, config: dict | None = None, **extra: Any) -> dict[str, Any]:
     """The JSON side of a patch: what was edited, by which method and settings, on which model."""
-    return {"method": method, "model": model, "requests": [_request(r) for r in requests],
+    return {"method": method, "model": model, "requests": [request_dict(r) for r in requests],
             "config": config or {}, **extra}
-
-
-def _request(req: Any) -> dict[str, Any]:
-    d = asdict(req) if hasattr(req, "__dataclass_fields__") else dict(req)
-    d.pop("extra", None)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -321,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         sp = sub.add_parser(cmd, help=f"{cmd} patches (folders: all of their patches, in name order)")
         sp.add_argument("patches", nargs="+")
         sp.add_argument("--model", required=True, help="a conf/model name (smollm2_135m) or a saved model folder")
-        sp.add_argument("--out", required=True, help="folder for the resulting Hugging Face model")
+        sp.add_argument("--out", required=True, help="folder for the resulting Hugging Face model (new or empty)")
+        sp.add_argument("--replace", action="store_true",
+                        help="replace the model in --out, if kedit_pl wrote it (nothing else is ever deleted)")
     args = ap.parse_args(argv)
     try:
         paths = find_patches(args.patches)
@@ -329,10 +329,11 @@ def main(argv: list[str] | None = None) -> int:
             _list(paths)
             return 0
         patches = [load_patch(p) for p in paths]
+        check_model_folder(args.out, args.replace)  # before loading: a refused --out costs nothing
         lm = _load(args.model)
         for patch in (patches if args.cmd == "apply" else reversed(patches)):
             (apply_patch if args.cmd == "apply" else revert_patch)(lm.model, patch)
-        save_model(lm.model, lm.tokenizer, args.out)
+        save_model(lm.model, lm.tokenizer, args.out, replace=args.replace)
         print(f"{args.cmd}: {len(patches)} patch(es) -> {args.out}")
     except KEditError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -62,7 +62,8 @@ def finish_hooks(cfg: DictConfig, method: EditMethodProtocol, hooks: list[Callab
         if isinstance(hook, EditShow):
             hook.print()
     if cfg.edit.get("save") == "model":
-        folder = save_model(method.model, method.tok, out / "model", edits=requests)
+        folder = save_model(method.model, method.tok, out / "model", edits=requests, replace=True,
+                            what="edit.save=model")  # the run's own folder: replaced only if kedit_pl wrote it
         log.info("edited model saved to %s (AutoModelForCausalLM.from_pretrained loads it)", folder)
     elif cfg.edit.get("save") == "patch":
         log.info("patches in %s (python -m kedit_pl.patch list %s)", out / "patches", out / "patches")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 import time
 import warnings
@@ -23,7 +22,7 @@ from kedit_pl.eval.lifelong import LifelongCallback, plot_curves
 from kedit_pl.eval.report import print_table
 from kedit_pl.io import read_json, write_json
 from kedit_pl.methods.base import EditMethod
-from kedit_pl.run_folder import RunFolder, result_files, run_identity
+from kedit_pl.run_folder import RunFolder, edit_batch_size, remove_failed_run, result_files, run_identity
 from kedit_pl.runtime import build_loggers, build_trainer, finish_loggers, output_dir  # noqa: F401  (re-exported)
 from kedit_pl.sequential_state import SequentialCheckpoint, resume_point
 from kedit_pl.validate import validate_edit_config, validate_processes
@@ -78,7 +77,7 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
     validate_processes(cfg, requested_devices(cfg.trainer) or 1)
     n_procs = check_request(cfg)
     mode = cfg.edit.mode
-    batch_size = 1 if mode == "single" else int(cfg.edit.batch_size)
+    batch_size = edit_batch_size(cfg)
     if is_worker():  # a DDP rank > 0 in rank 0's folder: rank 0 owns it (lock, identity) and writes the results
         return _run_edit(cfg, mode, batch_size, n_procs)
     new_invocation()
@@ -214,15 +213,15 @@ def cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run an entry point: user errors become one line on stderr, and a failed run leaves no files."""
     out = output_dir(cfg)
     quiet_libraries()
+    before = {p.name for p in out.iterdir()} if out.is_dir() else set()  # (Hydra's .hydra/ and log included)
     try:
         return fn(cfg)
     except KEditError as e:
         worker = is_worker()
         print(f"error: {f'[rank {launched_rank()}] ' if worker else ''}{e}", file=sys.stderr)
         keep = worker or isinstance(e, RunFolderBusy) or result_files(out) or any((out / f).exists() for f in KEEP)
-        if out.exists() and not keep:  # nothing but Hydra's own files: leave nothing behind
-            logging.shutdown()
-            shutil.rmtree(out, ignore_errors=True)
+        if not keep:  # what this run made goes; a user's own files in the folder stay
+            remove_failed_run(out, before)
         sys.exit(2)
 
 

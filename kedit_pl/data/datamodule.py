@@ -69,6 +69,8 @@ def select(requests: list[EditRequest], limit: int | None = None, range_: Any = 
     else:
         r = parse_range(range_)
         chosen = requests[r[0]:r[1]] if r else list(requests)
+        if r:
+            _check_range(r, len(chosen), len(requests))
     if limit is not None:
         if int(limit) < 1:
             raise ConfigError(f"dataset.limit: must be >= 1, got {limit}")
@@ -76,6 +78,19 @@ def select(requests: list[EditRequest], limit: int | None = None, range_: Any = 
     if not chosen:
         raise ConfigError("dataset: the selection (limit/range/ids) picked no records")
     return [r for r in chosen if r.case_id not in exclude_ids] if exclude_ids else chosen
+
+
+def _check_range(r: tuple[int, int], n_chosen: int, n_all: int) -> None:
+    """A range reaching past the file's end is said (how many of the asked records exist); none existing is an error."""
+    lo, hi = r
+    if hi <= lo or lo < 0:
+        raise ConfigError(f"dataset.range: {lo}:{hi} is not a range of positions (need 0 <= START < END)")
+    if n_chosen == 0:
+        raise ConfigError(f"dataset.range: {lo}:{hi} asks for positions past the end of the file, which holds "
+                          f"{n_all} records (positions 0..{n_all - 1}); none of the {hi - lo} asked records exist")
+    if n_chosen < hi - lo:
+        log.warning("dataset.range=%d:%d asks for %d records but the file holds %d (positions 0..%d): only %d of them "
+                    "exist (%d..%d), and only those run", lo, hi, hi - lo, n_all, n_all - 1, n_chosen, lo, lo + n_chosen - 1)
 
 
 def fact_key(req: EditRequest) -> tuple[str, str]:

@@ -30,10 +30,14 @@ def counterfact_rome(rows: list[dict]) -> Iterable[EditRequest]:
     probes of `generation_prompts` and of EasyEdit's CounterFact-plus files where a record has them."""
     for r in rows:
         rw = r["requested_rewrite"]
+        for key in ("paraphrase_prompts", "neighborhood_prompts"):  # PS, NS and Score need them on every record
+            if not r.get(key) or not isinstance(r[key], list):
+                raise InvalidRecord(f"record case_id={r.get('case_id')}: field {key!r} is missing or empty (every "
+                                    f"CounterFact record has some; {'PS' if key[0] == 'p' else 'NS'} and Score need them)")
         yield EditRequest(
             case_id=str(r["case_id"]), subject=rw["subject"], prompt=rw["prompt"],
             target_true=normalize_target(rw["target_true"]["str"]), target_new=normalize_target(rw["target_new"]["str"]),
-            paraphrases=tuple(r.get("paraphrase_prompts", ())), neighborhood=tuple(r.get("neighborhood_prompts", ())),
+            paraphrases=tuple(r["paraphrase_prompts"]), neighborhood=tuple(r["neighborhood_prompts"]),
             relation_id=rw.get("relation_id"), generation_prompts=tuple(r.get("generation_prompts") or ()),
             portability=_portability(r.get("portability")),
             distracting_neighborhood=tuple(r.get("distracting_neighborhood_prompts") or ()),

@@ -15,7 +15,7 @@ import torch
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.distributed import gather_objects
 from kedit_pl.eval.groups import GroupRunner, MetricGroup
-from kedit_pl.eval.metrics import summarize
+from kedit_pl.eval.metrics import metric_counts, summarize
 from kedit_pl.eval.pre_cache import cached_pre_scores, pre_cache_for
 from kedit_pl.eval.report import print_table, write_summary_files
 from kedit_pl.eval.samples import generate_samples, sample_rows, write_samples
@@ -104,7 +104,8 @@ class EditEvalCallback(L.Callback):
         self.sample_ids: set[str] = set()
         self.new: list[dict] = []  # the lines this process wrote in this run
         self.prior: list[EditRequest] = []  # sequential resume: the records the interrupted run edited
-        self.batch_offset = 0  # sequential resume: the batches it made
+        # a resume's batch numbers (records.jsonl's `batch`, the loggers' edit/* steps) go on after the earlier runs'
+        self.batch_offset = 1 + max((int(d.get("batch", -1)) for d in self.done), default=-1)
 
     def resume_sequential(self, edited: list[EditRequest], batches: int) -> None:
         """Continue a sequential run after `batches` batches that edited `edited` (their lines are in records.jsonl):
@@ -229,6 +230,7 @@ class EditEvalCallback(L.Callback):
                 d["final"] = by_id.get(d["case_id"])
             summary["retention"] = retention_by_batch(done)
             write_text(self.out / RECORDS_FILE, "".join(json.dumps(d) + "\n" for d in done))
+        summary["n_per_metric"] = metric_counts(d["post"] for d in done)  # each metric's own n (n_records: all)
         seconds = sum(d["seconds"] for d in done)
         summary["timing"] = {
             "n_edits": len(done),

@@ -59,3 +59,13 @@ def summarize(records: Iterable[dict]) -> dict[str, float]:
         out["score"] = harmonic_mean([out["es"], out["ps"], out["ns"]]) if min(out["es"], out["ps"], out["ns"]) > 0 else 0.0
     out["n_records"] = float(len(per))
     return out
+
+
+def metric_counts(records: Iterable[dict]) -> dict[str, int]:
+    """How many records each metric of `summarize` is the mean over (a record without neighborhood prompts has no
+    NS); Score's n counts the records that have ES, PS and NS all three."""
+    per = [record_metrics(r) for r in records]
+    out = {k: sum(k in m for m in per) for k in sorted({k for m in per for k in m})}
+    if all(k in out for k in ("es", "ps", "ns")):
+        out["score"] = sum(all(k in m for k in ("es", "ps", "ns")) for m in per)
+    return out

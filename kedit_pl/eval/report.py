@@ -35,8 +35,10 @@ def table_rows(summary: dict[str, Any]) -> tuple[str, list[str], list[list[str]]
     title = "kedit_pl results  " + " · ".join(str(run[k]) for k in ("method", "model", "dataset", "mode") if k in run)
     groups = [g for g in GROUPS if g in summary]
     names = [k for k in HEADLINE if any(k in summary[g] for g in groups)]
-    rows = [[k, *[f"{summary[g][k]:.1f}" if k in summary[g] else "" for g in groups]] for k in names]
     t = summary.get("timing", {})
+    counts = summary.get("n_per_metric") or {}
+    label = lambda k: f"{k} (n={counts[k]})" if k in counts and t and counts[k] != t["n_edits"] else k  # noqa: E731
+    rows = [[label(k), *[f"{summary[g][k]:.1f}" if k in summary[g] else "" for g in groups]] for k in names]
     caption = (f"{int(t['n_edits'])} edits · {t['seconds_per_edit']:.2f} s/edit · peak RSS {t['peak_rss_mb']:.0f} MB"
                if t else "")
     if t.get("processes"):

@@ -25,6 +25,35 @@ from kedit_pl.errors import EditFailed, KEditError
 from kedit_pl.eval.scoring import LogitsFn, model_logits
 from kedit_pl.models.spec import ModelSpec
 from kedit_pl.weights import EditHandle, snapshot, write_back  # noqa: F401  (re-exported: the restore contract)
+from kedit_pl.tokens import prompt_ids, target_ids
+
+
+def max_positions(model: nn.Module | None) -> int | None:
+    """The longest input the model's position embeddings cover (GPT-2's n_positions, Llama's
+    max_position_embeddings); None when its config does not say."""
+    config = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def request_texts(req: EditRequest):
+    """(field, prompt, targets) for every prompt that editing or evaluating `req` feeds the model."""
+    both = (req.target_new, req.target_true)
+    yield "prompt", req.rewrite, both
+    if req.alternative_subject:
+        yield "alternative_subject", req.prompt.format(req.alternative_subject), both
+    for fld, prompts in (("paraphrases", req.paraphrases), ("neighborhood", req.neighborhood),
+                         ("distracting_neighborhood", req.distracting_neighborhood),
+                         ("generation_prompts", req.generation_prompts)):
+        for p in prompts:
+            yield fld, p, both if fld != "generation_prompts" else ()
+    if req.loc:
+        yield "loc", req.loc, (req.loc_ans or "",)
+    for question, answer in req.portability:
+        yield "portability", question, (answer,)
 
 
 class EditMethod(L.LightningModule):
@@ -73,6 +102,25 @@ class EditMethod(L.LightningModule):
             req.validate()
         except KEditError as e:
             return str(e)
+        return self._too_long(req)
+
+    def context_tokens(self) -> int:
+        """Tokens the method puts before a prompt while editing (ROME's context templates); 0 by default."""
+        return 0
+
+    def _too_long(self, req: EditRequest) -> str | None:
+        """A prompt (+ its longest target, + the method's context prefix) longer than the model's positions."""
+        limit = max_positions(self.model)
+        if limit is None or self.tok is None:
+            return None
+        for fld, prompt, targets in request_texts(req):
+            margin = self.context_tokens() if fld == "prompt" else 0  # the edited prompt gets the context prefix
+            n = len(prompt_ids(self.tok, prompt)) + max((len(target_ids(self.tok, t)) for t in targets if t.strip()),
+                                                        default=0) + margin
+            if n > limit:
+                return (f"record case_id={req.case_id}: field '{fld}' needs {n} tokens (prompt + target"
+                        f"{f' + {margin} of context' if margin else ''}), more than the model's {limit} positions: "
+                        f"{prompt[:60]!r}...")
         return None
 
     # --- the shared contract --------------------------------------------------------------------

@@ -151,6 +151,10 @@ class ROME(EditMethod):
         """Lightning hook: build the caches before the first edit so edit timings exclude them."""
         self.prepare()
 
+    def context_tokens(self) -> int:
+        """The longest context template's generated tokens, plus its joining '. ' and a BOS."""
+        return max((length for length, _ in self.lengths), default=0) + 2
+
     def request_problem(self, req: EditRequest) -> str | None:
         """Also: the subject must tokenize the same inside every context template (its last token is k*'s site)."""
         problem = super().request_problem(req)
