@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kedit_pl"
 #: docs/architecture.md (change both together).
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "io", "digests", "config"),                                       # 0 leaves
-    ("hooks", "weights", "distributed", "run_folder", "runtime"),                # 1 restore contract, runtime
+    ("hooks", "weights", "distributed", "run_folder", "model_folder", "runtime"),  # 1 restore contract, runtime
     ("models", "data", "tokens"),                                                # 2 models, records, token batches
     ("kv", "eval", "locate"),                                                    # 3 shared machinery
     ("methods",),                                                                # 4 one module per method
