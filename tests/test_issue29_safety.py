@@ -101,7 +101,6 @@ def test_overwrite_moves_the_whole_earlier_run_aside(tmp_path, caplog):
     run_edit(edit_cfg(out / "x", *FT, "dataset.limit=1", "edit.save=patch"))  # (patches made elsewhere)
     (out / "x").rename(out / "old_patches")
     (out / "notes.txt").write_text("the user's notes")
-    (out / "csv" / "version_0").mkdir(parents=True, exist_ok=True)
     with caplog.at_level(logging.WARNING):
         s = run_edit(edit_cfg(out, "method=ft_l", "method.steps=1", "dataset.limit=1", "edit.save=patch",
                               "edit.overwrite=true"))
@@ -111,7 +110,8 @@ def test_overwrite_moves_the_whole_earlier_run_aside(tmp_path, caplog):
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
         ["csv", "metrics.png", "patches", "records.jsonl", "run.json", "summary.json"]
     assert [json.loads(p.read_text())["method"] for p in (out / "patches").glob("*.json")] == ["ft_l"]
-    assert not (out / "csv" / "version_0").exists() or len(list((out / "csv").iterdir())) == 1
+    assert [p.name for p in (out / "csv").iterdir()] == ["version_0"]  # the new run's logs only
+    assert (aside / "csv" / "version_0" / "metrics.csv").is_file()
     assert json.loads((aside / "run.json").read_text())["method"] == "ft"
     assert (aside / "notes.txt").read_text() == "the user's notes" and (aside / "model" / "config.json").is_file()
     assert (aside / "old_patches").is_dir()
