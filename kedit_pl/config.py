@@ -23,6 +23,16 @@ if not OmegaConf.has_resolver("kedit_root"):
 def compose(config_name: str = "edit", overrides: list[str] | None = None) -> DictConfig:
     """Compose a config the way the entry points do (for tests, notebooks and benches)."""
     from hydra import compose as _compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    from kedit_pl.errors import ConfigError
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return _compose(config_name=config_name, overrides=overrides or [], return_hydra_config=False)
+        try:
+            return _compose(config_name=config_name, overrides=overrides or [], return_hydra_config=False)
+        except MissingConfigException as e:  # Hydra's message is a page long; ours is the line edit.py would need
+            group, _, name = (e.missing_cfg_file or "").rpartition("/")
+            if not group or not e.options:
+                raise
+            raise ConfigError(f"{group}: no config {name!r} in {CONF_DIR / group} (available: "
+                              f"{', '.join(e.options)})") from None

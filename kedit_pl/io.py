@@ -182,3 +182,14 @@ def _jsonable(x: Any) -> Any:
     if hasattr(x, "item"):
         return x.item()
     raise TypeError(f"not JSON serializable: {type(x).__name__}")
+
+
+def folder_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be (or become) a folder: it, or a folder above it, is a file; None if it can."""
+    path = Path(path).expanduser()
+    for p in [path, *path.parents]:
+        if p.exists():
+            if p.is_dir():
+                return None
+            return f"{p} is a file, not a folder" if p == path else f"{p} (in {path}) is a file, not a folder"
+    return None

@@ -15,9 +15,10 @@ from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.data.datamodule import EditDataModule
+from kedit_pl.entry import Interrupted, TrialFailed, in_multirun, interrupts, kedit_cause, resume_command
 from kedit_pl.distributed import (check_request, collective_error, is_worker, launched_rank, requested_devices,
                                   stop_workers, strategy_for)
-from kedit_pl.errors import Collapsed, ConfigError, InvalidRecord, KEditError, RunFolderBusy
+from kedit_pl.errors import Collapsed, ConfigError, InvalidRecord, RunFolderBusy
 from kedit_pl.eval.callback import EditEvalCallback, new_invocation, read_done_records, wall_seconds
 from kedit_pl.eval.groups import CORE, build_groups
 from kedit_pl.eval.lifelong import LifelongCallback, plot_curves
@@ -239,19 +240,38 @@ def quiet_libraries() -> None:
 
 
 def cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run an entry point: user errors become one line on stderr, and a failed run leaves no files."""
+    """Run an entry point (kedit_pl/entry.py): user errors become one line on stderr (exit 2; in a sweep the trial
+    fails and the study goes on), an interruption says how to resume (exit 128 + signal), and a run that stops
+    without results leaves no files."""
     out = output_dir(cfg)
     quiet_libraries()
     try:
-        return fn(cfg)
-    except KEditError as e:
+        with interrupts():
+            return fn(cfg)
+    except Interrupted as e:
+        command = resume_command(cfg, out)
+        _clean_up(out)
+        print(f"error: interrupted ({e}); {f'resume with: {command}' if command else 'start it again'}",
+              file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except Exception as e:
+        user_error = kedit_cause(e)
+        if user_error is None:
+            raise
         worker = is_worker()
-        print(f"error: {f'[rank {launched_rank()}] ' if worker else ''}{e}", file=sys.stderr)
-        keep = worker or isinstance(e, RunFolderBusy) or result_files(out) or any((out / f).exists() for f in KEEP)
-        if out.exists() and not keep:  # nothing but Hydra's own files: leave nothing behind
-            logging.shutdown()
-            shutil.rmtree(out, ignore_errors=True)
+        print(f"error: {f'[rank {launched_rank()}] ' if worker else ''}{user_error}", file=sys.stderr)
+        _clean_up(out, owned=not (worker or isinstance(user_error, RunFolderBusy)))
+        if in_multirun():  # the sweeper records the failed trial, with this reason, and goes on
+            raise TrialFailed(str(user_error)) from None
         sys.exit(2)
+
+
+def _clean_up(out: Path, owned: bool = True) -> None:
+    """Remove a stopped run's folder when it holds nothing but Hydra's own files (no results a resume continues)
+    and is ours to remove (`owned=False`: another live process's folder, or a DDP rank's)."""
+    if owned and out.exists() and not result_files(out) and not any((out / f).exists() for f in KEEP):
+        logging.shutdown()
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:
