@@ -15,9 +15,24 @@ warnings.filterwarnings("ignore", message=r"\n?'hydra/launcher/\w+' is validated
                         category=UserWarning)
 import kedit_pl.models.infer  # noqa: E402,F401  (registers ${kedit_hf_arch:...} and friends for conf/model/hf.yaml)
 
-if not OmegaConf.has_resolver("kedit_root"):
-    # ${kedit_root:} -> the repository root, so data paths work from any working directory
-    OmegaConf.register_new_resolver("kedit_root", lambda: str(REPO_ROOT))
+
+
+def layer_at(fraction: float, n_layers: int) -> int:
+    """The layer at `fraction` of a model's depth (0: the first, 1: the last): search spaces that follow the model."""
+    if not 0 <= float(fraction) <= 1 or int(n_layers) < 1:
+        raise ValueError(f"kedit_layer: expected a fraction in [0, 1] and a layer count >= 1, got {fraction}, {n_layers}")
+    return round(float(fraction) * (int(n_layers) - 1))
+
+
+def layer_window(top: int, width: int) -> list[int]:
+    """The `width` consecutive layers ending at `top` (MEMIT's range R), cut at layer 0."""
+    return list(range(max(0, int(top) - int(width) + 1), int(top) + 1))
+
+
+for _name, _fn in (("kedit_root", lambda: str(REPO_ROOT)),  # the repository root: data paths work from anywhere
+                   ("kedit_layer", layer_at), ("kedit_layer_window", layer_window)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
 
 
 def compose(config_name: str = "edit", overrides: list[str] | None = None) -> DictConfig:

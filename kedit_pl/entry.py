@@ -83,10 +83,11 @@ def resume_command(cfg: DictConfig, out: Path) -> str | None:
     flag = RESUME_FLAG.get(str(cfg.get("task")))
     if flag is None:
         return None
-    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else f"{cfg.task}.py"
-    head = ["python", script] if script.endswith(".py") else [script]
+    script = f"{cfg.task}.py"
+    if sys.argv and Path(sys.argv[0]).name == script:
+        script = sys.argv[0]  # as it was started (another working directory: its path)
     kept = [o for o in _task_overrides() if o.split("=", 1)[0].lstrip("+~") not in RESUME_DROPS]
-    return shlex.join(head + kept + [f"{flag}=true", f"hydra.run.dir={out}"])
+    return shlex.join(["python", script, *kept, f"{flag}=true", f"hydra.run.dir={out}"])
 
 
 def _task_overrides() -> list[str]:

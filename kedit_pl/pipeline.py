@@ -39,19 +39,24 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir)
 
 
-def build_method(cfg: DictConfig, loaded=None) -> EditMethod:
-    """Load the model and instantiate the method class named by `method._target_` around it."""
-    from kedit_pl.models.load import load_model
-
-    loaded = loaded or load_model(cfg.model)
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in ("_target_",)}
+def method_class(cfg: DictConfig) -> type[EditMethod]:
+    """The class named by `method._target_` (imported, not instantiated)."""
     target = cfg.method.get("_target_")
     if not target:
         raise ConfigError(f"method '{cfg.method.get('name')}': config has no _target_ class")
     try:
-        cls = hydra.utils.get_class(target)
+        return hydra.utils.get_class(target)
     except Exception as e:
         raise ConfigError(f"method._target_: cannot import {target!r} ({e})") from None
+
+
+def build_method(cfg: DictConfig, loaded=None) -> EditMethod:
+    """Load the model and instantiate the method class named by `method._target_` around it."""
+    from kedit_pl.models.load import load_model
+
+    cls = method_class(cfg)
+    loaded = loaded or load_model(cfg.model)
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in ("_target_",)}
     try:
         return cls(model=loaded.model, tokenizer=loaded.tokenizer, spec=loaded.spec, **kwargs)
     except TypeError as e:
@@ -119,7 +124,8 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
 def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> dict[str, Any]:
     started = time.perf_counter()  # the wall time covers loading, locating (KN) and pre-scoring too
     out = output_dir(cfg)
-    state = resume_point(out) if cfg.edit.resume and mode == "sequential" else None  # records.jsonl cut to it
+    resume_sequential = cfg.edit.resume and mode == "sequential"
+    state = resume_point(out, method_class(cfg)) if resume_sequential else None  # records.jsonl cut to it
     done_ids = {d["case_id"] for d in read_done_records(out)} if cfg.edit.resume else set()
     dm = EditDataModule(cfg.dataset, edit_batch_size=batch_size, exclude_ids=done_ids, seed=cfg.seed)
     dm.prepare_requests()  # fail on bad data before loading anything heavy
@@ -260,9 +266,10 @@ def cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
             raise
         worker = is_worker()
         print(f"error: {f'[rank {launched_rank()}] ' if worker else ''}{user_error}", file=sys.stderr)
-        _clean_up(out, owned=not (worker or isinstance(user_error, RunFolderBusy)))
-        if in_multirun():  # the sweeper records the failed trial, with this reason, and goes on
+        if in_multirun():  # the sweeper records the failed trial and goes on; its folder keeps the reason
+            log.error("trial failed: %s", user_error)
             raise TrialFailed(str(user_error)) from None
+        _clean_up(out, owned=not (worker or isinstance(user_error, RunFolderBusy)))
         sys.exit(2)
 
 
