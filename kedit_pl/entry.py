@@ -33,8 +33,8 @@ class Interrupted(BaseException):
 
 
 class TrialFailed(Exception):
-    """A sweep trial ended with a user error: raised (not exit 2) so the launcher returns it to the sweeper, which
-    records the trial as failed with this message and goes on (`hydra.sweeper.max_failure_rate`)."""
+    """A sweep trial ended with a user error: raised (not exit 2) so the launcher returns it to a sweeper that
+    tolerates failures (`in_tolerant_sweep`), which records the trial as failed with this message and goes on."""
 
 
 def kedit_cause(e: BaseException) -> KEditError | None:
@@ -96,12 +96,15 @@ def _task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def in_multirun() -> bool:
-    """True inside a trial of a Hydra sweep (`-m` or an hparams_search config)."""
+def in_tolerant_sweep() -> bool:
+    """True inside a trial of a sweep whose sweeper records failed trials and goes on (`max_failure_rate` > 0:
+    the Optuna sweeper of conf/hparams_search). Hydra's basic sweeper (`-m a=1,2`) stops at a failed job."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    return float(HydraConfig.get().sweeper.get("max_failure_rate") or 0) > 0
 
 
 class CheckOutputFolder(Callback):

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.data.datamodule import EditDataModule
-from kedit_pl.entry import Interrupted, TrialFailed, in_multirun, interrupts, kedit_cause, resume_command
+from kedit_pl.entry import Interrupted, TrialFailed, in_tolerant_sweep, interrupts, kedit_cause, resume_command
 from kedit_pl.distributed import (check_request, collective_error, is_worker, launched_rank, requested_devices,
                                   stop_workers, strategy_for)
 from kedit_pl.errors import Collapsed, ConfigError, InvalidRecord, RunFolderBusy
@@ -266,7 +266,7 @@ def cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
             raise
         worker = is_worker()
         print(f"error: {f'[rank {launched_rank()}] ' if worker else ''}{user_error}", file=sys.stderr)
-        if in_multirun():  # the sweeper records the failed trial and goes on; its folder keeps the reason
+        if in_tolerant_sweep():  # the sweeper records the failed trial and goes on; its folder keeps the reason
             log.error("trial failed: %s", user_error)
             raise TrialFailed(str(user_error)) from None
         _clean_up(out, owned=not (worker or isinstance(user_error, RunFolderBusy)))

@@ -180,7 +180,7 @@ def test_ctrl_c_on_edit_py_prints_a_resume_command_that_finishes_the_run(tmp_pat
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err
     (line,) = [x for x in err.splitlines() if x.startswith("error:")]
-    assert line.startswith("error: interrupted (SIGINT); resume with: python edit.py ")
+    assert line.startswith(f"error: interrupted (SIGINT); resume with: python {REPO_ROOT / 'edit.py'} ")
     command = line.split("resume with: ", 1)[1]
     assert command.endswith(f"edit.resume=true hydra.run.dir={run}") and "method.steps=30" in command
     done = records.read_text().count("\n")
