@@ -38,12 +38,16 @@ class TrialFailed(Exception):
 
 
 def kedit_cause(e: BaseException) -> KEditError | None:
-    """`e` itself, or the KEditError it wraps: a resolver's ConfigError reaches us inside OmegaConf's
-    InterpolationResolutionError (its `__context__`, as OmegaConf drops `__cause__`)."""
+    """`e` itself, or the KEditError that an OmegaConf error wraps: a resolver's ConfigError reaches us inside
+    InterpolationResolutionError (as its `__context__`: OmegaConf drops `__cause__`). Other exceptions: None."""
+    from omegaconf.errors import OmegaConfBaseException
+
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, KEditError):
             return e
+        if not isinstance(e, OmegaConfBaseException):
+            return None
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None

@@ -27,7 +27,7 @@ from kedit_pl.io import read_json, write_json
 from kedit_pl.methods.base import EditMethod
 from kedit_pl.run_folder import RunFolder, result_files, run_identity
 from kedit_pl.sequential_state import SequentialCheckpoint, resume_point
-from kedit_pl.validate import validate_edit_config, validate_processes
+from kedit_pl.validate import validate_cache_folders, validate_edit_config, validate_processes
 from kedit_pl.persist import edit_hooks, finish_hooks
 
 log = logging.getLogger("kedit_pl")
@@ -253,10 +253,11 @@ def cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     quiet_libraries()
     try:
         with interrupts():
+            validate_cache_folders(cfg)  # every entry point (edit.py also checks it in run_edit)
             return fn(cfg)
     except Interrupted as e:
         command = resume_command(cfg, out)
-        _clean_up(out)
+        _clean_up(out, owned=not is_worker())
         print(f"error: interrupted ({e}); {f'resume with: {command}' if command else 'start it again'}",
               file=sys.stderr)
         sys.exit(128 + e.signum)
