@@ -5,18 +5,23 @@
 Every folder given is searched recursively for `summary.json` files written by edit.py. Config values that
 differ between the runs (an Optuna sweep's trial parameters, a multirun's overrides) become columns, read from
 each run's `.hydra/config.yaml` (else the method config in summary.json). Rows are sorted by the optimized metric
-(`--sort`, default: the runs' `optimized_metric`, e.g. post/score), best first.
+(`--sort`, default: the runs' `optimized_metric`, e.g. post/score), best first. A summary.json that cannot be read
+(cut short, not a summary) is left out with a warning naming it; when none can be read: one line, exit 2.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from kedit_pl.errors import ConfigError, DamagedFile, KEditError
 from kedit_pl.io import atomic_path, read_json, write_text
+
+log = logging.getLogger(__name__)
 
 METRICS = ("es", "ps", "ns", "score")
 #: token accuracies: on zsRE the efficacy / generalization / specificity of the MEND and MEMIT papers
@@ -44,8 +49,23 @@ def find_summaries(dirs: list[str | Path]) -> list[Path]:
     return found
 
 
-def row(path: Path) -> dict[str, Any]:
-    s = read_json(path)
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """A run's summary.json, or None with a warning naming the file when it is unreadable or not a summary (a
+    run killed while writing it, a stray file): that run is left out of the comparison."""
+    try:
+        s = read_json(path)
+    except (OSError, ValueError) as e:
+        log.warning("compare: skipping %s: unreadable (%s)", path, str(e).splitlines()[0])
+        return None
+    if not isinstance(s, dict) or not isinstance(s.get("run", {}), dict):
+        log.warning("compare: skipping %s: not a summary written by edit.py (holds a JSON %s)", path,
+                    type(s).__name__ if not isinstance(s, dict) else "object without a 'run' object")
+        return None
+    return s
+
+
+def row(path: Path, s: dict[str, Any] | None = None) -> dict[str, Any]:
+    s = read_json(path) if s is None else s
     run = s.get("run", {})
     r: dict[str, Any] = {k: run.get(k, "") for k in ("method", "model", "dataset", "mode")}
     r["n"] = int(s.get("timing", {}).get("n_edits", 0))
@@ -176,8 +196,12 @@ def bar_chart(rows: list[dict], path: Path) -> Path:
 def compare(dirs: list[str | Path], out: Path, sort: str | None = None) -> list[dict]:
     paths = find_summaries(dirs)
     if not paths:
-        raise SystemExit(f"error: no summary.json under {', '.join(map(str, dirs))}")
-    rows = [row(p) for p in paths]
+        raise ConfigError(f"compare: no summary.json under {', '.join(map(str, dirs))}")
+    summaries = {p: s for p in paths if (s := read_summary(p)) is not None}
+    if not summaries:
+        raise DamagedFile(f"compare: none of the {len(paths)} summary.json file(s) under {', '.join(map(str, dirs))} "
+                          f"can be read (first: {paths[0]}); nothing to compare")
+    rows = [row(p, s) for p, s in summaries.items()]
     rows.sort(key=sort_key(sort or optimized_metric(rows)))
     write_text(out / "comparison.md", markdown(rows))
     write_text(out / "comparison.csv", to_csv(rows))
@@ -193,7 +217,12 @@ def main(argv: list[str] | None = None) -> None:
                                                  "optimized_metric)")
     args = ap.parse_args(argv)
     out = args.out or Path(args.dirs[0])
-    rows = compare(args.dirs, out, args.sort)
+    logging.basicConfig(format="%(levelname)s: %(message)s")
+    try:
+        rows = compare(args.dirs, out, args.sort)
+    except KEditError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     sys.stdout.write(markdown(rows))
     print(f"\nwrote {out / 'comparison.md'}, comparison.csv, comparison.png")
 

@@ -61,18 +61,40 @@ def missing_data(field: str, path: str | Path) -> str:
     return f"{field}: file not found: {path} ({why}; or point {field}=FILE at a file)"
 
 
-if not OmegaConf.has_resolver("kedit_root"):
-    # ${kedit_root:} -> the repository root (installed: the working directory), so paths work from anywhere
-    OmegaConf.register_new_resolver("kedit_root", lambda: str(REPO_ROOT))
-if not OmegaConf.has_resolver("kedit_data_dir"):
-    # ${kedit_data_dir:} -> data_dir()
-    OmegaConf.register_new_resolver("kedit_data_dir", data_dir)
+def layer_at(fraction: float, n_layers: int) -> int:
+    """The layer at `fraction` of a model's depth (0: the first, 1: the last): search spaces that follow the model."""
+    if not 0 <= float(fraction) <= 1 or int(n_layers) < 1:
+        raise ValueError(f"kedit_layer: expected a fraction in [0, 1] and a layer count >= 1, got {fraction}, {n_layers}")
+    return round(float(fraction) * (int(n_layers) - 1))
+
+
+def layer_window(top: int, width: int) -> list[int]:
+    """The `width` consecutive layers ending at `top` (MEMIT's range R), cut at layer 0."""
+    return list(range(max(0, int(top) - int(width) + 1), int(top) + 1))
+
+
+# ${kedit_root:} -> the repository root (installed: the working directory), so paths work from anywhere;
+# ${kedit_data_dir:} -> data_dir(); ${kedit_layer:f,n} and ${kedit_layer_window:top,w}: search spaces that follow the model
+for _name, _fn in (("kedit_root", lambda: str(REPO_ROOT)), ("kedit_data_dir", data_dir),
+                   ("kedit_layer", layer_at), ("kedit_layer_window", layer_window)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
 
 
 def compose(config_name: str = "edit", overrides: list[str] | None = None) -> DictConfig:
     """Compose a config the way the entry points do (for tests, notebooks and benches). conf/model/hf.yaml's
     resolvers are registered by kedit_pl.models.resolvers (imported wherever a model loads)."""
     from hydra import compose as _compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    from kedit_pl.errors import ConfigError
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return _compose(config_name=config_name, overrides=overrides or [], return_hydra_config=False)
+        try:
+            return _compose(config_name=config_name, overrides=overrides or [], return_hydra_config=False)
+        except MissingConfigException as e:  # Hydra's message is a page long; ours is the line edit.py would need
+            group, _, name = (e.missing_cfg_file or "").rpartition("/")
+            if not group or not e.options:
+                raise
+            raise ConfigError(f"{group}: no config {name!r} in {CONF_DIR / group} (available: "
+                              f"{', '.join(e.options)})") from None

@@ -216,3 +216,14 @@ def cache_root(root: str | os.PathLike, what: str) -> Path:
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
+
+
+def folder_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be (or become) a folder: it, or a folder above it, is a file; None if it can."""
+    path = Path(path).expanduser()
+    for p in [path, *path.parents]:
+        if p.exists():
+            if p.is_dir():
+                return None
+            return f"{p} is a file, not a folder" if p == path else f"{p} (in {path}) is a file, not a folder"
+    return None

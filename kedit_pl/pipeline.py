@@ -13,39 +13,47 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.data.datamodule import EditDataModule
+from kedit_pl.entry import Interrupted, TrialFailed, in_tolerant_sweep, interrupts, kedit_cause, resume_command
 from kedit_pl.distributed import (check_request, collective_error, is_worker, launched_rank, requested_devices,
-                                  stop_workers)
-from kedit_pl.errors import Collapsed, ConfigError, InvalidRecord, KEditError, RunFolderBusy
+                                  stop_workers, strategy_for)
+from kedit_pl.errors import Collapsed, ConfigError, InvalidRecord, RunFolderBusy
 from kedit_pl.eval.callback import EditEvalCallback, new_invocation, read_done_records, wall_seconds
 from kedit_pl.eval.groups import CORE, build_groups
 from kedit_pl.eval.lifelong import LifelongCallback, plot_curves
 from kedit_pl.eval.report import print_table
 from kedit_pl.io import read_json, write_json
 from kedit_pl.methods.base import EditMethod
+from kedit_pl.models.resolvers import register as register_model_resolvers
 from kedit_pl.run_folder import RunFolder, edit_batch_size, remove_failed_run, result_files, run_identity
 from kedit_pl.runtime import build_loggers, build_trainer, finish_loggers, output_dir  # noqa: F401  (re-exported)
 from kedit_pl.sequential_state import SequentialCheckpoint, resume_point
-from kedit_pl.validate import validate_edit_config, validate_processes
+from kedit_pl.validate import validate_cache_folders, validate_edit_config, validate_processes
 from kedit_pl.persist import edit_hooks, finish_hooks
 
 log = logging.getLogger("kedit_pl")
+register_model_resolvers()  # conf/model/hf.yaml resolves in cli() before any model loads
 #: train.py outputs a failed run must not delete
 KEEP = ("checkpoints", "editor", "train_summary.json")
+
+
+def method_class(cfg: DictConfig) -> type[EditMethod]:
+    """The class named by `method._target_` (imported, not instantiated)."""
+    target = cfg.method.get("_target_")
+    if not target:
+        raise ConfigError(f"method '{cfg.method.get('name')}': config has no _target_ class")
+    try:
+        return hydra.utils.get_class(target)
+    except Exception as e:
+        raise ConfigError(f"method._target_: cannot import {target!r} ({e})") from None
 
 
 def build_method(cfg: DictConfig, loaded=None) -> EditMethod:
     """Load the model and instantiate the method class named by `method._target_` around it."""
     from kedit_pl.models.load import load_model
 
+    cls = method_class(cfg)
     loaded = loaded or load_model(cfg.model)
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in ("_target_",)}
-    target = cfg.method.get("_target_")
-    if not target:
-        raise ConfigError(f"method '{cfg.method.get('name')}': config has no _target_ class")
-    try:
-        cls = hydra.utils.get_class(target)
-    except Exception as e:
-        raise ConfigError(f"method._target_: cannot import {target!r} ({e})") from None
     try:
         return cls(model=loaded.model, tokenizer=loaded.tokenizer, spec=loaded.spec, **kwargs)
     except TypeError as e:
@@ -89,7 +97,8 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
 def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> dict[str, Any]:
     started = time.perf_counter()  # the wall time covers loading, locating (KN) and pre-scoring too
     out = output_dir(cfg)
-    state = resume_point(out) if cfg.edit.resume and mode == "sequential" else None  # records.jsonl cut to it
+    resume_sequential = cfg.edit.resume and mode == "sequential"
+    state = resume_point(out, method_class(cfg)) if resume_sequential else None  # records.jsonl cut to it
     done_ids = {d["case_id"] for d in read_done_records(out)} if cfg.edit.resume else set()
     dm = EditDataModule(cfg.dataset, edit_batch_size=batch_size, exclude_ids=done_ids, seed=cfg.seed)
     dm.prepare_requests()  # fail on bad data before loading anything heavy
@@ -210,19 +219,40 @@ def quiet_libraries() -> None:
 
 
 def cli(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run an entry point: user errors become one line on stderr, and a failed run leaves no files."""
+    """Run an entry point (kedit_pl/entry.py): user errors become one line on stderr (exit 2; in a sweep the trial
+    fails and the study goes on), an interruption says how to resume (exit 128 + signal), and a run that stops
+    without results leaves no files."""
     out = output_dir(cfg)
     quiet_libraries()
     before = {p.name for p in out.iterdir()} if out.is_dir() else set()  # (Hydra's .hydra/ and log included)
     try:
-        return fn(cfg)
-    except KEditError as e:
+        with interrupts():
+            validate_cache_folders(cfg)  # every entry point (edit.py also checks it in run_edit)
+            return fn(cfg)
+    except Interrupted as e:
+        command = resume_command(cfg, out)
+        _clean_up(out, before, owned=not is_worker())
+        print(f"error: interrupted ({e}); {f'resume with: {command}' if command else 'start it again'}",
+              file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except Exception as e:
+        user_error = kedit_cause(e)
+        if user_error is None:
+            raise
         worker = is_worker()
-        print(f"error: {f'[rank {launched_rank()}] ' if worker else ''}{e}", file=sys.stderr)
-        keep = worker or isinstance(e, RunFolderBusy) or result_files(out) or any((out / f).exists() for f in KEEP)
-        if not keep:  # what this run made goes; a user's own files in the folder stay
-            remove_failed_run(out, before)
+        print(f"error: {f'[rank {launched_rank()}] ' if worker else ''}{user_error}", file=sys.stderr)
+        if in_tolerant_sweep():  # the sweeper records the failed trial and goes on; its folder keeps the reason
+            log.error("trial failed: %s", user_error)
+            raise TrialFailed(str(user_error)) from None
+        _clean_up(out, before, owned=not (worker or isinstance(user_error, RunFolderBusy)))
         sys.exit(2)
+
+
+def _clean_up(out: Path, before: set[str], owned: bool = True) -> None:
+    """Remove what a stopped run made when it wrote no results a resume continues and the folder is ours
+    (`owned=False`: another live process's folder, or a DDP rank's); a user's own files in the folder stay."""
+    if owned and out.exists() and not result_files(out) and not any((out / f).exists() for f in KEEP):
+        remove_failed_run(out, before)
 
 
 def run_train(cfg: DictConfig) -> dict[str, Any]:

@@ -9,7 +9,8 @@ start from the unedited model. After every batch `SequentialCheckpoint` therefor
 - the records edited so far (case_ids, in order), the batch count, the RNG states, and the lifelong protocol's
   state (rows, sample, start perplexity; its ‖ΔW‖ reference is the unedited model, loaded again).
 A resume (`resume_point`) reads it before any model loads (a damaged file is one line naming it) and keeps
-exactly the checkpoint's lines of records.jsonl (a batch cut off after its lines were written is redone). The
+exactly the checkpoint's lines of records.jsonl (a batch cut off after its lines were written is redone; a run
+cut off in its first batch has no checkpoint yet and starts again from the unedited model). The
 base model is loaded and prepared as usual (statistics, templates, pre-edit scores on the unedited weights);
 then the checkpoint's weights are written in, once the unedited ones are checked, and the run goes on with the
 next batch, bit for bit as if it had never stopped.
@@ -91,9 +92,11 @@ class SequentialState:
         return state
 
 
-def resume_point(out: Path) -> SequentialState | None:
-    """The checkpoint of the interrupted sequential run in `out` (None: no batch finished yet), with records.jsonl
-    cut back to the records it holds. A run that collapsed stays as it ended: `Collapsed` again, nothing done."""
+def resume_point(out: Path, method: type[EditMethod]) -> SequentialState | None:
+    """The checkpoint of the interrupted sequential run of `method` in `out`, with records.jsonl cut back to the
+    records it holds; None when no batch finished: records of a first batch cut off before its checkpoint are
+    removed, and the run starts again from the unedited model (loaded from its source: edits never reach it).
+    A run that collapsed stays as it ended: `Collapsed` again, nothing done."""
     summary = out / "summary.json"
     if summary.is_file():
         collapsed = (read_json(summary).get("lifelong") or {}).get("collapsed")
@@ -101,11 +104,7 @@ def resume_point(out: Path) -> SequentialState | None:
             raise Collapsed(f"edit.resume: the run in {out} ended with a {collapsed}")
     records, path = read_done_records(out), out / SEQUENTIAL_STATE
     if not path.is_file():
-        if records:
-            raise ConfigError(f"edit.resume: {out} holds sequential records but no {SEQUENTIAL_STATE} to continue "
-                              f"from (its method cannot checkpoint its state, or the run predates checkpoints); "
-                              f"rerun it with edit.overwrite=true")
-        return None
+        return _before_first_checkpoint(out, method, records)
     state = SequentialState.read(path)
     by_id = {str(d["case_id"]): d for d in records}
     missing = [i for i in state.edited if i not in by_id]
@@ -119,6 +118,24 @@ def resume_point(out: Path) -> SequentialState | None:
     log.info("edit.resume: continuing the sequential run in %s after %d batch(es), %d edit(s)", out, state.batches,
              len(state.edited))
     return state
+
+
+def _before_first_checkpoint(out: Path, method: type[EditMethod], records: list[dict]) -> None:
+    """`out` has no checkpoint: fine if no record or only the first batch's are there (that batch is redone)."""
+    if not records:
+        return None
+    if not method.sequential_resumable:
+        raise ConfigError(f"edit.resume: {method.__name__} cannot continue a sequential run (its state between "
+                          f"batches is not checkpointed); rerun it with edit.overwrite=true")
+    batches = sorted({d.get("batch") for d in records}, key=str)
+    if batches != [0]:
+        raise DamagedFile(f"edit.resume: {out / RECORDS_FILE} holds records of {len(batches)} sequential batches "
+                          f"but {out / SEQUENTIAL_STATE}, written after each batch, is missing; the edits cannot be "
+                          f"continued: rerun it with edit.overwrite=true")
+    log.warning("edit.resume: the run in %s was cut off in its first batch, before its first checkpoint; its %d "
+                "record(s) are redone from the unedited model", out, len(records))
+    (out / RECORDS_FILE).unlink()
+    return None
 
 
 class SequentialCheckpoint(L.Callback):

@@ -3,11 +3,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig
+import os
+
+from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.data.datamodule import parse_range
 from kedit_pl.errors import ConfigError
 from kedit_pl.eval.callback import MODES
+from kedit_pl.io import folder_problem
+
+#: the folders a run writes its caches into (model weights, statistics, pre-edit scores)
+CACHE_FOLDERS = ("paths.cache_dir", "model.cache_dir", "stats.cache_dir")
 
 
 def _positive_int(field: str, value: Any, allow_none: bool = False) -> None:
@@ -45,6 +51,18 @@ def validate_edit_config(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.ids: must be a non-empty list of case_ids or null, got {ids!r}")
     if d.get("on_invalid", "error") not in ("error", "skip"):
         raise ConfigError(f"dataset.on_invalid: must be 'error' or 'skip', got {d.get('on_invalid')!r}")
+    validate_cache_folders(cfg)
+
+
+def validate_cache_folders(cfg: DictConfig) -> None:
+    """Every cache folder of `CACHE_FOLDERS` that is set must be a folder or creatable as one."""
+    for field in CACHE_FOLDERS:
+        value = OmegaConf.select(cfg, field, default=None)
+        problem = folder_problem(value) if value else None
+        if problem:
+            env = os.environ.get("KEDIT_CACHE")
+            hint = f" (from KEDIT_CACHE={env})" if env and str(value).startswith(env) else ""
+            raise ConfigError(f"{field}: {problem}{hint}; point it at a folder")
 
 
 def validate_processes(cfg: DictConfig, n: int) -> None:

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kedit_pl"
 #: bottom up; a module belongs to the first entry that equals it or is a package above it. Same table as
 #: docs/architecture.md (change both together).
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "io", "digests", "config"),                                       # 0 leaves
+    ("errors", "io", "digests", "config", "entry"),                              # 0 leaves
     ("hooks", "weights", "distributed", "run_folder", "model_folder", "runtime"),  # 1 restore contract, runtime
     ("models", "data", "tokens"),                                                # 2 models, records, token batches
     ("kv", "eval", "locate"),                                                    # 3 shared machinery

@@ -54,16 +54,18 @@ def outcome(folder) -> tuple[list, list, dict[str, torch.Tensor]]:
     return numbers, rows, {k: v for k, v in tensors.items() if not k.startswith("rng/")}
 
 
-def assert_resumes_exactly(tmp_path, monkeypatch, method: str, cls: type, *extra: str) -> dict:
+def assert_resumes_exactly(tmp_path, monkeypatch, method: str, cls: type, *extra: str, cut_after: int = 2) -> dict:
+    """Kill a run in its batch after the first `cut_after`, after that batch's records were written; resume it."""
     args = settings(tmp_path, method, *extra)
     whole = run_edit(edit_cfg(tmp_path / "whole", *args))
-    kill_after(monkeypatch, cls, 2)
+    kill_after(monkeypatch, cls, cut_after)
     with pytest.raises(Killed):
         run_edit(edit_cfg(tmp_path / "cut", *args))
     cut = tmp_path / "cut" / "records.jsonl"
-    assert len(cut.read_text().splitlines()) == 2
+    assert len(cut.read_text().splitlines() if cut.exists() else []) == cut_after
+    assert (tmp_path / "cut" / SEQUENTIAL_STATE).exists() == (cut_after > 0)
     with cut.open("a") as f:  # as if killed after a batch's records were written, before its checkpoint
-        f.write((tmp_path / "whole" / "records.jsonl").read_text().splitlines()[2] + "\n")
+        f.write((tmp_path / "whole" / "records.jsonl").read_text().splitlines()[cut_after] + "\n")
     monkeypatch.undo()
     resumed = run_edit(edit_cfg(tmp_path / "cut", *args, "edit.resume=true"))
     (n1, rows1, t1), (n2, rows2, t2) = outcome(tmp_path / "whole"), outcome(tmp_path / "cut")
@@ -94,6 +96,13 @@ def test_interrupted_memit_run_resumes_bit_exact(tmp_path, monkeypatch):
                           "edit.resume=true"))
     with pytest.raises(ConfigError, match="edit.resume: this run differs.*lifelong.sample: 2 in the folder, 3 now"):
         run_edit(edit_cfg(folder, *settings(tmp_path, "memit", *extra), "edit.lifelong.sample=3", "edit.resume=true"))
+
+
+def test_run_cut_off_in_its_first_batch_starts_again_from_the_unedited_model(tmp_path, monkeypatch, caplog):
+    """No checkpoint yet, but the first batch's records: the batch is redone (issue 29; was refused, blaming MEMIT
+    for not checkpointing)."""
+    assert_resumes_exactly(tmp_path, monkeypatch, "memit", MEMIT, "method.z_cache=false", cut_after=0)
+    assert "cut off in its first batch, before its first checkpoint; its 1 record(s) are redone" in caplog.text
 
 
 def test_interrupted_alphaedit_run_resumes_with_its_accumulated_keys(tmp_path, monkeypatch):
@@ -131,9 +140,22 @@ def test_damaged_checkpoint_or_records_is_one_clear_error(tmp_path, monkeypatch)
         run_edit(edit_cfg(tmp_path, *args, "edit.resume=true"))
     path.write_bytes(good)
     records = tmp_path / "records.jsonl"
-    records.write_text(records.read_text().splitlines()[0] + "\n")  # a record the checkpoint holds is gone
+    lines = records.read_text()
+    records.write_text(lines.splitlines()[0] + "\n")  # a record the checkpoint holds is gone
     with pytest.raises(DamagedFile, match="records.jsonl lacks 1 record"):
         run_edit(edit_cfg(tmp_path, *args, "edit.resume=true"))
-    path.unlink()
-    with pytest.raises(ConfigError, match=f"holds sequential records but no {SEQUENTIAL_STATE}"):
+    records.write_text(lines)
+    path.unlink()  # two batches done, their checkpoint gone: the cause is named, not the method
+    with pytest.raises(DamagedFile, match=f"records of 2 sequential batches but {path}, written after each batch, "
+                                          f"is missing"):
         run_edit(edit_cfg(tmp_path, *args, "edit.resume=true"))
+
+
+def test_resume_of_a_method_that_cannot_checkpoint_names_the_method(tmp_path):
+    from kedit_pl.methods.serac.method import Serac
+    from kedit_pl.sequential_state import resume_point
+
+    (tmp_path / "records.jsonl").write_text(json.dumps({"case_id": "0", "batch": 0}) + "\n")
+    with pytest.raises(ConfigError, match="Serac cannot continue a sequential run .*not checkpointed"):
+        resume_point(tmp_path, Serac)
+    assert resume_point(tmp_path, MEMIT) is None and not (tmp_path / "records.jsonl").exists()
