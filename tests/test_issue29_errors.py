@@ -152,27 +152,32 @@ def test_compare_skips_unreadable_summaries_by_name_and_fails_in_one_line_when_n
 
 
 # --- interruptions -------------------------------------------------------------------------------------------
-def test_an_interrupt_says_so_and_how_to_resume(tmp_path, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_says_so_and_how_to_resume(tmp_path, capsys, signum):
     from tests.conftest import edit_cfg
     from kedit_pl.pipeline import cli
 
+    def unhandled(signum, frame):  # what reaches the test if cli does not handle the signal (was: exit 1, silent)
+        raise AssertionError(f"{signal.Signals(signum).name} was not handled")
+
     def interrupted_run(cfg):
         (tmp_path / "records.jsonl").write_text("{}\n")  # a result a resume continues
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signum)
         time.sleep(5)  # the signal arrives first
-        raise AssertionError("SIGINT did not stop the run")
+        raise AssertionError("the signal did not stop the run")
 
+    before = signal.signal(signum, unhandled)
     try:
-        cli(interrupted_run, edit_cfg(tmp_path))
-    except KeyboardInterrupt:  # (before issue 29: no message, and Lightning's exit 1)
-        pytest.fail("the interrupt escaped as a bare KeyboardInterrupt")
-    except SystemExit as e:
-        assert e.code == 130
+        with pytest.raises(SystemExit) as e:
+            cli(interrupted_run, edit_cfg(tmp_path))
+        assert signal.getsignal(signum) is unhandled  # the handler is put back
+    finally:
+        signal.signal(signum, before)
+    assert e.value.code == 128 + signum
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: interrupted (SIGINT); resume with: python ")
+    assert err.startswith(f"error: interrupted ({signal.Signals(signum).name}); resume with: python ")
     assert err.endswith(f"edit.resume=true hydra.run.dir={tmp_path}") and "\n" not in err
     assert (tmp_path / "records.jsonl").exists()  # kept for the resume
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
 
 
 @pytest.mark.slow  # two edit.py runs on tiny_llama: 20-40 s
