@@ -11,7 +11,7 @@ Two exact ways to get the numbers:
   position, so single-token targets need no second pass at all.
 `score_pairs` picks the second when the logits function says, per prompt, which model continues it from which
 ids (`prefixes`, see `PrefixFn`): the plain model (`ModelLogits`) from the prompt itself; SERAC routes by the
-prompt, so it can say so too (base model from the prompt, or counterfactual model from "[edit] [prompt]").
+prompt, so it can say so too (base model from the prompt, or counterfactual model from `[edit] [prompt]`).
 """
 from __future__ import annotations
 

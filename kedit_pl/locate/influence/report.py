@@ -1,6 +1,6 @@
 """The fact-tracing table of several influence runs (their influence_summary.json), beside FTRACE-TREx.
 
-    python -m kedit_pl.locate.influence.report RUN_DIR [RUN_DIR ...] [--out table.md]
+`python -m kedit_pl.locate.influence.report RUN_DIR [RUN_DIR ...] [--out table.md]`
 """
 from __future__ import annotations
 

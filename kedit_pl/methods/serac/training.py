@@ -2,7 +2,7 @@
 
 Scope classifier: binary cross-entropy over every (input, edit) pair of a batch; in scope: the edit's rewrite
 prompt and its paraphrases, out of scope: loc/neighborhood inputs and the other edits' inputs (hard negatives).
-Counterfactual model: NLL of the edit's target on its in-scope inputs, conditioned on the edit as "[edit] [input]".
+Counterfactual model: NLL of the edit's target on its in-scope inputs, conditioned on the edit as `[edit] [input]`.
 The two share no parameters, so one summed loss trains both exactly as the paper's two separate objectives.
 """
 from __future__ import annotations
