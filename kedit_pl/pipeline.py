@@ -35,6 +35,7 @@ KEEP = ("checkpoints", "editor", "train_summary.json")
 
 
 def output_dir(cfg: DictConfig) -> Path:
+    """The run's output folder (`paths.output_dir`, Hydra's run dir)."""
     return Path(cfg.paths.output_dir)
 
 
@@ -58,6 +59,7 @@ def build_method(cfg: DictConfig, loaded=None) -> EditMethod:
 
 
 def build_loggers(cfg: DictConfig) -> list:
+    """Instantiate every logger configured under `logger` (W&B, CSV, ...)."""
     loggers = []
     for name, lg_cfg in (cfg.get("logger") or {}).items():
         if lg_cfg is not None and "_target_" in lg_cfg:
@@ -73,6 +75,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
 
 
 def finish_loggers(loggers: list) -> None:
+    """Finalize the loggers, and close the W&B run if one was open."""
     for lg in loggers:
         lg.finalize("success")
     if any(type(lg).__name__ == "WandbLogger" for lg in loggers):

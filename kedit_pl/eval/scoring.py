@@ -33,11 +33,13 @@ GROUPS = ("rewrite", "paraphrase", "neighborhood")
 
 @dataclass(frozen=True)
 class TargetScore:
+    """Teacher-forced score of one target after one prompt."""
     nll: float  # mean per-token negative log-likelihood of the target
     acc: float  # fraction of target tokens that are the top-1 prediction (teacher forced)
 
 
 def group_prompts(req: EditRequest) -> dict[str, list[str]]:
+    """The record's CounterFact prompts by group: rewrite, paraphrase, neighborhood."""
     return {"rewrite": [req.rewrite], "paraphrase": list(req.paraphrases), "neighborhood": list(req.neighborhood)}
 
 

@@ -128,6 +128,7 @@ class Serac(SeracTraining, EditMethod):
         self.memory.remove(handle.entry_ids)
 
     def save_memory(self, path: str | Path | None = None) -> Path:
+        """Save the edit memory to `path` (default `method.memory_path`); returns where."""
         path = path or self.memory_path
         if not path:
             raise ConfigError("method.memory_path: no path to save the SERAC memory to")
