@@ -47,10 +47,12 @@ class AppliedEdit:
 
     @property
     def info(self) -> dict[str, Any]:
+        """Diagnostics the method reported for this edit (empty if it reported none)."""
         return self.handle.info if self.handle else {}
 
     @property
     def seconds(self) -> float:
+        """Seconds the edit took."""
         return self.handle.seconds if self.handle else 0.0
 
     def revert(self) -> None:
@@ -90,10 +92,12 @@ class Editor:
     # --- the live model ------------------------------------------------------------------------------
     @property
     def model(self) -> torch.nn.Module:
+        """The live Hugging Face model, with every edit still in place applied."""
         return self.method.model
 
     @property
     def tokenizer(self):
+        """The model's tokenizer."""
         return self.method.tok
 
     def generate(self, prompt: str, max_new_tokens: int = 20) -> str:

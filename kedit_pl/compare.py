@@ -39,6 +39,7 @@ UNDESCRIPTIVE = ("paths.", "logger.", "hydra.", "trainer.logger")
 
 
 def find_summaries(dirs: list[str | Path]) -> list[Path]:
+    """Every `summary.json` under the given run or multirun folders (or the files themselves), sorted per folder."""
     found = []
     for d in dirs:
         d = Path(d)
@@ -65,6 +66,8 @@ def read_summary(path: Path) -> dict[str, Any] | None:
 
 
 def row(path: Path, s: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One table row from a `summary.json`: run identity, record count, pre/post metrics, timing and the run's
+    config (where swept values come from)."""
     s = read_json(path) if s is None else s
     run = s.get("run", {})
     r: dict[str, Any] = {k: run.get(k, "") for k in ("method", "model", "dataset", "mode")}
@@ -117,6 +120,7 @@ def columns(rows: list[dict]) -> list[str]:
 
 
 def cell(r: dict, c: str) -> Any:
+    """Value of column `c` in a row: a metric or identity field, else a config value."""
     return r[c] if c in r else r["config"].get(c)
 
 
@@ -153,6 +157,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def to_csv(rows: list[dict]) -> str:
+    """The rows as CSV text, one column per metric and swept value."""
     buf = io.StringIO()
     cols = columns(rows)
     w = csv.DictWriter(buf, fieldnames=cols)
@@ -194,6 +199,8 @@ def bar_chart(rows: list[dict], path: Path) -> Path:
 
 
 def compare(dirs: list[str | Path], out: Path, sort: str | None = None) -> list[dict]:
+    """Write `comparison.md`, `comparison.csv` and `comparison.png` of the runs under `dirs` into `out`; returns
+    the rows, best first."""
     paths = find_summaries(dirs)
     if not paths:
         raise ConfigError(f"compare: no summary.json under {', '.join(map(str, dirs))}")
@@ -210,6 +217,7 @@ def compare(dirs: list[str | Path], out: Path, sort: str | None = None) -> list[
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m kedit_pl.compare RUN_DIR... [--out DIR] [--sort METRIC]`."""
     ap = argparse.ArgumentParser(prog="python -m kedit_pl.compare", description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", help="run or multirun folders holding summary.json files")
     ap.add_argument("--out", type=Path, default=None, help="where to write comparison.{md,csv,png} (default: first folder)")

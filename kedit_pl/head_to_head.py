@@ -218,6 +218,8 @@ def tradeoff_chart(rows: list[dict], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m kedit_pl.head_to_head [overrides]`: run every method, then write the comparison; exits 2 on a
+    bad config."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         result = run_head_to_head(list(sys.argv[1:] if argv is None else argv))

@@ -43,15 +43,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically: readers see the old file or the new one."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` atomically."""
     write_text(path, json.dumps(obj, indent=2, default=jsonable) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file."""
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
@@ -128,6 +131,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
 
 def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file into tensors on `device` (no digest check; see `read_cache`)."""
     return load_file(str(path), device=device)
 
 

@@ -58,9 +58,11 @@ class Patch:
 
     @property
     def params(self) -> list[str]:
+        """Names of the parameters this patch changes."""
         return list(self.meta["params"])
 
     def nbytes(self) -> int:
+        """Bytes of tensor data the patch holds (factors and fixups)."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
@@ -311,6 +313,7 @@ def _list(paths: list[Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m kedit_pl.patch list|apply|revert PATCH...`; returns the exit status."""
     ap = argparse.ArgumentParser(prog="python -m kedit_pl.patch", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     ls = sub.add_parser("list", help="show what each patch edits")

@@ -193,7 +193,7 @@ def lifelong_callback(cfg: DictConfig, out: Path) -> LifelongCallback | None:
 
 
 def metric_value(summary: dict[str, Any], path: str) -> float | None:
-    """'post/score' -> summary['post']['score'] (what a sweep maximizes); None, with a warning, if absent (and
+    """'post/score' -> `summary['post']['score']` (what a sweep maximizes); None, with a warning, if absent (and
     quietly for a DDP rank > 0, which writes no summary)."""
     if is_worker():
         return None

@@ -157,6 +157,7 @@ class RunFolder:
         self._fd: int | None = None
 
     def results(self) -> list[str]:
+        """Result files already in the folder (`records.jsonl`, `summary.json`, ...)."""
         return result_files(self.path)
 
     def __enter__(self) -> "RunFolder":

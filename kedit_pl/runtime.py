@@ -2,11 +2,12 @@
 the teaching run of locate/influence/teach.py, which sits below the pipeline)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from omegaconf import DictConfig
 
 from kedit_pl.distributed import strategy_for
@@ -29,8 +30,16 @@ def build_loggers(cfg: DictConfig) -> list:
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     """The Trainer of `cfg.trainer`. The data module chooses each DDP rank's share itself (the same batches as one
     process), so Lightning's DistributedSampler stays out."""
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks + [RichProgressBar()], logger=loggers or False,
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks + progress_bar(), logger=loggers or False,
                                    strategy=strategy_for(cfg.trainer), use_distributed_sampler=False)
+
+
+def progress_bar() -> list:
+    """Rich's progress bar, except in a Jupyter kernel, which gets tqdm's: rich's live display redirects stdout
+    there, and a print during a run (the results table) recursed until Python gave up."""
+    ipython = sys.modules.get("IPython")
+    in_kernel = ipython is not None and hasattr(ipython.get_ipython(), "kernel")
+    return [TQDMProgressBar() if in_kernel else RichProgressBar()]
 
 
 def finish_loggers(loggers: list) -> None:

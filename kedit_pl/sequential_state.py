@@ -62,6 +62,7 @@ class SequentialState:
     python_rng: list | None = None
 
     def save(self, path: str | Path) -> None:
+        """Write the state's tensors and fields to `path` with digests of both, atomically."""
         tensors = {prefix + k: v for prefix, part in self._tensors().items() for k, v in part.items()}
         info = {k: getattr(self, k) for k in JSON_FIELDS}
         save_tensors(path, tensors,

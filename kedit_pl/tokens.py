@@ -28,6 +28,7 @@ def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str) -> list[int]:
 
 
 def pad_id(tok: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's padding id: its pad token, else its EOS token, else 0."""
     return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
 
@@ -42,9 +43,11 @@ class TargetBatch:
 
     @property
     def target_mask(self) -> torch.Tensor:
+        """True at the positions whose label is a target token."""
         return self.labels != -100
 
     def to(self, device: torch.device | str) -> "TargetBatch":
+        """The same batch with its tensors on `device`."""
         return TargetBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
                            self.prompt_lengths)
 

@@ -15,6 +15,7 @@ from kedit_pl.pipeline import cli, metric_value, run_edit
 
 @hydra.main(config_path=CONFIG_PATH, config_name="edit", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    """Hydra entry point of `kedit-edit` / `edit.py`: run the edit job; return the optimized metric (sweeps)."""
     summary = cli(run_edit, cfg)
     return metric_value(summary, cfg.optimized_metric)
 

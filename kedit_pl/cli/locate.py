@@ -19,6 +19,7 @@ from kedit_pl.pipeline import cli
 
 @hydra.main(config_path=CONFIG_PATH, config_name="locate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    """Hydra entry point of `kedit-locate` / `locate.py`: run a locating job."""
     cli(run_locate, cfg)
 
 

@@ -22,6 +22,7 @@ def alias_args(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    """Entry point of `kedit-trace` / `trace.py`: `kedit-locate locate=causal_trace` with `trace.X` as `locate.X`."""
     sys.argv = [sys.argv[0]] + alias_args(sys.argv[1:])
     locate_main()
 

@@ -13,6 +13,7 @@ from kedit_pl.pipeline import cli, run_train
 
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point of `kedit-train` / `train.py`: train a learned editor."""
     result = cli(run_train, cfg)
     return result.get("best_score")
 

@@ -1,0 +1,1 @@
+"""Edit requests (`EditRequest`), dataset readers and selection, and the Lightning data module."""

@@ -146,6 +146,7 @@ class EditDataModule(L.LightningDataModule):
         self.shared_batches = False  # DDP: every rank gets every edit batch (EditMethod.can_share_batches)
 
     def prepare_requests(self) -> list[EditRequest]:
+        """Read, validate and select the records (with probe fields merged in); returns the chosen requests."""
         c = self.cfg
         all_reqs, self.invalid = load_split_and_skips(c["path"], c.get("format", "counterfact"),
                                                       c.get("on_invalid", "error"), "summary.json (run.skipped)")

@@ -79,6 +79,7 @@ READERS: dict[str, Reader] = {
 
 
 def read_json_records(path: str | Path) -> list[dict]:
+    """The list of records in a JSON file; a missing or malformed file is a one-line `ConfigError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(missing_data("dataset.path", path))

@@ -5,7 +5,7 @@ tokens. Every row generates exactly `max_new_tokens` tokens (no stop at EOS), as
 Generations always come from the edited system, never from a bypassed base model: each prompt is continued by
 the model and ids that the method's `logits_fn.prefixes` routes it to (a weight editor: its own model and the
 prompt; SERAC: by the prompt, as its paper routes an input, the base model or the counterfactual model reading
-"[edit] [prompt]"), with that model's cache. A `logits_fn` without `prefixes` is generated through itself, one
+`[edit] [prompt]`), with that model's cache. A `logits_fn` without `prefixes` is generated through itself, one
 full forward per token.
 """
 from __future__ import annotations

@@ -47,6 +47,7 @@ class LifelongConfig:
 
     @classmethod
     def from_any(cls, cfg: "LifelongConfig | Mapping[str, Any] | None") -> "LifelongConfig":
+        """Build from a config mapping (or pass one through); an unknown field is a `ConfigError`."""
         if isinstance(cfg, LifelongConfig):
             return cfg
         cfg = dict(cfg or {})
@@ -161,6 +162,7 @@ class LifelongCallback(L.Callback):
         self._written = len(self.rows)
 
     def summary(self) -> dict[str, Any]:
+        """What `summary.json` keeps of the study: start perplexity, collapse, cadence, sample size, the rows."""
         return {"start_perplexity": self.start_ppl, "collapsed": self.collapse, "every": self.cfg.every,
                 "sample": len(self.sample_ids), "rows": self.rows}
 

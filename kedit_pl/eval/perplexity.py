@@ -24,6 +24,7 @@ _DETOK = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" , ", ", "), (" . ",
 
 
 def detokenize_wikitext(text: str) -> str:
+    """Undo WikiText's tokenization spacing (` @-@ `, ` , `, ...) so the model reads ordinary text."""
     for a, b in _DETOK:
         text = text.replace(a, b)
     return re.sub(r"[ \t]+", " ", text)

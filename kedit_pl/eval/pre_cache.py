@@ -59,6 +59,8 @@ class PreCache:
         self.tok_digest = tokenizer_digest(tok)
 
     def folder(self, settings: dict[str, Any]) -> Path:
+        """The cache folder for one kind of measurement: the weights digest and a digest of the settings, tokenizer
+        and dtype."""
         key = _digest({"version": SCORING_VERSION, "tokenizer": self.tok_digest, "settings": settings,
                        "dtype": str(next(self.model.parameters()).dtype)})
         return self.root / f"{self.weights}_{key[:16]}"

@@ -12,6 +12,7 @@ GROUPS = ("pre", "post", "final")
 
 
 def write_summary_files(out_dir: str | Path, summary: dict[str, Any]) -> dict[str, Path]:
+    """Write `summary.json`, `metrics.png` and (sequential runs) `retention.png`; returns their paths."""
     out = Path(out_dir)
     paths = {"summary": out / "summary.json"}
     write_json(paths["summary"], summary)

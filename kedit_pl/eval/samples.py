@@ -12,6 +12,7 @@ COLUMNS = ["case_id", "prompt_kind", "prompt", "target_true", "target_new", "bef
 
 
 def sample_prompts(req: EditRequest) -> dict[str, str]:
+    """The prompts generated from for a record's samples: its rewrite and its first neighbourhood prompt."""
     out = {"rewrite": req.rewrite}
     if req.neighborhood:
         out["neighborhood"] = req.neighborhood[0]
@@ -43,6 +44,7 @@ def sample_rows(done: list[dict]) -> list[list[str]]:
 
 
 def samples_markdown(rows: list[list[str]], title: str = "") -> str:
+    """The before/after generations of the sampled records as Markdown."""
     lines = [f"# Generations before and after editing{' · ' + title if title else ''}", ""]
     for case_id, kind, prompt, true, new, before, after in rows:
         lines += [f"## case {case_id} · {kind} prompt · {true} → {new}", "", f"**Prompt:** {prompt}", "",
@@ -55,6 +57,7 @@ def _md(text: str) -> str:
 
 
 def write_samples(out_dir: Path, rows: list[list[str]], loggers: list, title: str = "") -> Path | None:
+    """Write `samples.md` and log the table to the loggers that take tables; None if there are no rows."""
     if not rows:
         return None
     path = Path(out_dir) / "samples.md"

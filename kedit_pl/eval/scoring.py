@@ -11,7 +11,7 @@ Two exact ways to get the numbers:
   position, so single-token targets need no second pass at all.
 `score_pairs` picks the second when the logits function says, per prompt, which model continues it from which
 ids (`prefixes`, see `PrefixFn`): the plain model (`ModelLogits`) from the prompt itself; SERAC routes by the
-prompt, so it can say so too (base model from the prompt, or counterfactual model from "[edit] [prompt]").
+prompt, so it can say so too (base model from the prompt, or counterfactual model from `[edit] [prompt]`).
 """
 from __future__ import annotations
 
@@ -33,11 +33,13 @@ GROUPS = ("rewrite", "paraphrase", "neighborhood")
 
 @dataclass(frozen=True)
 class TargetScore:
+    """Teacher-forced score of one target after one prompt."""
     nll: float  # mean per-token negative log-likelihood of the target
     acc: float  # fraction of target tokens that are the top-1 prediction (teacher forced)
 
 
 def group_prompts(req: EditRequest) -> dict[str, list[str]]:
+    """The record's CounterFact prompts by group: rewrite, paraphrase, neighborhood."""
     return {"rewrite": [req.rewrite], "paraphrase": list(req.paraphrases), "neighborhood": list(req.neighborhood)}
 
 

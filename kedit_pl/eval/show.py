@@ -25,6 +25,7 @@ class EditShow:
         return out
 
     def before(self, method, requests: list[EditRequest]) -> None:
+        """Generate from the first k records' prompts on the unedited model."""
         for req in requests[: self.k]:
             self.rows[req.case_id] = {"req": req, "gen": {
                 kind: [p, greedy_generate(method, [p], self.n, stop_at_eos=True)[0], None]
@@ -38,6 +39,7 @@ class EditShow:
                     entry[2] = greedy_generate(method, [entry[0]], self.n, stop_at_eos=True)[0]
 
     def print(self, console: Console | None = None) -> None:
+        """Print the before/after generations as a table."""
         if not self.rows:
             return
         table = Table(title=f"edit.show: first {len(self.rows)} record(s), greedy generations", show_lines=True)

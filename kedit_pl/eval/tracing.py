@@ -13,6 +13,7 @@ from typing import Collection, Iterable, Sequence
 
 
 def reciprocal_rank(ranked: Sequence, relevant: Collection) -> float:
+    """1 / rank of the first relevant item in `ranked` (0 if none is)."""
     for i, x in enumerate(ranked):
         if x in relevant:
             return 1.0 / (i + 1)
@@ -20,14 +21,17 @@ def reciprocal_rank(ranked: Sequence, relevant: Collection) -> float:
 
 
 def precision_at(ranked: Sequence, relevant: Collection, k: int) -> float:
+    """Share of the top `k` that is relevant."""
     return sum(x in relevant for x in ranked[:k]) / k
 
 
 def recall_at(ranked: Sequence, relevant: Collection, k: int) -> float:
+    """Share of the relevant items found in the top `k` (0 if there are none)."""
     return sum(x in relevant for x in ranked[:k]) / len(relevant) if relevant else 0.0
 
 
 def query_metrics(ranked: Sequence, relevant: Collection, k: int = 10) -> dict[str, float]:
+    """Reciprocal rank, precision@k and recall@k of one query."""
     return {"rr": reciprocal_rank(ranked, relevant), f"p@{k}": precision_at(ranked, relevant, k),
             f"r@{k}": recall_at(ranked, relevant, k)}
 

@@ -39,6 +39,7 @@ class NullSpace:
 
     @property
     def kept_fraction(self) -> float:
+        """Fraction of the key dimensions the projector keeps."""
         return self.kept / self.dim
 
 
@@ -96,6 +97,7 @@ class AccumulatedKeys:
         self.count = 0
 
     def get(self, layer: int, dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Σ kkᵀ of the keys accumulated at `layer` (zeros before the first edit), in float64."""
         s = self._sums.get(layer)
         return torch.zeros(dim, dim, dtype=torch.float64, device=device) if s is None else s.to(device)
 
@@ -106,7 +108,9 @@ class AccumulatedKeys:
         self._sums[layer] = outer if layer not in self._sums else self._sums[layer] + outer
 
     def state(self) -> tuple[dict[int, torch.Tensor], int]:
+        """The sums and the edit count, for a sequential checkpoint."""
         return dict(self._sums), self.count
 
     def load(self, state: tuple[dict[int, torch.Tensor], int]) -> None:
+        """Restore the sums and the edit count from `state`."""
         self._sums, self.count = dict(state[0]), state[1]

@@ -65,6 +65,7 @@ class LowpWeights:
         self._store = WeakIdKeyDictionary()
 
     def get(self, param: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """The low-precision copy of `param` (transposed if asked), made again only after the parameter changed."""
         key = (param._version, param.data_ptr(), tuple(param.shape), param.dtype, transpose)
         hit = self._store.get(param)
         if hit is not None and hit[0] == key:
@@ -76,6 +77,7 @@ class LowpWeights:
         return copy
 
     def clear(self) -> None:
+        """Drop every copy."""
         self._store.clear()
 
 

@@ -52,6 +52,7 @@ class StatsConfig:
 
     @classmethod
     def from_any(cls, cfg: "StatsConfig | Mapping[str, Any]") -> "StatsConfig":
+        """Build from a config mapping or DictConfig (or pass one through)."""
         if isinstance(cfg, StatsConfig):
             return cfg
         try:  # DictConfig -> plain dict without importing omegaconf at module level

@@ -32,6 +32,7 @@ def cache_folder(root: str | Path, model: nn.Module, settings: dict[str, Any]) -
 
 
 def request_file(folder: Path, req: EditRequest) -> Path:
+    """The cache file of one request's z inside `folder` (a digest of its identity and text)."""
     key = json.dumps([req.case_id, req.subject, req.prompt, req.target_new], ensure_ascii=False)
     return folder / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
 

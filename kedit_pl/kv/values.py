@@ -66,6 +66,7 @@ class ValueResult:
 
     @property
     def target(self) -> torch.Tensor:
+        """The optimized value v* = v_init + δ."""
         return self.v_init + self.delta
 
 

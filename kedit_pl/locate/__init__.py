@@ -1,0 +1,1 @@
+"""Locating knowledge: causal tracing, knowledge neurons and training-data influence."""

@@ -78,6 +78,7 @@ class TraceResult:
         return self.scores[kind] - self.p_corrupt
 
     def to_dict(self) -> dict:
+        """The result as JSON-ready data."""
         d = {k: getattr(self, k) for k in ("case_id", "tokens", "answer", "answer_id", "p_clean", "p_corrupt",
                                            "correct_prediction", "window", "seconds")}
         d.update(subject_range=list(self.subject_range), total_effect=self.total_effect,
@@ -86,6 +87,7 @@ class TraceResult:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "TraceResult":
+        """Rebuild a result from `to_dict`'s data."""
         keep = {k: d[k] for k in ("case_id", "tokens", "answer", "answer_id", "p_clean", "p_corrupt",
                                   "correct_prediction", "window", "seconds")}
         return cls(subject_range=tuple(d["subject_range"]), scores={k: torch.tensor(v) for k, v in d["scores"].items()},

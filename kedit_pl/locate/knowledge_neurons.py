@@ -177,6 +177,7 @@ def coarse_neurons(scores: torch.Tensor, threshold: float = 0.2) -> set[Neuron]:
 
 @dataclass
 class Refined:
+    """Neurons kept by the refining step, and the sharing fraction that kept them."""
     neurons: list[Neuron]
     p: float  # the sharing fraction that was used
 
@@ -327,6 +328,7 @@ def read_cached_attribution(path: Path) -> PromptAttribution | None:
 
 
 def by_layer(neurons: Iterable[Neuron]) -> dict[int, list[int]]:
+    """Neuron indices grouped by layer."""
     out: dict[int, list[int]] = {}
     for layer, i in neurons:
         out.setdefault(int(layer), []).append(int(i))

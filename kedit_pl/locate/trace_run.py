@@ -79,6 +79,7 @@ def summarize(results, tc: DictConfig, nu: float, skipped: dict[str, int], secon
 
 
 def write_figures(results, avg: dict, tc: DictConfig, out: Path, model_name: str) -> list[Path]:
+    """Write the averaged heatmaps and line plots, and the first `n_heatmaps` per-fact heatmaps; returns their paths."""
     from kedit_pl.locate.plots import plot_average_heatmap, plot_average_lines, plot_trace_heatmap
 
     paths = [plot_average_heatmap(avg, k, out / f"avg_{k}.png", model_name, tc.window) for k in tc.kinds]

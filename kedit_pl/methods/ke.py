@@ -60,6 +60,7 @@ class KE(LearnedEditor):
         self._init_editor(cfg, checkpoint)
 
     def build_editor(self, cfg: KEConfig) -> KnowledgeEditorNet:
+        """KE's editor network for `cfg`."""
         return KnowledgeEditorNet(cfg, alpha_init=self.alpha_init, margin=self.margin_max)
 
     # --- the update ------------------------------------------------------------------------------------

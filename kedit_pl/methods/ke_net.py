@@ -37,10 +37,12 @@ class KEConfig:
     max_scale: float = 10.0
 
     def to_dict(self) -> dict:
+        """The config as JSON-ready data."""
         return asdict(self) | {"params": [list(p) for p in self.params]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "KEConfig":
+        """Rebuild a config from `to_dict`'s data."""
         return cls(params=tuple((str(n), int(o), int(i)) for n, o, i in d["params"]), embed_dim=int(d["embed_dim"]),
                    lstm_dim=int(d["lstm_dim"]), condition_dim=int(d["condition_dim"]),
                    hidden_dim=int(d["hidden_dim"]), max_scale=float(d["max_scale"]))

@@ -80,6 +80,7 @@ class LearnedEditor(EditMethod):
             log.info("loaded %s editor from %s", TITLES[self.KIND], checkpoint)
 
     def build_editor(self, cfg: Any) -> nn.Module:
+        """The editor network for `cfg` (each learned method builds its own)."""
         raise NotImplementedError
 
     def request_deltas(self, requests: list[EditRequest], factors: Factors, mask: torch.Tensor
@@ -218,6 +219,7 @@ class LearnedEditor(EditMethod):
         self._log_losses("val", self.losses(batch), len(batch))
 
     def losses(self, requests: list[EditRequest]) -> dict[str, torch.Tensor]:
+        """Training losses of one batch of edits (with `loss`, the one to minimize)."""
         raise NotImplementedError
 
     # --- checkpoints: the editor only, never the frozen base model ------------------------------------
@@ -233,6 +235,7 @@ class LearnedEditor(EditMethod):
         return self.editor.load_state_dict(editor, strict=strict, assign=assign)
 
     def editor_meta(self) -> dict[str, Any]:
+        """What an exported editor records about itself: format, method, model, layers, modules, network config."""
         return {"format": FORMAT, "method": self.KIND, "model": self.spec.name, "layers": self.layers,
                 "modules": self.module_kinds, "editor": self.editor.cfg.to_dict()}
 
@@ -274,6 +277,7 @@ class LearnedEditor(EditMethod):
 
 
 def no_checkpoint(kind: str) -> str:
+    """The one-line error for a learned method run without a trained editor, with the command that trains one."""
     return (f"method.checkpoint: {TITLES[kind]} edits with a trained editor network and none was given (it never "
             f"falls back to an untrained one). Train one: `python train.py method={kind} dataset=zsre`, then pass "
             f"method.checkpoint=<train run dir>/editor (an exported dir, its {WEIGHTS_FILE}, or a Lightning .ckpt "

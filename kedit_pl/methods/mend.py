@@ -51,6 +51,7 @@ class MEND(LearnedEditor):
         self._init_editor(cfg, checkpoint)
 
     def build_editor(self, cfg: EditorConfig) -> MendEditor:
+        """MEND's editor network for `cfg`."""
         return MendEditor(cfg)
 
     def request_deltas(self, requests: list[EditRequest], factors: Factors, mask: torch.Tensor

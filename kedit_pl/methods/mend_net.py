@@ -37,6 +37,7 @@ class EditorConfig:
     edit_lr: float = 1e-4  # initial α_ℓ
 
     def to_dict(self) -> dict:
+        """The config as JSON-ready data."""
         return asdict(self) | {"params": [list(p) for p in self.params]}
 
     def arch(self) -> tuple:
@@ -45,6 +46,7 @@ class EditorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EditorConfig":
+        """Rebuild a config from `to_dict`'s data."""
         return cls(params=tuple((str(n), int(o), int(i)) for n, o, i in d["params"]), rank=int(d["rank"]),
                    n_hidden=int(d["n_hidden"]), norm=bool(d["norm"]), edit_lr=float(d["edit_lr"]))
 
@@ -106,6 +108,7 @@ class GradientEditor(nn.Module):
         self.count.fill_(total)
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Standardize inputs with the running mean and std (when `norm` is on); fails on an untrained editor."""
         if not self.norm:
             return z
         if self.count < 2:

@@ -68,6 +68,7 @@ class CovarianceSolver:
         self.factor, self.ridge = factor, ridge
 
     def solve(self, x: torch.Tensor) -> torch.Tensor:
+        """C⁻¹x through the Cholesky factor of C, in float64."""
         return torch.cholesky_solve(x.double().reshape(len(self.factor), -1), self.factor).reshape(x.shape)
 
 
@@ -118,11 +119,13 @@ class ROME(EditMethod):
         return self._fingerprint
 
     def templates(self) -> list[str]:
+        """The context templates (prefixes) that k* is averaged over, cached per model."""
         d = Path(self.cache_dir) / self.spec.name if self.cache_dir else None
         return context_templates(self.model, self.tok, f"{self.spec.name}:{self.fingerprint}", self.lengths,
                                  self.context_seed, d)
 
     def solver(self) -> CovarianceSolver | None:
+        """The solver for C = E[kkᵀ] at the edit layer (None without `mom2_adjustment`), built once."""
         if self.mom2_adjustment and self._solver is None:
             C = second_moment(self.model, self.tok, self.spec, [self.layer], self.stats, self.fingerprint)[self.layer]
             self._solver = CovarianceSolver(C)

@@ -1,0 +1,1 @@
+"""Model specs, loading (embedded GGUF models, the hub, tiny random models) and architecture inference."""

@@ -108,6 +108,7 @@ def prepare_tokenizer(tok: PreTrainedTokenizerBase) -> None:
 
 
 def freeze(model: PreTrainedModel) -> None:
+    """Put the model in eval mode and stop gradients to every parameter."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

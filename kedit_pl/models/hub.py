@@ -48,6 +48,7 @@ def load_path(c: Mapping[str, Any], dtype: torch.dtype) -> tuple[PreTrainedModel
 
 
 def model_path(c: Mapping[str, Any]) -> str:
+    """`model.path` of a `model=hf` config, `~` expanded; missing is a one-line `ConfigError`."""
     path = c.get("path")
     if not path or str(path) == "???":
         raise ConfigError("model.path is missing for model=hf; set model.path=<hub id or local folder>")

@@ -57,9 +57,11 @@ class ModelSpec:
         return tpl.format(layer)
 
     def module(self, model: nn.Module, template: str, layer: int | None = None) -> nn.Module:
+        """The submodule of `template` (at `layer`), e.g. `mlp_out` of layer 5."""
         return model.get_submodule(self.module_name(template, layer))
 
     def weight_name(self, template: str, layer: int | None = None) -> str:
+        """The parameter name of that submodule's weight."""
         return self.module_name(template, layer) + ".weight"
 
 

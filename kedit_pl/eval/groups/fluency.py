@@ -24,6 +24,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def words(text: str) -> list[str]:
+    """Word tokens of `text` (NLTK's word tokenizer, sentence by sentence)."""
     from nltk.tokenize import word_tokenize
 
     return [w for sent in _SENTENCE_END.split(text) for w in word_tokenize(sent, preserve_line=True)]
@@ -43,6 +44,8 @@ def generation_entropy(text: str) -> float:
 
 
 class Fluency(MetricGroup):
+    """Fluency as ROME's generation entropy: greedy generations from the record's generation prompts,
+    scored by the weighted entropies of their word bi- and tri-gram distributions."""
     name = "fluency"
     fields = ("generation_prompts",)
 

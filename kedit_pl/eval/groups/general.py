@@ -15,6 +15,7 @@ from kedit_pl.eval.perplexity import perplexity
 
 
 class GeneralAbility(MetricGroup):
+    """General ability: perplexity of the (edited) model on a WikiText slice, measured once per run, not per record."""
     name = "general"
     per_record = False
 

@@ -27,6 +27,7 @@ class ScoredGroup(MetricGroup):
     """Score `pairs(req)` = [(kind, prompt, target)]; raw = {kind: [{"nll", "acc"}, ...]} in prompt order."""
 
     def pairs(self, req: EditRequest) -> list[tuple[str, str, str]]:
+        """The `(kind, prompt, target)` pairs to score for one record; kind is `new` or `true`."""
         raise NotImplementedError
 
     def measure(self, method, requests: list[EditRequest]) -> list[dict]:
@@ -44,6 +45,7 @@ def _nll(raw: dict, kind: str) -> list[float]:
 
 
 class Portability(ScoredGroup):
+    """One-hop portability: does the edited fact carry to a question whose answer follows from it?"""
     name = "portability"
     fields = ("portability",)
 
@@ -60,6 +62,7 @@ class Portability(ScoredGroup):
         return None
 
     def pairs(self, req: EditRequest) -> list[tuple[str, str, str]]:
+        """Each one-hop question with its new answer."""
         return [("new", q, a) for q, a in req.portability]
 
     @staticmethod
@@ -73,10 +76,12 @@ class Portability(ScoredGroup):
 
 
 class DistractingNeighborhood(ScoredGroup):
+    """Neighborhood success with the edited fact stated before each neighbour's prompt."""
     name = "distracting"
     fields = ("distracting_neighborhood",)
 
     def pairs(self, req: EditRequest) -> list[tuple[str, str, str]]:
+        """Each distracting prompt with the true and the new object."""
         return [(k, p, t) for p in req.distracting_neighborhood for k, t in (("true", req.target_true),
                                                                            ("new", req.target_new))]
 
@@ -87,10 +92,12 @@ class DistractingNeighborhood(ScoredGroup):
 
 
 class SubjectAlias(ScoredGroup):
+    """Efficacy on the subject's other name (the rewrite prompt with the alias as subject)."""
     name = "alias"
     fields = ("alternative_subject",)
 
     def pairs(self, req: EditRequest) -> list[tuple[str, str, str]]:
+        """The rewrite prompt about the alias, with the new and the true object."""
         prompt = req.prompt.format(req.alternative_subject)
         return [("new", prompt, req.target_new), ("true", prompt, req.target_true)]
 

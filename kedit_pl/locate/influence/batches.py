@@ -17,6 +17,7 @@ from kedit_pl.tokens import label_logprobs, left_pad, pad_id, prompt_ids, target
 
 @dataclass
 class LossBatch:
+    """A left-padded batch of (prompt, target) rows for per-example losses."""
     input_ids: torch.Tensor        # (B, T) left-padded
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
@@ -69,5 +70,6 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
 
 
 def token_lengths(tok: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], max_tokens: int) -> list[int]:
+    """Token count of each (prompt, target) row, truncated to `max_tokens`."""
     return [len(encode_row(tok, p, t, max_tokens)[0]) for p, t in pairs]
 

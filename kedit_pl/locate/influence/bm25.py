@@ -11,6 +11,7 @@ from kedit_pl.locate.influence.corpus import Document, Query
 
 
 class BM25(InfluenceMethod):
+    """BM25 over the document text (`bm25s`): the lexical baseline of fact tracing."""
     name = "bm25"
     needs_model = False
 

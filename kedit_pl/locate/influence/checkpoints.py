@@ -43,6 +43,7 @@ def weight_names(spec: ModelSpec, layers: Sequence[int] | None, modules: Sequenc
 
 @dataclass
 class Checkpoint:
+    """The traced parameters of one teaching checkpoint, with its learning rate, step and digest."""
     path: Path
     tensors: dict[str, torch.Tensor]
     lr: float
@@ -52,6 +53,7 @@ class Checkpoint:
 
 def save_checkpoint(path: str | Path, model: nn.Module, names: Sequence[str], *, model_name: str, corpus: str,
                     lr: float, step: int, epoch: int) -> None:
+    """Save the named parameters and the checkpoint's metadata as a verified cache file."""
     params = dict(model.named_parameters())
     tensors = {n: params[n].detach().clone() for n in names}
     meta = {"model": model_name, "corpus": corpus, "lr": lr, "step": step, "epoch": epoch}

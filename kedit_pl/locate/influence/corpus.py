@@ -47,6 +47,7 @@ class Document:
 
     @property
     def text(self) -> str:
+        """The document as one string: prompt and target."""
         return f"{self.prompt} {self.target}".strip() if self.target else self.prompt
 
 
@@ -61,11 +62,13 @@ class Query:
 
     @property
     def text(self) -> str:
+        """The query as one string: prompt and answer."""
         return f"{self.prompt} {self.answer}".strip()
 
 
 @dataclass
 class Benchmark:
+    """The FTRACE-style benchmark: corpus, queries, taught and control facts, and statistics."""
     corpus: list[Document]
     queries: list[Query]
     taught: list[EditRequest]
@@ -74,6 +77,7 @@ class Benchmark:
 
     @property
     def digest(self) -> str:
+        """Digest of the corpus (checkpoints are tied to it)."""
         return corpus_digest(self.corpus)
 
     def proponents(self) -> dict[str, list[int]]:

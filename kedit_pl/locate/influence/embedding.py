@@ -25,6 +25,8 @@ from kedit_pl.tokens import left_pad, pad_id, prompt_ids
 
 
 class EmbeddingSimilarity(InfluenceMethod):
+    """Cosine similarity of mean-pooled hidden states at one layer (optionally centered, or without the first
+    tokens)."""
     name = "embedding"
 
     def __init__(self, model=None, checkpoints: Sequence[Checkpoint] = (), layer: int | None = None,

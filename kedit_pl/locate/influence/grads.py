@@ -66,6 +66,7 @@ class GradientFeaturizer:
 
     @property
     def dim(self) -> int:
+        """Length of one example's (projected) gradient feature."""
         per = [self.proj_out * self.proj_in if p is not None else s[0] * s[1] for p, s in zip(self.proj, self.shapes)]
         return sum(per)
 

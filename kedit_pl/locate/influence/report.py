@@ -1,6 +1,6 @@
 """The fact-tracing table of several influence runs (their influence_summary.json), beside FTRACE-TREx.
 
-    python -m kedit_pl.locate.influence.report RUN_DIR [RUN_DIR ...] [--out table.md]
+`python -m kedit_pl.locate.influence.report RUN_DIR [RUN_DIR ...] [--out table.md]`
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ SLICES = ("all", "no_verbatim", "finetune_learned", "finetune_learned_no_verbati
 
 
 def table(runs: list[Path], k: int = 10) -> str:
+    """The Markdown tables of the runs' metrics, slice by slice, beside FTRACE-TREx."""
     rows = [json.loads((r / "influence_summary.json").read_text()) for r in runs]
     lines = []
     for sl in SLICES:
@@ -33,6 +34,7 @@ def table(runs: list[Path], k: int = 10) -> str:
 
 
 def main() -> None:
+    """Print (or write with `--out`) the table of the given run folders."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path)

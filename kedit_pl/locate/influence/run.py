@@ -109,6 +109,7 @@ def _method(cfg: DictConfig, bench_digest: str | None) -> tuple[InfluenceMethod,
 
 
 def run_influence(cfg: DictConfig) -> dict[str, Any]:
+    """`locate.py locate=<influence method>`: build the benchmark, rank it (or illustrate), write the summary."""
     from kedit_pl.locate.influence.corpus import build_benchmark, write_benchmark
 
     lc, out = cfg.locate, Path(cfg.paths.output_dir)

@@ -25,6 +25,8 @@ from kedit_pl.locate.influence.grads import GradientCache, GradientFeaturizer
 
 
 class TracIn(InfluenceMethod):
+    """TracIn (Pruthi et al. 2020): Σ over checkpoints of η_c ⟨∇ℓ(query), ∇ℓ(document)⟩, optionally cosine,
+    over projected per-example gradients of the chosen modules."""
     name = "tracin"
 
     def __init__(self, model=None, checkpoints: Sequence[Checkpoint] = (), cache_dir: str | Path | None = None,

@@ -80,6 +80,7 @@ class ScopeClassifier(nn.Module):
 
     @property
     def scale(self) -> torch.Tensor:
+        """The logit scale (learned in log space)."""
         return self.log_scale.exp()
 
     def embed(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
@@ -96,6 +97,7 @@ class ScopeClassifier(nn.Module):
         return torch.cat(out) if out else torch.zeros(0, self.encoder.config.hidden_size, device=device)
 
     def logits_from_cos(self, cos: torch.Tensor) -> torch.Tensor:
+        """In-scope logits from cosine similarities: scale · (cos − threshold)."""
         return self.scale * (cos - self.threshold)
 
     def pair_logits(self, queries: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:

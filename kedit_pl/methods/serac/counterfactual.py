@@ -1,5 +1,5 @@
 """SERAC's counterfactual model h_ψ(z_e, x) (Mitchell et al. 2022, §3): a small causal LM that reads the edit
-as a text prefix, "[edit] [input]", and is fine-tuned to answer the input as the edit says.
+as a text prefix, `[edit] [input]`, and is fine-tuned to answer the input as the edit says.
 
 The prefix is `context_template` filled with the edit (default "{prompt} {target}\n"). An input row of the
 base model (right-padded ids, possibly starting with the tokenizer's BOS) becomes
@@ -31,7 +31,7 @@ def leading_specials(tok: PreTrainedTokenizerBase) -> int:
 
 
 class Conditioner:
-    """Builds "[edit] [input]" batches for the counterfactual model and aligns its logits to the input rows."""
+    """Builds `[edit] [input]` batches for the counterfactual model and aligns its logits to the input rows."""
 
     def __init__(self, tok: PreTrainedTokenizerBase, template: str = "{prompt} {target}\n") -> None:
         try:
@@ -80,7 +80,7 @@ class Conditioner:
         return cf[torch.arange(cf.shape[0], device=cf.device)[:, None], pos.clamp_(max=width - 1) - start]
 
     def generation_ids(self, context: str | None, prompt_ids: list[int]) -> list[int]:
-        """Ids to generate from: the prompt alone (base model) or "[edit] [prompt]" (counterfactual model)."""
+        """Ids to generate from: the prompt alone (base model) or `[edit] [prompt]` (counterfactual model)."""
         if context is None:
             return prompt_ids
         return self.tok(context)["input_ids"] + prompt_ids[self.lead:]

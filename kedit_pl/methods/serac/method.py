@@ -128,6 +128,7 @@ class Serac(SeracTraining, EditMethod):
         self.memory.remove(handle.entry_ids)
 
     def save_memory(self, path: str | Path | None = None) -> Path:
+        """Save the edit memory to `path` (default `method.memory_path`); returns where."""
         path = path or self.memory_path
         if not path:
             raise ConfigError("method.memory_path: no path to save the SERAC memory to")
@@ -172,7 +173,7 @@ class Serac(SeracTraining, EditMethod):
     @torch.no_grad()
     def prompt_prefixes(self, rows: list[list[int]]) -> list[tuple[torch.nn.Module, list[int]]]:
         """Routed by the prompt as `routed_logits` routes a row: out of scope, the base model continues the
-        prompt's ids; in scope, the counterfactual model continues "[edit] [prompt]" (`Conditioner`'s ids)."""
+        prompt's ids; in scope, the counterfactual model continues `[edit] [prompt]` (`Conditioner`'s ids)."""
         hit, idx, _ = self.route(self.tok.batch_decode(rows, skip_special_tokens=True))
         return [(self.cf_model, self.cond.generation_ids(self._context(int(i)), row)) if h else (self.model, row)
                 for row, h, i in zip(rows, hit.tolist(), idx.tolist())]

@@ -17,11 +17,13 @@ IN_SCOPE = ("rewrite", "paraphrase")
 
 @dataclass
 class ScopeQueries:
+    """Texts to classify against the memory, each with the request whose scope holds it (-1: none) and its kind."""
     texts: list[str] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)  # index of the request whose scope holds the text, -1: none
     kinds: list[str] = field(default_factory=list)   # rewrite | paraphrase | loc | neighborhood
 
     def add(self, text: str, owner: int, kind: str) -> None:
+        """Append one text with its owner and kind."""
         self.texts.append(text), self.owners.append(owner), self.kinds.append(kind)
 
 
@@ -50,6 +52,7 @@ class ScopeCounts:
         self.add_decisions(best > 0.5, [i == o for i, o in zip(idx.tolist(), owners)], owners, kinds)
 
     def add_decisions(self, hit: torch.Tensor, right_edit: list[bool], owners: list[int], kinds: list[str]) -> None:
+        """Count the classifier's decisions on one batch of queries."""
         for h, right, owner, kind in zip(hit.tolist(), right_edit, owners, kinds):
             inside = owner >= 0
             self.c["tp" if h and inside else "fp" if h else "fn" if inside else "tn"] += 1
@@ -58,6 +61,7 @@ class ScopeCounts:
             self.c["matched"] += int(h and inside and right)
 
     def metrics(self) -> dict[str, float]:
+        """Precision, recall, F1, the right-edit match rate and the hit rate per kind."""
         c = self.c
         n_in = c["tp"] + c["fn"]
         out = {"precision": c["tp"] / max(1, c["tp"] + c["fp"]), "recall": c["tp"] / max(1, n_in),
