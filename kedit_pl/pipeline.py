@@ -133,7 +133,7 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> 
     share_batches(method, dm, n_procs)
     run_info = {"method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
                 "n_records": len(dm.requests) + len(done_ids), "batch_size": batch_size,
-                "config": OmegaConf.to_container(cfg.method, resolve=True), "skipped": skipped}
+                "config": OmegaConf.to_container(cfg.method, resolve=True), "skipped": skipped, **dm.selection}
     hooks = edit_hooks(cfg, method, dm.requests, out)  # edit.save=patch|model, edit.show=k
     pre_cache = Path(cfg.paths.cache_dir) / "pre_scores" if cfg.get("eval", {}).get("cache_pre", True) else None
     callback = EditEvalCallback(out, mode=mode, eval_batch_size=cfg.edit.eval_batch_size,

@@ -6,6 +6,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from kedit_pl.data.datamodule import parse_range
+from kedit_pl.data.splits import RULES, SPLITS
 from kedit_pl.errors import ConfigError
 from kedit_pl.eval.callback import MODES
 
@@ -45,6 +46,11 @@ def validate_edit_config(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.ids: must be a non-empty list of case_ids or null, got {ids!r}")
     if d.get("on_invalid", "error") not in ("error", "skip"):
         raise ConfigError(f"dataset.on_invalid: must be 'error' or 'skip', got {d.get('on_invalid')!r}")
+    if (d.get("split") or "all") not in SPLITS:
+        raise ConfigError(f"dataset.split: must be one of {', '.join(SPLITS)}, got {d.get('split')!r}")
+    if (d.get("split") or "all") != "all" and d.get("split_rule") not in RULES:
+        raise ConfigError(f"dataset.split={d.get('split')}: dataset.split_rule must be one of {', '.join(RULES)}, got "
+                          f"{d.get('split_rule')!r} (a file without a split rule only has dataset.split=all)")
 
 
 def validate_processes(cfg: DictConfig, n: int) -> None:
