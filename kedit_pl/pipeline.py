@@ -304,7 +304,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     best = callbacks[1].best_model_path
     result = {"best_checkpoint": best, "best_score": _float(callbacks[1].best_model_score),
               "global_step": trainer.global_step, "train_seconds": time.perf_counter() - start,
-              "processes": trainer.world_size}
+              "processes": trainer.world_size, "seed": cfg.seed}
     if best and Path(best).is_file():  # export the best validated editor, not the last step's
         method.load_editor(best)
         result["exported_from"] = best
