@@ -83,3 +83,13 @@ def test_config_validation_names_the_bad_split():
     sweep = compose("edit", ["hparams_search=rome_optuna", "paths.output_dir=/dev/null"])
     assert sweep.dataset.split == "dev"
     assert compose("edit", ["experiment=head_to_head", "paths.output_dir=/dev/null"]).dataset.split == "test"
+
+
+def test_a_resumed_run_must_keep_its_split():
+    from kedit_pl.config import compose
+    from kedit_pl.run_folder import first_difference, run_identity
+
+    ident = lambda *o: run_identity(compose("edit", [*o, "paths.output_dir=/dev/null"]), 1)  # noqa: E731
+    assert "split" not in ident()["dataset"]  # folders written before splits existed stay resumable
+    diff = first_difference(ident("dataset.split=dev"), ident("dataset.split=test"))
+    assert diff == "dataset.split: 'dev' in the folder, 'test' now"
