@@ -91,7 +91,7 @@ def mark_leaders(rows: list[dict], metrics: tuple[str, ...] = ALL_METRICS) -> No
     evidence the best is better than this run, or the best itself when it has such ties), for each post-edit metric."""
     if len(rows) < 2:
         return
-    values = {i: read_values(r["run_dir"], "post") for i, r in enumerate(rows)}
+    values = {i: r.get("values") for i, r in enumerate(rows)}
     tests_of: dict[tuple[int, int], dict] = {}  # (a, b) -> paired(a, b) for every metric, computed once
     for m in metrics:
         col = f"post_{m}"
@@ -110,6 +110,25 @@ def mark_leaders(rows: list[dict], metrics: tuple[str, ...] = ALL_METRICS) -> No
         rows[best]["marks"][col] = "tie" if tied else "best"
         for i in tied:
             rows[i]["marks"][col] = "tie"
+
+
+def paired_markdown(rows: list[dict], metrics: tuple[str, ...] = ALL_METRICS) -> str:
+    """Each run against the first (best-sorted) one, paired on the records both scored: per post-edit metric
+    'Δ [lo, hi] (p)', the difference run − first with its 95 % paired-bootstrap interval and two-sided p-value."""
+    ref = rows[0] if rows else None
+    others = [r for r in rows[1:] if r.get("values") and ref and ref.get("values")]
+    if not others:
+        return ""
+    tests = [paired(r["values"], ref["values"]) for r in others]
+    names = [m for m in metrics if any(m in t for t in tests)]
+    label = lambda r: f"{r['method']} · {r['model']} · {r['run_dir']}"  # noqa: E731
+    lines = [f"\nPaired differences, each run − {label(ref)} (post-edit, on the records both scored; paired "
+             f"bootstrap, p two-sided):\n", "| run | n | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    for r, t in zip(others, tests):
+        n = max((x.n for x in t.values()), default=0)
+        cells = [f"{t[m].diff:+.1f} [{t[m].lo:+.1f}, {t[m].hi:+.1f}] (p {t[m].p:.3g})" if m in t else "" for m in names]
+        lines.append(f"| {label(r)} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -262,9 +281,11 @@ def compare(dirs: list[str | Path], out: Path, sort: str | None = None,
         raise SystemExit(f"error: no summary.json under {', '.join(map(str, dirs))}")
     rows = [row(p) for p in paths]
     check_same_records(rows, allow_different_records)
+    for r in rows:  # per-record post-edit values (records.jsonl), for the paired tests
+        r["values"] = read_values(r["run_dir"], "post") if len(rows) > 1 else None
     mark_leaders(rows)
     rows.sort(key=sort_key(sort or optimized_metric(rows)))
-    write_text(out / "comparison.md", markdown(rows))
+    write_text(out / "comparison.md", markdown(rows) + paired_markdown(rows))
     write_text(out / "comparison.csv", to_csv(rows))
     bar_chart(rows, out / "comparison.png")
     return rows
@@ -285,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     except DifferentRecords as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    sys.stdout.write(markdown(rows))
+    sys.stdout.write(markdown(rows) + paired_markdown(rows))
     print(f"\nwrote {out / 'comparison.md'}, comparison.csv, comparison.png")
 
 

@@ -92,13 +92,15 @@ def test_table_shows_intervals_and_marks_a_best_only_where_the_difference_is_sig
     scored_run(tmp_path / "a", "rome", 1.0)
     scored_run(tmp_path / "b", "memit", 0.8)
     scored_run(tmp_path / "c", "ft", 0.79)
-    rows = compare([tmp_path], tmp_path / "cmp")
+    rows = compare([tmp_path], tmp_path / "cmp", sort="post/score")  # rome first: the reference of the Δ table
     by = {r["method"]: r for r in rows}
     assert by["rome"]["marks"]["post_es"] == "best" and "post_es" not in by["memit"]["marks"]
     # NS is the same on every run: a three-way tie, shown as one
     assert all(r["marks"]["post_ns"] == "tie" for r in rows)
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "**100.0 [100.0, 100.0]**" in md and "70.0 [" in md and "≈" in md and "Holm" in md
+    assert "Paired differences" in md and "| memit · m · " in md
+    assert "-20.0 [" in md.split("| memit · m · ")[1].splitlines()[0]  # memit − rome on ES
     table = list(csv.DictReader((tmp_path / "cmp" / "comparison.csv").open()))
     memit = next(t for t in table if t["method"] == "memit")
     assert float(memit["post_es_lo"]) < 80.0 < float(memit["post_es_hi"])
