@@ -43,7 +43,7 @@ DERIVED: dict[str, tuple[tuple[str, ...], Callable]] = {"score": (("es", "ps", "
 
 def resample_indices(n: int, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
     """(resamples, n) record indices drawn with replacement; the same seed gives the same draws."""
-    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n), dtype=np.int32)
 
 
 def columns(per_record: PerRecord) -> dict[str, np.ndarray]:
