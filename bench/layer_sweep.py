@@ -3,8 +3,9 @@ against the edited layer, beside the causal-tracing curve (MLP indirect effect a
 
 Run the sweep as a joblib-launched Hydra multirun, trace the model, then draw:
 
-    python edit.py -m hydra/launcher=joblib hydra.launcher.n_jobs=2 method=rome dataset.limit=30 \
+    python edit.py -m hydra/launcher=joblib hydra.launcher.n_jobs=2 method=rome dataset.split=dev dataset.limit=30 \
         method.layer=0,1,2,3,4,5,6,7,8,9,13,17,21,25,29 hydra.sweep.dir=runs/layer_sweep
+    python -m kedit_pl.sweep_test runs/layer_sweep --limit 200        # the best layer, once, on test records
     python locate.py locate=causal_trace locate.n_records=20 locate.n_samples=5 hydra.run.dir=runs/trace
     python bench/layer_sweep.py runs/layer_sweep --trace runs/trace/average.json --out docs/figures/rome_layer_sweep
 
