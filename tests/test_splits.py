@@ -93,3 +93,10 @@ def test_a_resumed_run_must_keep_its_split():
     assert "split" not in ident()["dataset"]  # folders written before splits existed stay resumable
     diff = first_difference(ident("dataset.split=dev"), ident("dataset.split=test"))
     assert diff == "dataset.split: 'dev' in the folder, 'test' now"
+
+
+def test_an_id_of_the_other_split_is_named():
+    dm = EditDataModule({"path": str(CF), "format": "counterfact", "ids": ["0"], "split": "test",
+                         "split_rule": "counterfact"})
+    with pytest.raises(ConfigError, match=r"case_id 0 not in the dataset \(within dataset.split=test: 3491 of"):
+        dm.prepare_requests()

@@ -130,7 +130,12 @@ class EditDataModule(L.LightningDataModule):
                                                       c.get("on_invalid", "error"))
         split = c.get("split") or "all"
         in_split = apply_split(all_reqs, split, c.get("split_rule"))  # limit / range / ids act within the split
-        chosen = select(in_split, c.get("limit"), c.get("range"), c.get("ids"))
+        try:
+            chosen = select(in_split, c.get("limit"), c.get("range"), c.get("ids"))
+        except ConfigError as e:
+            if split == "all":
+                raise
+            raise ConfigError(f"{e} (within dataset.split={split}: {len(in_split)} of {len(all_reqs)} records)") from None
         self.selection = {"split": split, "split_rule": c.get("split_rule"), "n_selected": len(chosen),
                           "records_sha256": ids_digest(r.case_id for r in chosen)}
         if c.get("merge"):  # probe fields of the same records from other files (metric groups)
