@@ -3,8 +3,9 @@ against the edited layer, beside the causal-tracing curve (MLP indirect effect a
 
 Run the sweep as a joblib-launched Hydra multirun, trace the model, then draw:
 
-    python edit.py -m hydra/launcher=joblib hydra.launcher.n_jobs=2 method=rome dataset.limit=30 \
+    python edit.py -m hydra/launcher=joblib hydra.launcher.n_jobs=2 method=rome dataset.split=dev dataset.limit=30 \
         method.layer=0,1,2,3,4,5,6,7,8,9,13,17,21,25,29 hydra.sweep.dir=runs/layer_sweep
+    python -m kedit_pl.sweep_test runs/layer_sweep --limit 200        # the best layer, once, on test records
     python locate.py locate=causal_trace locate.n_records=20 locate.n_samples=5 hydra.run.dir=runs/trace
     python bench/layer_sweep.py runs/layer_sweep --trace runs/trace/average.json --out docs/figures/rome_layer_sweep
 
@@ -36,6 +37,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
         rows.append({"layer": int(layer), "n": int(s["post"].get("n_records", 0)),
                      **{m: s["post"][m] for m in METRICS}, "pre_ns": s["pre"]["ns"],
                      "ns_cost": s["pre"]["ns"] - s["post"]["ns"], "s_per_edit": s["timing"]["seconds_per_edit"],
+                     "ci": (s.get("ci") or {}).get("post") or {},  # 95 % bootstrap intervals, where recorded
                      "run": str(path.parent)})
     layers = [r["layer"] for r in rows]
     if len(set(layers)) != len(layers):
@@ -59,7 +61,10 @@ def plot(rows: list[dict], aie: list[float] | None, out: Path, title: str) -> No
     fig, ax = plt.subplots(figsize=(8, 4.2))
     layers = [r["layer"] for r in rows]
     for m, style in zip(("es", "ps", "ns"), ("o-", "s-", "^-")):
-        ax.plot(layers, [r[m] for r in rows], style, label=m.upper())
+        (line,) = ax.plot(layers, [r[m] for r in rows], style, label=m.upper())
+        if all(m in r["ci"] for r in rows):  # the 95 % bootstrap band over records
+            ax.fill_between(layers, [r["ci"][m][0] for r in rows], [r["ci"][m][1] for r in rows],
+                            color=line.get_color(), alpha=0.15, lw=0)
     ax.axhline(rows[0]["pre_ns"], color="gray", ls=":", lw=1, label="NS unedited")
     ax.set_xlabel("edited layer")
     ax.set_ylabel("percent")
@@ -85,7 +90,8 @@ def table(rows: list[dict], aie: list[float] | None) -> tuple[str, str]:
     w.writerow(["layer", "es", "ps", "ns", "score", "ns_cost", "s_per_edit", "mlp_aie", "n"])
     for r in rows:
         a = aie[r["layer"]] if aie is not None and r["layer"] < len(aie) else None
-        cells = [r["layer"], *(f"{r[m]:.1f}" for m in METRICS), f"{r['ns_cost']:.1f}", f"{r['s_per_edit']:.1f}",
+        ci = lambda m: f" [{r['ci'][m][0]:.1f}, {r['ci'][m][1]:.1f}]" if m in r["ci"] else ""  # noqa: E731
+        cells = [r["layer"], *(f"{r[m]:.1f}{ci(m)}" for m in METRICS), f"{r['ns_cost']:.1f}", f"{r['s_per_edit']:.1f}",
                  "" if a is None else f"{a:.3f}", r["n"]]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
         w.writerow([r["layer"], *(round(r[m], 2) for m in METRICS), round(r["ns_cost"], 2),

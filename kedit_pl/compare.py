@@ -1,12 +1,20 @@
 """Aggregate finished runs into one table (markdown + CSV) and a bar chart.
 
-    python -m kedit_pl.compare multirun/edit/2026-11-22_10-00-00 outputs/edit/... [--out DIR]
+    python -m kedit_pl.compare multirun/edit/2026-11-22_10-00-00 outputs/edit/... [--out DIR] [--allow-different-records]
 
 Every folder given is searched recursively for `summary.json` files written by edit.py. Config values that
 differ between the runs (an Optuna sweep's trial parameters, a multirun's overrides) become columns, read from
 each run's `.hydra/config.yaml` (else the method config in summary.json). Rows are sorted by the optimized metric
-(`--sort`, default: the runs' `optimized_metric`, e.g. post/score), best first. A summary.json that cannot be read
-(cut short, not a summary) is left out with a warning naming it; when none can be read: one line, exit 2.
+(`--sort`, default: the runs' `optimized_metric`, e.g. post/score), best first.
+
+A summary.json that cannot be read (cut short, not a summary) is left out with a warning naming it; when none can
+be read: one line, exit 2.
+
+Each metric shows `mean [lo, hi]`, its 95 % bootstrap interval over records (summary.json `ci`). A post-edit
+metric's best run is in bold only where its paired difference to every other run excludes 0 after Holm's correction
+(paired bootstrap on the records both runs scored, from records.jsonl; `eval/intervals.py`); runs that cannot be
+told apart from the best are marked ≈ (a tie). Runs scored on different records (summary.json `records_sha256`)
+are not ranked: compare stops, unless `--allow-different-records`.
 """
 from __future__ import annotations
 
@@ -18,7 +26,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kedit_pl.errors import ConfigError, DamagedFile, KEditError
+from kedit_pl.errors import ConfigError, DamagedFile, DifferentRecords, KEditError
+from kedit_pl.eval.intervals import leaders, paired
+from kedit_pl.eval.record_values import read_values
 from kedit_pl.io import atomic_path, read_json, write_text
 
 log = logging.getLogger(__name__)
@@ -30,6 +40,8 @@ ACCURACIES = ("rewrite_acc", "paraphrase_acc", "loc_acc")
 #: share of answers made more likely: post only), distracting-neighborhood NS, alias ES, WikiText perplexity
 GROUP_METRICS = ("fluency_ge", "port_acc", "port_rise", "dn_ns", "alias_es", "ppl")
 ALL_METRICS = METRICS + ACCURACIES + GROUP_METRICS
+#: metrics where a smaller value is better
+LOWER_IS_BETTER = ("ppl",)
 COLUMNS = ("method", "model", "dataset", "mode", "n") + tuple(f"pre_{m}" for m in ALL_METRICS) + \
     tuple(f"post_{m}" for m in ALL_METRICS) + ("s_per_edit", "peak_rss_mb", "run_dir")
 
@@ -80,7 +92,67 @@ def row(path: Path, s: dict[str, Any] | None = None) -> dict[str, Any]:
     r["run_dir"] = str(path.parent)
     r["config"] = run_config(path.parent, run.get("config") or {})
     r["metrics"] = {f"{g}/{k}": v for g in ("pre", "post", "final") for k, v in s.get(g, {}).items()}
+    r["ci"] = {f"{g}_{k}": ci for g, cis in (s.get("ci") or {}).items() for k, ci in cis.items()}
+    r["split"], r["records_sha256"] = run.get("split"), run.get("records_sha256")
+    r["marks"] = {}
     return r
+
+
+def check_same_records(rows: list[dict], allow: bool = False) -> None:
+    """Refuse to rank runs whose selections differ (summary.json `run.records_sha256`), unless `allow`."""
+    digests = {r["records_sha256"] for r in rows if r.get("records_sha256")}
+    if len(digests) > 1 and not allow:
+        a = rows[0]
+        b = next(r for r in rows if r.get("records_sha256") and r["records_sha256"] != a.get("records_sha256"))
+        raise DifferentRecords(
+            f"the runs were scored on different records ({a['run_dir']}: {a.get('split')} split, "
+            f"{str(a.get('records_sha256'))[:12]}; {b['run_dir']}: {b.get('split')} split, {b['records_sha256'][:12]}); "
+            f"rank them anyway with --allow-different-records (head_to_head.allow_different_records=true)")
+
+
+def mark_leaders(rows: list[dict], metrics: tuple[str, ...] = ALL_METRICS) -> None:
+    """`r["marks"]["post_<m>"]` = "best" (its paired difference to every other run excludes 0 after Holm) or "tie" (no
+    evidence the best is better than this run, or the best itself when it has such ties), for each post-edit metric."""
+    if len(rows) < 2:
+        return
+    values = {i: r.get("values") for i, r in enumerate(rows)}
+    tests_of: dict[tuple[int, int], dict] = {}  # (a, b) -> paired(a, b) for every metric, computed once
+    for m in metrics:
+        col = f"post_{m}"
+        means = {i: r[col] for i, r in enumerate(rows) if r.get(col) is not None and values[i]}
+        if len(means) < 2:
+            continue
+        lower = m in LOWER_IS_BETTER
+        best = (min if lower else max)(means, key=means.get)
+        for i in means:
+            if i != best and (best, i) not in tests_of:
+                tests_of[best, i] = paired(values[best], values[i])
+        tests = {i: t for i in means if i != best and (t := tests_of[best, i].get(m)) is not None}
+        if not tests:
+            continue
+        best, tied, _ = leaders(means, tests, higher_is_better=not lower)
+        rows[best]["marks"][col] = "tie" if tied else "best"
+        for i in tied:
+            rows[i]["marks"][col] = "tie"
+
+
+def paired_markdown(rows: list[dict], metrics: tuple[str, ...] = ALL_METRICS) -> str:
+    """Each run against the first (best-sorted) one, paired on the records both scored: per post-edit metric
+    'Δ [lo, hi] (p)', the difference run − first with its 95 % paired-bootstrap interval and two-sided p-value."""
+    ref = rows[0] if rows else None
+    others = [r for r in rows[1:] if r.get("values") and ref and ref.get("values")]
+    if not others:
+        return ""
+    tests = [paired(r["values"], ref["values"]) for r in others]
+    names = [m for m in metrics if any(m in t for t in tests)]
+    label = lambda r: f"{r['method']} · {r['model']} · {r['run_dir']}"  # noqa: E731
+    lines = [f"\nPaired differences, each run − {label(ref)} (post-edit, on the records both scored; paired "
+             f"bootstrap, p two-sided):\n", "| run | n | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    for r, t in zip(others, tests):
+        n = max((x.n for x in t.values()), default=0)
+        cells = [f"{t[m].diff:+.1f} [{t[m].lo:+.1f}, {t[m].hi:+.1f}] (p {t[m].p:.3g})" if m in t else "" for m in names]
+        lines.append(f"| {label(r)} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -147,28 +219,55 @@ def _fmt_cell(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) and v != 0 and abs(v) < 0.1 else _fmt(v)
 
 
+def _metric_cell(r: dict, c: str) -> str:
+    """'97.5 [95.0, 99.5]', in bold when best in its column, with ≈ when tied for best."""
+    v, ci = r.get(c), r["ci"].get(c)
+    if v is None:
+        return ""
+    text = f"{v:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+    mark = r["marks"].get(c)
+    return f"**{text}**" if mark == "best" else f"{text} ≈" if mark == "tie" else text
+
+
+#: printed under a table with marks
+MARKS_LEGEND = ("mean [95 % bootstrap interval over records]; **bold**: best in its column, its paired difference to "
+                "every other run excludes 0 after Holm's correction; ≈: tied for best (paired bootstrap, "
+                "kedit_pl/eval/intervals.py)")
+
+
 def markdown(rows: list[dict]) -> str:
     """The table; columns empty in every row (e.g. zsRE's loc_acc on CounterFact runs) are left out."""
     cols = [c for c in columns(rows) if c != "run_dir" and any(cell(r, c) not in (None, "") for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    fmt = lambda r, c: f"{r[c]:.2f}" if c == "s_per_edit" and r[c] is not None else _fmt_cell(cell(r, c))  # noqa: E731
+    metric_cols = {f"{g}_{m}" for g in ("pre", "post") for m in ALL_METRICS}
+
+    def fmt(r: dict, c: str) -> str:
+        if c in metric_cols:
+            return _metric_cell(r, c)
+        return f"{r[c]:.2f}" if c == "s_per_edit" and r[c] is not None else _fmt_cell(cell(r, c))
+
     lines += ["| " + " | ".join(fmt(r, c) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    legend = f"\n{MARKS_LEGEND}\n" if any(r["marks"] or r["ci"] for r in rows) else ""
+    return "\n".join(lines) + "\n" + legend
 
 
 def to_csv(rows: list[dict]) -> str:
-    """The rows as CSV text, one column per metric and swept value."""
+    """The table's values, each metric followed by its interval's bounds (<metric>_lo, <metric>_hi) where known."""
     buf = io.StringIO()
-    cols = columns(rows)
+    cols = [b for c in columns(rows) for b in ([c, f"{c}_lo", f"{c}_hi"] if any(c in r["ci"] for r in rows) else [c])]
     w = csv.DictWriter(buf, fieldnames=cols)
     w.writeheader()
-    w.writerows({c: cell(r, c) for c in cols} for r in rows)
+    for r in rows:
+        bounds = {f"{c}_{end}": b for c, ci in r["ci"].items() for end, b in zip(("lo", "hi"), ci)}
+        w.writerow({c: bounds[c] if c in bounds else cell(r, c) for c in cols})
     return buf.getvalue()
 
 
 def bar_chart(rows: list[dict], path: Path) -> Path:
-    """Post-edit ES/PS/NS/Score per run, and seconds per edit, side by side."""
+    """Post-edit ES/PS/NS/Score per run (with 95 % bootstrap intervals), and seconds per edit, side by side."""
     import matplotlib
+
+    from kedit_pl.eval.report import error_bars
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -180,8 +279,10 @@ def bar_chart(rows: list[dict], path: Path) -> Path:
     x = np.arange(len(rows))
     w = 0.8 / len(METRICS)
     for i, m in enumerate(METRICS):
-        bars = ax.bar(x + i * w - 0.4 + w / 2, [r[f"post_{m}"] or 0 for r in rows], w,
-                      label=m.upper() if m != "score" else "Score")
+        vals = [r[f"post_{m}"] or 0 for r in rows]
+        bars = ax.bar(x + i * w - 0.4 + w / 2, vals, w, label=m.upper() if m != "score" else "Score",
+                      yerr=error_bars(vals, [r["ci"].get(f"post_{m}") for r in rows]), capsize=2,
+                      error_kw={"elinewidth": 0.8})
         ax.bar_label(bars, fmt="%.0f", fontsize=6)
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylim(0, 105)
@@ -198,9 +299,10 @@ def bar_chart(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def compare(dirs: list[str | Path], out: Path, sort: str | None = None) -> list[dict]:
+def compare(dirs: list[str | Path], out: Path, sort: str | None = None,
+            allow_different_records: bool = False) -> list[dict]:
     """Write `comparison.md`, `comparison.csv` and `comparison.png` of the runs under `dirs` into `out`; returns
-    the rows, best first."""
+    the rows, best first. Runs on different records are refused unless `allow_different_records`."""
     paths = find_summaries(dirs)
     if not paths:
         raise ConfigError(f"compare: no summary.json under {', '.join(map(str, dirs))}")
@@ -209,8 +311,12 @@ def compare(dirs: list[str | Path], out: Path, sort: str | None = None) -> list[
         raise DamagedFile(f"compare: none of the {len(paths)} summary.json file(s) under {', '.join(map(str, dirs))} "
                           f"can be read (first: {paths[0]}); nothing to compare")
     rows = [row(p, s) for p, s in summaries.items()]
+    check_same_records(rows, allow_different_records)
+    for r in rows:  # per-record post-edit values (records.jsonl), for the paired tests
+        r["values"] = read_values(r["run_dir"], "post") if len(rows) > 1 else None
+    mark_leaders(rows)
     rows.sort(key=sort_key(sort or optimized_metric(rows)))
-    write_text(out / "comparison.md", markdown(rows))
+    write_text(out / "comparison.md", markdown(rows) + paired_markdown(rows))
     write_text(out / "comparison.csv", to_csv(rows))
     bar_chart(rows, out / "comparison.png")
     return rows
@@ -223,15 +329,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="where to write comparison.{md,csv,png} (default: first folder)")
     ap.add_argument("--sort", default=None, help="metric to sort by, best first, e.g. post/es (default: the runs' "
                                                  "optimized_metric)")
+    ap.add_argument("--allow-different-records", action="store_true",
+                    help="rank runs even when they were scored on different records (summary.json digests differ)")
     args = ap.parse_args(argv)
     out = args.out or Path(args.dirs[0])
     logging.basicConfig(format="%(levelname)s: %(message)s")
     try:
-        rows = compare(args.dirs, out, args.sort)
+        rows = compare(args.dirs, out, args.sort, args.allow_different_records)
     except KEditError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    sys.stdout.write(markdown(rows))
+    sys.stdout.write(markdown(rows) + paired_markdown(rows))
     print(f"\nwrote {out / 'comparison.md'}, comparison.csv, comparison.png")
 
 

@@ -31,3 +31,7 @@ class Collapsed(KEditError):
 
 class RankFailed(KEditError):
     """A multi-process (DDP) run stopped because another rank failed (that rank prints its own error)."""
+
+
+class DifferentRecords(KEditError):
+    """Runs to be ranked were scored on different records (their summary.json digests differ)."""

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.config import REPO_ROOT, compose
 from kedit_pl.distributed import requested_devices
-from kedit_pl.errors import ConfigError, KEditError
+from kedit_pl.errors import ConfigError, DifferentRecords, KEditError
 from kedit_pl.io import read_json, write_json
 from kedit_pl.run_folder import edit_batch_size, identity_difference, is_finished_run_of, result_files, run_identity
 
@@ -155,7 +155,10 @@ def run_head_to_head(overrides: list[str]) -> dict[str, Any]:
     result: dict[str, Any] = {"methods": status, "config": OmegaConf.to_container(h, resolve=True),
                               "wall_seconds_this_invocation": time.perf_counter() - start}
     if done:
-        rows = compare(done, out)
+        try:  # ranks only runs on the same records (summary.json digests), unless allowed
+            rows = compare(done, out, allow_different_records=bool(h.get("allow_different_records", False)))
+        except DifferentRecords as e:
+            raise ConfigError(str(e)) from None
         walls = [read_json(d / "summary.json").get("timing", {}).get("wall_seconds") for d in done]
         result["wall_seconds_all_runs"] = sum(w for w in walls if w)
         result["figure"] = str(tradeoff_chart(rows, out / "tradeoffs.png"))
@@ -177,6 +180,7 @@ def tradeoff_chart(rows: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from kedit_pl.eval.report import error_bars
     from kedit_pl.io import atomic_path
 
     rates = [(k, lab) for k, lab in RATES if any(r.get(k) is not None for r in rows)]
@@ -187,8 +191,10 @@ def tradeoff_chart(rows: list[dict], path: Path) -> Path:
     x = np.arange(len(rows))
     fig, axes = plt.subplots(1, 3, figsize=(max(10, 1.6 * len(rows) + 8), 4.2), gridspec_kw={"width_ratios": [4, 1.3, 1.3]})
     w = 0.8 / max(1, len(rates))
-    for i, (k, lab) in enumerate(rates):
-        axes[0].bar(x + i * w - 0.4 + w / 2, [r.get(k) or 0 for r in rows], w, label=lab)
+    for i, (k, lab) in enumerate(rates):  # with each rate's 95 % bootstrap interval over records
+        vals = [r.get(k) or 0 for r in rows]
+        axes[0].bar(x + i * w - 0.4 + w / 2, vals, w, label=lab, capsize=1.5, error_kw={"elinewidth": 0.7},
+                    yerr=error_bars(vals, [(r.get("ci") or {}).get(k) for r in rows]))
     axes[0].set_xticks(x, labels)
     axes[0].set_ylim(0, 105)
     axes[0].set_ylabel("post-edit %")
@@ -196,10 +202,12 @@ def tradeoff_chart(rows: list[dict], path: Path) -> Path:
     for ax, key, title, fmt in ((axes[1], "fluency_ge", "fluency GE (×100 bits)", "%.1f"),
                                 (axes[2], "ppl", "WikiText ppl", "%.2f")):
         pre, post = ([r.get(f"{g}_{key}") or 0 for r in rows] for g in ("pre", "post"))
-        ax.bar_label(ax.bar(x - 0.2, pre, 0.4, hatch="//", color="lightgray", label="unedited"), fmt=fmt,
-                     fontsize=6, rotation=90, padding=2)
-        ax.bar_label(ax.bar(x + 0.2, post, 0.4, color="tab:blue", label="edited"), fmt=fmt, fontsize=6,
-                     rotation=90, padding=2)
+        err = {g: error_bars(v, [(r.get("ci") or {}).get(f"{g}_{key}") for r in rows])
+               for g, v in (("pre", pre), ("post", post))}  # perplexity is one number per model: no interval
+        ax.bar_label(ax.bar(x - 0.2, pre, 0.4, hatch="//", color="lightgray", label="unedited", yerr=err["pre"],
+                            capsize=1.5), fmt=fmt, fontsize=6, rotation=90, padding=2)
+        ax.bar_label(ax.bar(x + 0.2, post, 0.4, color="tab:blue", label="edited", yerr=err["post"], capsize=1.5),
+                     fmt=fmt, fontsize=6, rotation=90, padding=2)
         vals = [v for v in pre + post if v]
         if vals:  # the differences are small: zoom in on the values (the axis does not start at 0)
             lo, hi = min(vals), max(vals)

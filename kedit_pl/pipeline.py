@@ -113,7 +113,7 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> 
     share_batches(method, dm, n_procs)
     run_info = {"method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
                 "n_records": len(dm.requests) + len(done_ids), "batch_size": batch_size,
-                "config": OmegaConf.to_container(cfg.method, resolve=True), "skipped": skipped}
+                "config": OmegaConf.to_container(cfg.method, resolve=True), "skipped": skipped, **dm.selection}
     hooks = edit_hooks(cfg, method, dm.requests, out)  # edit.save=patch|model, edit.show=k
     pre_cache = Path(cfg.paths.cache_dir) / "pre_scores" if cfg.get("eval", {}).get("cache_pre", True) else None
     callback = EditEvalCallback(out, mode=mode, eval_batch_size=cfg.edit.eval_batch_size,
@@ -305,7 +305,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     best = callbacks[1].best_model_path
     result = {"best_checkpoint": best, "best_score": _float(callbacks[1].best_model_score),
               "global_step": trainer.global_step, "train_seconds": time.perf_counter() - start,
-              "processes": trainer.world_size}
+              "processes": trainer.world_size, "seed": cfg.seed}
     if best and Path(best).is_file():  # export the best validated editor, not the last step's
         method.load_editor(best)
         result["exported_from"] = best

@@ -61,8 +61,10 @@ SELECTION = ("name", "path", "format", "limit", "range", "ids", "on_invalid")
 def run_identity(cfg: DictConfig, batch_size: int) -> dict[str, Any]:
     """What a run's results depend on, in the order differences are reported."""
     data = OmegaConf.to_container(cfg.dataset, resolve=True)
-    identity = {"method": cfg.method.name, "model": cfg.model.name,
-                "dataset": {k: data.get(k) for k in SELECTION}, "mode": cfg.edit.mode, "batch_size": batch_size,
+    selection = {k: data.get(k) for k in SELECTION}
+    if (data.get("split") or "all") != "all":  # folders from before splits existed stay resumable
+        selection |= {"split": data.get("split"), "split_rule": data.get("split_rule")}
+    identity = {"method": cfg.method.name, "model": cfg.model.name, "dataset": selection, "mode": cfg.edit.mode, "batch_size": batch_size,
                 "seed": cfg.seed, "method_config": OmegaConf.to_container(cfg.method, resolve=True),
                 "eval": OmegaConf.to_container(cfg.eval, resolve=True) if cfg.get("eval") else None}
     lifelong = cfg.edit.get("lifelong")

@@ -8,6 +8,7 @@ import os
 from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.data.datamodule import parse_range
+from kedit_pl.data.splits import RULES, SPLITS
 from kedit_pl.errors import ConfigError
 from kedit_pl.eval.callback import MODES
 from kedit_pl.io import folder_problem
@@ -51,6 +52,11 @@ def validate_edit_config(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.ids: must be a non-empty list of case_ids or null, got {ids!r}")
     if d.get("on_invalid", "error") not in ("error", "skip"):
         raise ConfigError(f"dataset.on_invalid: must be 'error' or 'skip', got {d.get('on_invalid')!r}")
+    if (d.get("split") or "all") not in SPLITS:
+        raise ConfigError(f"dataset.split: must be one of {', '.join(SPLITS)}, got {d.get('split')!r}")
+    if (d.get("split") or "all") != "all" and d.get("split_rule") not in RULES:
+        raise ConfigError(f"dataset.split={d.get('split')}: dataset.split_rule must be one of {', '.join(RULES)}, got "
+                          f"{d.get('split_rule')!r} (a file without a split rule only has dataset.split=all)")
     validate_cache_folders(cfg)
 
 

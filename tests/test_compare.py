@@ -57,3 +57,73 @@ def test_runs_of_different_methods_show_no_method_internals(tmp_path):
         OmegaConf.save(OmegaConf.create({"method": {"name": method, **extra}, "seed": i}), run / ".hydra" / "config.yaml")
     header = (compare([tmp_path], tmp_path / "cmp") and (tmp_path / "cmp" / "comparison.md").read_text()).splitlines()[0]
     assert "seed" in header and "method.lr" not in header and "method.layer" not in header
+
+
+def _rec(new_wins: list[bool], ns_keeps: list[bool]) -> dict:
+    """A record line's scores: rewrite/paraphrase prompts where P(new) > P(true) iff new_wins, neighbors keep iff."""
+    good, bad = {"nll": 1.0, "acc": 1}, {"nll": 3.0, "acc": 0}
+    return {"rewrite": {"new": [good if new_wins[0] else bad], "true": [bad if new_wins[0] else good]},
+            "paraphrase": {"new": [good if w else bad for w in new_wins], "true": [bad if w else good for w in new_wins]},
+            "neighborhood": {"true": [good if k else bad for k in ns_keeps], "new": [bad if k else good for k in ns_keeps]}}
+
+
+def scored_run(path, method, es_rate: float, n: int = 200, digest: str = "d" * 64):
+    """A finished run with records.jsonl (n records; ES true on the first es_rate·n; NS 70 % on every run alike)
+    and the summary.json the callback would write from it."""
+    import json
+
+    from kedit_pl.eval.intervals import intervals
+    from kedit_pl.eval.metrics import summarize
+    from kedit_pl.eval.record_values import values_by_state
+
+    lines = [{"case_id": str(i), "pre": _rec([False, False], [i % 10 < 7]),
+              "post": _rec([i < es_rate * n, i < es_rate * n], [i % 10 < 7])} for i in range(n)]
+    path.mkdir(parents=True)
+    (path / "records.jsonl").write_text("".join(json.dumps(d) + "\n" for d in lines))
+    write_json(path / "summary.json", {
+        "pre": summarize(d["pre"] for d in lines), "post": summarize(d["post"] for d in lines),
+        "ci": {st: intervals(v) for st, v in values_by_state(lines).items()},
+        "timing": {"n_edits": n, "seconds_per_edit": 1.0},
+        "run": {"method": method, "model": "m", "dataset": "counterfact", "mode": "single", "split": "test",
+                "records_sha256": digest}})
+
+
+def test_table_shows_intervals_and_marks_a_best_only_where_the_difference_is_significant(tmp_path):
+    scored_run(tmp_path / "a", "rome", 1.0)
+    scored_run(tmp_path / "b", "memit", 0.8)
+    scored_run(tmp_path / "c", "ft", 0.79)
+    rows = compare([tmp_path], tmp_path / "cmp", sort="post/score")  # rome first: the reference of the Δ table
+    by = {r["method"]: r for r in rows}
+    assert by["rome"]["marks"]["post_es"] == "best" and "post_es" not in by["memit"]["marks"]
+    # NS is the same on every run: a three-way tie, shown as one
+    assert all(r["marks"]["post_ns"] == "tie" for r in rows)
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "**100.0 [100.0, 100.0]**" in md and "70.0 [" in md and "≈" in md and "Holm" in md
+    assert "Paired differences" in md and "| memit · m · " in md
+    assert "-20.0 [" in md.split("| memit · m · ")[1].splitlines()[0]  # memit − rome on ES
+    table = list(csv.DictReader((tmp_path / "cmp" / "comparison.csv").open()))
+    memit = next(t for t in table if t["method"] == "memit")
+    assert float(memit["post_es_lo"]) < 80.0 < float(memit["post_es_hi"])
+
+
+def test_two_close_runs_tie(tmp_path):
+    scored_run(tmp_path / "a", "memit", 0.8)
+    scored_run(tmp_path / "b", "ft", 0.79)
+    rows = compare([tmp_path], tmp_path / "cmp")
+    assert [r["marks"].get("post_es") for r in rows] == ["tie", "tie"]
+
+
+def test_runs_on_different_records_are_not_ranked_without_the_flag(tmp_path, capsys):
+    import pytest
+
+    from kedit_pl.errors import DifferentRecords
+
+    scored_run(tmp_path / "a", "rome", 1.0, digest="a" * 64)
+    scored_run(tmp_path / "b", "memit", 0.8, digest="b" * 64)
+    with pytest.raises(DifferentRecords, match="different records"):
+        compare([tmp_path], tmp_path / "cmp")
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), "--out", str(tmp_path / "cli")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--allow-different-records" in err[0]
+    assert len(compare([tmp_path], tmp_path / "cmp", allow_different_records=True)) == 2

@@ -115,6 +115,10 @@ def test_two_processes_give_the_records_of_one_and_resume_from_rank_files(tmp_pa
     assert summary["timing"]["n_edits"] == 6
     for group in ("pre", "post"):
         assert summary[group] == pytest.approx(one[group], abs=1e-6)
+        assert summary["ci"][group].keys() == one["ci"][group].keys()  # the records, gathered, in run order
+        for k, ci in one["ci"][group].items():
+            assert summary["ci"][group][k] == pytest.approx(ci, abs=1e-6), k
+    assert summary["run"]["records_sha256"] == one["run"]["records_sha256"]
     with pytest.raises(ConfigError, match="method_config.lr: 0.01 in the folder, 0.001 now"):  # identity kept
         run_edit(edit_cfg(out, *common, "edit.resume=true", "method.lr=1e-3"))
 

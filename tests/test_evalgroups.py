@@ -224,10 +224,32 @@ def test_head_to_head_runs_skips_learned_editors_and_resumes(tmp_path, one_threa
     assert "post_fluency_ge" in md and "post_port_rise" in md and "post_ppl" in md
     assert {"post_fluency_ge", "pre_dn_ns", "post_alias_es"} <= set(COLUMNS)
     assert (tmp_path / "tradeoffs.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "ft" / "summary.json").read_text())["run"]["split"] == "test"  # reported on test
     stamp = (tmp_path / "ft" / "summary.json").stat().st_mtime_ns
     again = run_head_to_head(args)
     assert again["methods"]["ft"]["status"] == "complete (earlier)"
     assert (tmp_path / "ft" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_head_to_head_refuses_to_rank_runs_on_different_records(tmp_path):
+    from kedit_pl.errors import ConfigError
+    from kedit_pl.head_to_head import run_head_to_head
+    from tests.test_compare import scored_run
+
+    from kedit_pl.config import compose
+    from kedit_pl.head_to_head import EXPERIMENT, plan_runs
+    from kedit_pl.io import write_json
+
+    args = ["model=tiny_llama", "logger=csv", f"head_to_head.out_dir={tmp_path}", "head_to_head.methods=[ft,rome]"]
+    plans = plan_runs(args, compose("edit", [EXPERIMENT, *args]).head_to_head, tmp_path)
+    for name, rate, digest in (("ft", 0.8, "a"), ("rome", 1.0, "b")):  # complete runs of these settings: only compared
+        scored_run(tmp_path / name, name, rate, digest=digest * 64)
+        write_json(tmp_path / name / "run.json", plans[name][1])
+    with pytest.raises(ConfigError, match="different records.*allow_different_records=true"):
+        run_head_to_head(args)
+    res = run_head_to_head([*args, "head_to_head.allow_different_records=true"])
+    assert set(res["methods"]) == {"ft", "rome"} and (tmp_path / "tradeoffs.png").is_file()
+    assert "**100.0 [100.0, 100.0]**" in (tmp_path / "comparison.md").read_text()
 
 
 def test_head_to_head_trains_a_missing_learned_editor_first(tmp_path, one_thread):

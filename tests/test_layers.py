@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("kv", "eval", "locate"),                                                    # 3 shared machinery
     ("methods",),                                                                # 4 one module per method
     ("pipeline", "api", "patch", "persist", "sequential_state", "validate"),     # 5 composition
-    ("cli", "compare", "head_to_head", ""),                                      # 6 entry points ("" = kedit_pl/__init__)
+    ("cli", "compare", "head_to_head", "sweep_test", ""),                                    # 6 entry points ("" = kedit_pl/__init__)
 ]
 
 

@@ -268,3 +268,41 @@ def test_post_norm_that_is_not_rms_fails():
         norm.bias.fill_(0.5)
     with pytest.raises(EditFailed, match="not an invertible RMS norm"):
         mlp_output_targets(norm, torch.randn(2, 16), torch.randn(2, 16))
+
+
+def test_post_norm_with_zero_gains_keeps_those_dims_and_reaches_the_rest():
+    """Gemma's post-MLP norm can have gains of exactly 0 (1 + w, w = −1; gemma3_270m at layers 3 and 4): those
+    outputs cannot move; they keep m, and the other dims reach a reachable target as before (this failed with
+    'not an invertible RMS norm')."""
+    from kedit_pl.kv.post_norm import mlp_output_targets
+
+    norm, g = _gemma_norm(), torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        norm.weight[[2, 7]] = -1.0  # gain 0 in two dims
+    m, other = torch.randn(4, 16, generator=g), 3 * torch.randn(4, 16, generator=g)
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[2, 7]] = True
+    other = torch.where(dead, 0.0, other)  # a target reachable with those dims of m kept (and m's rms)
+    other = torch.where(dead, m, other * (torch.where(dead, 0.0, m).norm(dim=-1, keepdim=True) /
+                                          other.norm(dim=-1, keepdim=True)))
+    want = norm(other)
+    dm = mlp_output_targets(norm, m, want - norm(m) + 5.0 * torch.eye(16)[2])  # asks dim 2 to move: it cannot
+    assert torch.isfinite(dm).all() and (dm[:, [2, 7]] == 0).all()
+    new = (m.double() + dm).float()
+    torch.testing.assert_close(norm(new), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(new.pow(2).mean(-1), m.pow(2).mean(-1))
+
+
+def test_post_norm_error_names_the_real_cause():
+    from kedit_pl.kv.post_norm import mlp_output_targets
+
+    norm = _gemma_norm()
+    with torch.no_grad():
+        norm.weight.fill_(-1.0)
+    with pytest.raises(EditFailed, match="every gain 0"):
+        mlp_output_targets(norm, torch.randn(2, 16), torch.randn(2, 16))
+    norm = torch.nn.LayerNorm(16)
+    with torch.no_grad():
+        norm.bias.fill_(0.5)
+    with pytest.raises(EditFailed, match=r"relative mismatch .* >= 0.001"):
+        mlp_output_targets(norm, torch.randn(2, 16), torch.randn(2, 16))

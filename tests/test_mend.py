@@ -163,3 +163,36 @@ def test_train_resumes_at_the_right_step_and_checkpoints_hold_only_the_editor(tm
     best = second["best_checkpoint"]
     exported, from_ckpt = make(tiny_llama, checkpoint=second["export"]), make(tiny_llama, checkpoint=best)
     assert all(torch.equal(v, from_ckpt.state_dict()[k]) for k, v in exported.state_dict().items())
+
+
+def test_fast_dev_run_validates_one_batch_of_edits(tmp_path, monkeypatch):
+    """trainer.fast_dev_run=true: the edit-validation callback applies one validation batch of edits, not all
+    train.val_edits (it scored every one of them, which made a fast dev run of MEND on zsRE take over 10 min)."""
+    from kedit_pl.eval.val_callback import EditValidationCallback
+
+    scored: list[int] = []
+    score = EditValidationCallback._score
+    monkeypatch.setattr(EditValidationCallback, "_score",
+                        lambda self, m, chunk: scored.append(len(chunk)) or score(self, m, chunk))
+    data = write_zsre(tmp_path / "train.json", 200)  # 10 validation records
+    out = run_train(edit_cfg(tmp_path, "method=mend", "method.rank=8", "dataset=zsre", f"dataset.train.path={data}",
+                             "train.batch_size=2", "train.val_edits=32", "trainer.fast_dev_run=true", "seed=3",
+                             config_name="train"))
+    assert 0 < sum(scored) <= 2 * 2  # one batch of 2: unedited once, edited once
+    assert out["seed"] == 3 and json.loads((tmp_path / "train_summary.json").read_text())["seed"] == 3
+
+
+def test_training_seed_decides_the_validation_split_and_the_shuffle(tmp_path):
+    """`seed=` is a knob of learned editors: the same seed gives the same held-out edits, another seed others."""
+    from kedit_pl.data.datamodule import EditDataModule
+
+    data = write_zsre(tmp_path / "train.json", 200)
+    cfg = {"path": data, "format": "zsre", "train": {"path": data, "format": "zsre", "exclude_eval": False}}
+
+    def val_ids(seed: int) -> list[str]:
+        dm = EditDataModule(cfg, seed=seed)
+        dm.prepare_training()
+        return [r.case_id for r in dm.val_requests]
+
+    assert val_ids(0) == val_ids(0) != val_ids(1)
+

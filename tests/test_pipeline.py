@@ -54,6 +54,11 @@ def test_single_mode_end_to_end_on_tiny_model(tmp_path):
     assert summary["timing"]["n_edits"] == 3
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["post"]["es"] == 100.0 and saved["run"]["method"] == "ft"
+    assert saved["ci"]["post"]["es"] == [100.0, 100.0]  # a constant metric's interval is a point
+    assert set(saved["ci"]["pre"]) >= {"es", "ps", "ns", "score"} and saved["ci_method"]["resamples"] >= 1000
+    lo, hi = saved["ci"]["pre"]["ns"]
+    assert lo <= saved["pre"]["ns"] <= hi
+    assert saved["run"]["split"] == "all" and len(saved["run"]["records_sha256"]) == 64
     lines = (tmp_path / "records.jsonl").read_text().splitlines()
     assert len(lines) == 3 and {"pre", "post", "seconds"} <= set(json.loads(lines[0]))
     assert (tmp_path / "metrics.png").stat().st_size > 0
@@ -77,7 +82,7 @@ def test_batch_and_sequential_modes(tmp_path):
     assert s["timing"]["n_edits"] == 3 and "final" not in s
     s = run_edit(edit_cfg(tmp_path / "s", "method=ft", "edit.mode=sequential", "edit.batch_size=1",
                           "method.lr=1e-2", "method.steps=40"))
-    assert "final" in s and s["final"]["n_records"] == 3
+    assert "final" in s and s["final"]["n_records"] == 3 and set(s["ci"]) == {"pre", "post", "final"}
     recs = [json.loads(x) for x in (tmp_path / "s" / "records.jsonl").read_text().splitlines()]
     assert all("final" in r for r in recs)
     ret = s["retention"]
@@ -116,7 +121,8 @@ def test_wandb_offline_run_holds_metrics(tmp_path):
     assert runs, "no offline W&B run folder"
     # offline runs store history as protobuf records in run-*.wandb; metric keys appear verbatim. W&B's service
     # process writes that file asynchronously, so it may still be flushing when run_edit returns: wait for it.
-    keys = (b"pre/es", b"post/es", b"post/ps", b"post/ns", b"post/score", b"timing/seconds_per_edit")
+    keys = (b"pre/es", b"post/es", b"post/ps", b"post/ns", b"post/score", b"timing/seconds_per_edit", b"post/es_lo",
+            b"post/score_hi")
     deadline = time.monotonic() + 60
     while True:
         data = b"".join(p.read_bytes() for p in runs[0].glob("run-*.wandb"))

@@ -36,3 +36,19 @@ def test_editor_flips_a_fact_on_smollm2_and_restores_exactly(smollm2, method, tm
     editor.restore(handle)
     assert pre["es"] == 0.0 and post["es"] == 100.0
     assert all(torch.equal(p, before[n]) for n, p in smollm2.model.named_parameters())
+
+
+def test_memit_runs_on_gemma3_whose_post_mlp_norm_has_zero_gains(tmp_path):
+    """`python edit.py method=memit model=gemma3_270m edit.mode=batch edit.batch_size=2 dataset.limit=2` exited 2:
+    gemma3_270m's post_feedforward_layernorm has gains of exactly 0 (1 + w, w = −1) at layers 3 and 4, inside
+    MEMIT's range 2–6. Those dimensions now keep m, and the batch edits."""
+    from kedit_pl.pipeline import run_edit
+
+    cfg = compose("edit", ["method=memit", "model=gemma3_270m", "edit.mode=batch", "edit.batch_size=2",
+                           "dataset.limit=2", "logger=csv", f"paths.output_dir={tmp_path}", "stats.n_samples=20000",
+                           f"stats.cache_dir={tmp_path}/stats"])
+    gemma = load_model(cfg.model)
+    gains = [(1 + gemma.model.model.layers[i].post_feedforward_layernorm.weight).abs() for i in (3, 4)]
+    assert [int((g == 0).sum()) for g in gains] == [1, 7]  # the case this test is about
+    summary = run_edit(cfg)
+    assert summary["timing"]["n_edits"] == 2 and summary["post"]["es"] > summary["pre"]["es"]

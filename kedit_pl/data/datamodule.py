@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from kedit_pl.data.readers import merge_probes, read_requests
 from kedit_pl.data.requests import EditRequest
+from kedit_pl.data.splits import apply_split, ids_digest
 from kedit_pl.distributed import rank_world, share
 from kedit_pl.errors import ConfigError, InvalidRecord
 from kedit_pl.io import write_json
@@ -140,6 +141,7 @@ class EditDataModule(L.LightningDataModule):
         self.done_requests: list[EditRequest] = []  # the selection's records in exclude_ids (done by an earlier run)
         self.invalid: list[dict] = []  # records dataset.on_invalid=skip dropped: [{"case_id", "reason"}]
         self.positions: dict[str, int] = {}  # case_id -> position in the selection, records done earlier included
+        self.selection: dict[str, Any] = {}  # the split and the digest of the selection's case_ids (summary.json)
         self.train_requests: list[EditRequest] = []
         self.val_requests: list[EditRequest] = []
         self.train_invalid: list[dict] = []  # training records dataset.train.on_invalid=skip dropped
@@ -150,7 +152,16 @@ class EditDataModule(L.LightningDataModule):
         c = self.cfg
         all_reqs, self.invalid = load_split_and_skips(c["path"], c.get("format", "counterfact"),
                                                       c.get("on_invalid", "error"), "summary.json (run.skipped)")
-        chosen = select(all_reqs, c.get("limit"), c.get("range"), c.get("ids"))
+        split = c.get("split") or "all"
+        in_split = apply_split(all_reqs, split, c.get("split_rule"))  # limit / range / ids act within the split
+        try:
+            chosen = select(in_split, c.get("limit"), c.get("range"), c.get("ids"))
+        except ConfigError as e:
+            if split == "all":
+                raise
+            raise ConfigError(f"{e} (within dataset.split={split}: {len(in_split)} of {len(all_reqs)} records)") from None
+        self.selection = {"split": split, "split_rule": c.get("split_rule"), "n_selected": len(chosen),
+                          "records_sha256": ids_digest(r.case_id for r in chosen)}
         if c.get("merge"):  # probe fields of the same records from other files (metric groups)
             chosen = merge_probes(chosen, c.get("format", "counterfact"), c["merge"])
         self.positions = {r.case_id: i for i, r in enumerate(chosen)}

@@ -15,8 +15,10 @@ import torch
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.distributed import gather_objects
 from kedit_pl.eval.groups import GroupRunner, MetricGroup
+from kedit_pl.eval.intervals import LEVEL, RESAMPLES, SEED, intervals
 from kedit_pl.eval.metrics import metric_counts, summarize
 from kedit_pl.eval.pre_cache import cached_pre_scores, pre_cache_for
+from kedit_pl.eval.record_values import values_by_state
 from kedit_pl.eval.report import print_table, write_summary_files
 from kedit_pl.eval.samples import generate_samples, sample_rows, write_samples
 from kedit_pl.eval.scoring import score_requests
@@ -231,6 +233,9 @@ class EditEvalCallback(L.Callback):
             summary["retention"] = retention_by_batch(done)
             write_text(self.out / RECORDS_FILE, "".join(json.dumps(d) + "\n" for d in done))
         summary["n_per_metric"] = metric_counts(d["post"] for d in done)  # each metric's own n (n_records: all)
+        summary["ci"] = {st: intervals(v, RESAMPLES, SEED, LEVEL) for st, v in values_by_state(done, self.groups).items()}
+        summary["ci_method"] = {"kind": "percentile bootstrap over records", "level": LEVEL, "resamples": RESAMPLES,
+                                "seed": SEED}
         seconds = sum(d["seconds"] for d in done)
         summary["timing"] = {
             "n_edits": len(done),
@@ -249,6 +254,8 @@ class EditEvalCallback(L.Callback):
         summary["run"] = self.run_info | {"mode": self.mode}
         self.summary = summary
         flat = {f"{g}/{k}": v for g in ("pre", "post", "final") if g in summary for k, v in summary[g].items()}
+        flat.update({f"{g}/{k}_{end}": b for g, cis in summary["ci"].items() for k, ci in cis.items()
+                     for end, b in zip(("lo", "hi"), ci)})  # the 95 % bounds beside each aggregate
         flat.update({f"timing/{k}": v for k, v in summary["timing"].items() if not isinstance(v, list)})
         self._log(trainer, flat, step=len(done) + 1)
         set_run_summary(trainer.loggers, flat)

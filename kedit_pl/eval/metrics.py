@@ -50,6 +50,11 @@ def record_metrics(rec: dict) -> dict[str, float]:
     return out
 
 
+def record_percent(rec: dict) -> dict[str, float]:
+    """One record's metrics on the report's scale (percent): `summarize` averages these (the bootstrap resamples them)."""
+    return {k: 100.0 * v for k, v in record_metrics(rec).items()}
+
+
 def summarize(records: Iterable[dict]) -> dict[str, float]:
     """Dataset-level metrics in percent: the mean over records of each record metric, plus Score."""
     per = [record_metrics(r) for r in records]

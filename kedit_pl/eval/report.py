@@ -36,15 +36,31 @@ def table_rows(summary: dict[str, Any]) -> tuple[str, list[str], list[list[str]]
     title = "kedit_pl results  " + " · ".join(str(run[k]) for k in ("method", "model", "dataset", "mode") if k in run)
     groups = [g for g in GROUPS if g in summary]
     names = [k for k in HEADLINE if any(k in summary[g] for g in groups)]
+    ci = summary.get("ci") or {}
     t = summary.get("timing", {})
     counts = summary.get("n_per_metric") or {}
     label = lambda k: f"{k} (n={counts[k]})" if k in counts and t and counts[k] != t["n_edits"] else k  # noqa: E731
-    rows = [[label(k), *[f"{summary[g][k]:.1f}" if k in summary[g] else "" for g in groups]] for k in names]
+    rows = [[label(k), *[with_interval(summary[g][k], (ci.get(g) or {}).get(k)) if k in summary[g] else "" for g in groups]]
+            for k in names]
     caption = (f"{int(t['n_edits'])} edits · {t['seconds_per_edit']:.2f} s/edit · peak RSS {t['peak_rss_mb']:.0f} MB"
                if t else "")
     if t.get("processes"):
         caption += f" (the largest of {t['processes']} processes)"
     return title, ["metric", *groups], rows, caption
+
+
+def with_interval(value: float, ci: list[float] | None) -> str:
+    """'97.5 [95.0, 99.5]': a mean and its 95 % bootstrap interval (the mean alone when there is none)."""
+    return f"{value:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+
+
+def error_bars(values: list[float], cis: list[list[float] | None]):
+    """matplotlib's yerr (2, n) for bars of `values` with intervals `cis` (0 where a bar has none)."""
+    import numpy as np
+
+    lo = [v - c[0] if c else 0.0 for v, c in zip(values, cis)]
+    hi = [c[1] - v if c else 0.0 for v, c in zip(values, cis)]
+    return np.clip(np.array([lo, hi]), 0.0, None)
 
 
 def plain_table(summary: dict[str, Any]) -> str:
@@ -80,7 +96,7 @@ def print_table(summary: dict[str, Any]) -> None:
 
 
 def bar_chart_pre_post(summary: dict[str, Any], path: Path) -> Path:
-    """Grouped bars of ES/PS/NS/Score before and after editing."""
+    """Grouped bars of ES/PS/NS/Score before and after editing, with their 95 % bootstrap intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,7 +110,9 @@ def bar_chart_pre_post(summary: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for i, g in enumerate(groups):
         vals = [summary[g].get(k, 0.0) for k in names]
-        bars = ax.bar(x + i * w - 0.4 + w / 2, vals, w, label=g)
+        cis = [((summary.get("ci") or {}).get(g) or {}).get(k) for k in names]
+        bars = ax.bar(x + i * w - 0.4 + w / 2, vals, w, label=g, yerr=error_bars(vals, cis), capsize=2,
+                      error_kw={"elinewidth": 0.8})
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(x, [n.upper() if n != "score" else "Score" for n in names])
     ax.set_ylim(0, 105)

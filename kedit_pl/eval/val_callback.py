@@ -61,7 +61,7 @@ class EditValidationCallback(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        requests = trainer.datamodule.val_requests[: self.n_records]
+        requests = trainer.datamodule.val_requests[: self.records_to_score(trainer)]
         chunks = [requests[s:s + self.edits_per_apply] for s in range(0, len(requests), self.edits_per_apply)]
         was_training = pl_module.training
         pl_module.eval()
@@ -88,6 +88,15 @@ class EditValidationCallback(L.Callback):
             pl_module.log(f"val/{k}", v, prog_bar=k in ("es", "ps", "edit_success"), sync_dist=True)  # equal on all ranks
         if hasattr(pl_module, "on_edit_validation"):
             pl_module.on_edit_validation(m)
+
+    def records_to_score(self, trainer: L.Trainer) -> int:
+        """`n_records`, capped at the validation batches Lightning runs (`trainer.fast_dev_run`: one batch;
+        `trainer.limit_val_batches`: that many), so a fast dev run is fast."""
+        batches = getattr(trainer, "num_val_batches", None)
+        per_batch = getattr(trainer.datamodule, "train_batch_size", None)
+        if not batches or not per_batch:
+            return self.n_records
+        return min(self.n_records, int(sum(batches)) * int(per_batch))
 
     def _score(self, pl_module, chunk: list) -> list[dict]:
         return score_requests(pl_module.logits_fn(), pl_module.tok, chunk, self.eval_batch_size, pl_module.device)

@@ -89,6 +89,20 @@ class GroupRunner:
                 out.update(mean_numbers(g.paired(pre[i]["groups"][g.name], records[i]["groups"][g.name]) for i in both))
         return out
 
+    def record_numbers(self, record: dict | None, pre: dict | None = None) -> dict[str, float]:
+        """One record's numbers of every per-record group (with `pre`, the paired ones too): the values whose
+        means `summarize` reports, for the bootstrap. Model-state groups (general ability) have none per record."""
+        out: dict[str, float] = {}
+        for g in self.groups:
+            raw = (record or {}).get("groups", {}).get(g.name)
+            if not g.per_record or raw is None:
+                continue
+            out.update(g.numbers(raw))
+            pre_raw = (pre or {}).get("groups", {}).get(g.name)
+            if pre is not None and pre_raw is not None:
+                out.update(g.paired(pre_raw, raw))
+        return out
+
     def counts(self, done: list[dict]) -> dict[str, dict[str, Any]]:
         """Per group, over the record lines: records measured and skipped (and why) on the unedited model;
         for a model-state group, how many states it measured (pre, post, final)."""
