@@ -1,0 +1,197 @@
+"""The memory methods IKE and GRACE on the tiny model: weights untouched, exact revert, the codebook rules,
+served logits, saved edits of memories, one-line errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kedit_pl.data.datamodule import load_split
+from kedit_pl.errors import ConfigError
+from kedit_pl.memory_patch import change_memory, make_memory_patch
+from kedit_pl.methods.grace import Grace
+from kedit_pl.methods.ike import IKE, demonstrations
+from kedit_pl.patch import PatchError, apply_patch, load_patch, save_patch
+from kedit_pl.pipeline import build_method
+from kedit_pl.tokens import encode_targets
+from tests.conftest import edit_cfg
+
+IKE_TINY = ["method=ike", "method.encoder.source=tiny", "method.pool.limit=40", "method.k=4"]
+
+
+def digest(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.state_dict().values()]
+
+
+def same_weights(model: torch.nn.Module, before: list[torch.Tensor]) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before))
+
+
+def base_logits(model, b) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+
+
+@pytest.fixture(scope="module")
+def reqs():
+    return load_split(edit_cfg("/tmp").dataset.path, "counterfact")[:6]
+
+
+@pytest.fixture
+def grace(tmp_path, tiny_llama, one_thread):
+    # the tiny model's queries lie ~0.1 apart (its prompts end in the same bytes): a radius below that
+    m = build_method(edit_cfg(tmp_path, "method=grace", "method.n_iter=5", "method.eps_init=0.02"), loaded=tiny_llama)
+    yield m
+    m.load_memory_state({k: v[:0] for k, v in m.memory_state().items()})  # hooks off the shared tiny model
+    assert not m._hooks
+
+
+@pytest.fixture
+def ike(tmp_path, tiny_llama, one_thread):
+    return build_method(edit_cfg(tmp_path, *IKE_TINY), loaded=tiny_llama)
+
+
+# --- GRACE ------------------------------------------------------------------------------------------------------
+def test_grace_outside_every_radius_is_bit_identical_and_inside_serves_the_value(grace, reqs):
+    model = grace.model
+    prompts = [reqs[0].rewrite] + [r.rewrite for r in reqs[1:4]]
+    b = encode_targets(grace.tok, prompts, ["x"] * len(prompts))
+    before = base_logits(model, b)
+    weights = digest(model)
+    grace.apply(reqs[:1])
+    assert len(grace) == 1 and same_weights(model, weights)
+    h = [grace._query(grace.tok(p)["input_ids"])[0] for p in prompts]
+    d = [float((x - grace.keys[0]).norm()) for x in h]
+    assert d[0] < 1e-4 and min(d[1:]) > grace.eps_init  # only the edit's own prompt is inside the radius
+    served = grace.logits_fn()(b.input_ids, b.attention_mask, b.prompt_lengths)
+    for row in range(1, len(prompts)):  # outside every radius: bit-identical to the unedited model
+        assert torch.equal(served[row], before[row])
+    assert not torch.equal(served[0], before[0])
+    # a query within ε of the key returns that edit's value at the query position
+    out = grace.model.get_submodule(grace.module_name)
+    seen = {}
+    hook = out.register_forward_hook(lambda _m, _a, o: seen.setdefault("out", o))  # runs after the adaptor
+    try:
+        with grace._at(b.prompt_lengths[:1]):
+            model(input_ids=b.input_ids[:1], attention_mask=b.attention_mask[:1])
+    finally:
+        hook.remove()
+    pos = b.prompt_lengths[0] - 1
+    assert torch.equal(seen["out"][0, pos], grace.values[0].to(seen["out"].dtype))
+
+
+def test_grace_value_training_lowers_the_target_loss(tmp_path, tiny_llama, one_thread, reqs):
+    losses = []
+    for n in (1, 30):  # the loss reported is the last one measured: n = 1 is the untrained (warm) value's
+        m = build_method(edit_cfg(tmp_path, "method=grace", f"method.n_iter={n}", "method.stop_loss=0"),
+                         loaded=tiny_llama)
+        h = m.apply(reqs[:1])
+        losses.append(h.info["value_loss"][0])
+        m.restore(h)
+    assert losses[1] < losses[0] - 0.1, losses
+
+
+def test_grace_expand_and_split(grace, reqs):
+    r = reqs[0]
+    grace.apply([r])
+    key = grace.keys[0].clone()
+    far = grace.eps_init * 1.5  # a new key at this distance lies within ε_init + ε_0 of the old one
+
+    def near_query(_ids):
+        h, v0 = Grace._query(grace, _ids)
+        return key + far * torch.nn.functional.normalize(torch.ones_like(key), dim=0), v0
+
+    grace._query = near_query
+    try:
+        grace.apply([r])  # same label -> expand ε_0 to the distance, no new key
+        assert len(grace) == 1 and float(grace.eps[0]) == pytest.approx(far, rel=1e-5)
+        grace.load_memory_state({**grace.memory_state(), "eps": torch.tensor([grace.eps_init])})
+        other = type(r)(**{**r.__dict__, "target_new": r.target_new + " Street"})
+        info = grace.apply([other]).info  # conflicting label -> split: both radii d/2
+        assert info["actions"] == ["split"] and len(grace) == 2
+        assert torch.allclose(grace.eps, torch.full((2,), far / 2), rtol=1e-5)
+    finally:
+        del grace._query
+
+
+def test_grace_restore_and_memory_patch_are_exact(grace, reqs, tmp_path):
+    model = grace.model
+    empty = grace.memory_state()
+    h1 = grace.apply(reqs[:1])
+    one = grace.memory_state()
+    h2 = grace.apply(reqs[1:2])
+    two = grace.memory_state()
+    patch = make_memory_patch(h2.method_state, two, {"method": "grace"})
+    save_patch(patch, tmp_path / "p")
+    loaded = load_patch(tmp_path / "p")
+    assert all(torch.equal(change_memory(one, loaded, True)[k], two[k]) for k in two)
+    assert all(torch.equal(change_memory(two, loaded, False)[k], one[k]) for k in one)
+    with pytest.raises(PatchError, match="not the unedited memory"):
+        change_memory(empty, loaded, True)  # a sequence's second edit, applied first
+    with pytest.raises(PatchError, match="holds its memory, not weights"):
+        apply_patch(model, loaded)
+    grace.restore(h2)
+    assert all(torch.equal(grace.memory_state()[k], one[k]) for k in one)
+    grace.restore(h1)
+    assert len(grace) == 0 and not grace._hooks
+
+
+@pytest.mark.parametrize("override, field", [("method.eps_init=0", "method.eps_init"),
+                                              ("method.layer=99", "layer 99"),
+                                              ("method.value_init=hot", "method.value_init")])
+def test_grace_bad_config_is_a_one_line_error(tmp_path, tiny_llama, override, field):
+    with pytest.raises(ConfigError, match=field) as e:
+        build_method(edit_cfg(tmp_path, "method=grace", override), loaded=tiny_llama)
+    assert "\n" not in str(e.value)
+
+
+# --- IKE --------------------------------------------------------------------------------------------------------
+def test_ike_demonstrations_are_copy_update_retain(reqs):
+    kinds = [d[0] for d in demonstrations(reqs[0])]
+    assert kinds[0] == "copy" and "update" in kinds and "retain" in kinds
+    retain = [d for d in demonstrations(reqs[0]) if d[0] == "retain"]
+    assert all(y == reqs[0].target_true for *_, y in retain)  # a neighbour keeps its own (true) answer
+
+
+def test_ike_never_changes_weights_and_serves_every_prompt_after_its_context(ike, reqs):
+    model = ike.model
+    weights = digest(model)
+    handles = [ike.apply([r]) for r in reqs[:3]]  # sequential: the memory grows
+    assert len(ike) == 3 and same_weights(model, weights)
+    own_fact = "New Fact: " + reqs[0].rewrite
+    assert own_fact in ike.tok.decode(ike._context_ids(0))
+    for i, r in enumerate(reqs[:3]):  # never a demonstration from the edited record itself
+        assert ike.tok.decode(ike._context_ids(i)).count(f"New Fact: {r.rewrite} {r.target_new}") == 1
+    b = encode_targets(ike.tok, [reqs[0].rewrite], [reqs[0].target_new])
+    served = ike.logits_fn()(b.input_ids, b.attention_mask, b.prompt_lengths)
+    ctx = ike._context_ids(ike.nearest([reqs[0].rewrite])[0])
+    full = torch.tensor([ctx + b.input_ids[0, ike.cond.lead:].tolist()])
+    direct = base_logits(model, type(b)(full, torch.ones_like(full), b.labels, b.prompt_lengths))
+    n = b.input_ids.shape[1] - ike.cond.lead
+    assert torch.allclose(served[0, ike.cond.lead:], direct[0, -n:], atol=1e-5)
+    for h in reversed(handles):
+        ike.restore(h)
+    assert len(ike) == 0 and same_weights(model, weights)
+    assert torch.equal(ike.logits_fn()(b.input_ids, b.attention_mask), base_logits(model, b))
+
+
+def test_ike_memory_patch_round_trip(ike, reqs):
+    h1 = ike.apply(reqs[:1])
+    one = ike.memory_state()
+    h2 = ike.apply(reqs[1:2])
+    two = ike.memory_state()
+    patch = make_memory_patch(h2.method_state, two)
+    assert all(torch.equal(change_memory(one, patch, True)[k], two[k]) for k in two)
+    assert all(torch.equal(change_memory(two, patch, False)[k], one[k]) for k in one)
+    ike.restore(h2)
+    ike.restore(h1)
+    assert len(ike) == 0
+
+
+@pytest.mark.parametrize("override, field", [("method.k=-1", "method.k"),
+                                              ("method.pool.path=/nonexistent.json", "method.pool.path"),
+                                              ("method.encoder.source=bert", "method.encoder.source")])
+def test_ike_bad_config_is_a_one_line_error(tmp_path, tiny_llama, reqs, override, field):
+    with pytest.raises(ConfigError, match=field) as e:
+        m = build_method(edit_cfg(tmp_path, *IKE_TINY, override), loaded=tiny_llama)
+        m.apply(reqs[:1])
+    assert "\n" not in str(e.value)
