@@ -10,6 +10,7 @@ It uses the weight patches' files (`patch.save_patch` / `load_patch`); `meta["me
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -47,7 +48,7 @@ def make_memory_patch(before: dict[str, torch.Tensor], after: dict[str, torch.Te
             raise PatchError(f"memory tensor {key!r} shrank in the edit ({tuple(b.shape)} -> {tuple(a.shape)})")
         n0 = b.shape[0]
         wb, wa = _widen(b, a.shape), a[:n0]
-        rows = (wb != wa).reshape(n0, -1).any(-1).nonzero().flatten()
+        rows = (wb != wa).reshape(n0, math.prod(a.shape[1:])).any(-1).nonzero().flatten()
         tensors[f"{key}::rows"] = rows.to(torch.int64)
         tensors[f"{key}::before"], tensors[f"{key}::after"] = wb[rows].clone(), wa[rows].clone()
         tensors[f"{key}::appended"] = a[n0:].clone()

@@ -195,3 +195,50 @@ def test_ike_bad_config_is_a_one_line_error(tmp_path, tiny_llama, reqs, override
         m = build_method(edit_cfg(tmp_path, *IKE_TINY, override), loaded=tiny_llama)
         m.apply(reqs[:1])
     assert "\n" not in str(e.value)
+
+
+# --- runs, the Python API and saved edits of memories -----------------------------------------------------------
+GRACE_FAST = ["method.n_iter=3", "method.eps_init=0.02"]
+
+
+def test_sequential_runs_save_memory_patches_that_the_api_replays(tmp_path, one_thread):
+    import json
+
+    from kedit_pl.api import Editor
+    from kedit_pl.pipeline import run_edit
+
+    for name, extra in (("grace", GRACE_FAST), ("ike", IKE_TINY[1:])):
+        out = tmp_path / name
+        summary = run_edit(edit_cfg(out, f"method={name}", *extra, "edit.mode=sequential", "edit.save=patch",
+                                    "dataset.limit=2", "edit.lifelong.every=0"))
+        assert summary["post"]["n_records"] == 2
+        patches = sorted((out / "patches").glob("*.json"))
+        assert len(patches) == 2 and "memory" in json.loads(patches[1].read_text())
+        ed = Editor(method=name, model="tiny_llama", overrides=list(extra))
+        weights = ed.digest()
+        with pytest.raises(PatchError, match="not the unedited memory"):
+            ed.apply_patch(patches[1])  # the second edit of the sequence needs the first one's memory
+        edits = [ed.apply_patch(p) for p in patches]
+        assert len(ed.method) == 2 and ed.digest() == weights
+        for e in reversed(edits):
+            e.revert()
+        assert len(ed.method) == 0 and ed.digest() == weights
+        with pytest.raises(PatchError, match=f"memory method '{name}'"):
+            Editor(method="ft", model="tiny_llama").apply_patch(patches[0])
+    with pytest.raises(ConfigError, match="saves its memory"):
+        run_edit(edit_cfg(tmp_path / "bad", "method=grace", *GRACE_FAST, "edit.mode=sequential", "edit.save=model"))
+
+
+def test_api_edit_of_a_memory_method_reverts_exactly(tmp_path, one_thread):
+    from kedit_pl.api import Editor
+
+    ed = Editor(method="grace", model="tiny_llama", overrides=GRACE_FAST)
+    weights = ed.digest()
+    edit = ed.edit(subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new="English",
+                   target_true="French")
+    assert len(ed.method) == 1 and ed.digest() == weights and "memory" in repr(edit)
+    path = edit.save(tmp_path / "darrieux")
+    edit.revert()
+    assert len(ed.method) == 0
+    ed.apply_patch(path)
+    assert len(ed.method) == 1

@@ -101,6 +101,10 @@ class IKE(MemoryEditMethod):
         ids = self.context[row]
         return (ids[ids > 0] - 1).tolist()
 
+    def setup(self, stage: str) -> None:
+        if stage == "test":  # the pool is built (or read from its cache) before the first edit is timed
+            self.pool()
+
     # --- the demonstration pool -----------------------------------------------------------------------------
     def _embed(self, texts: list[str]) -> torch.Tensor:
         with torch.no_grad():

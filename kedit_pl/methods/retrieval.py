@@ -59,17 +59,22 @@ def tiny_encoder(cfg: Mapping[str, Any]) -> tuple[BertModel, PreTrainedTokenizer
 
 def embed_texts(encoder: PreTrainedModel, tok: PreTrainedTokenizerBase, texts: list[str], max_length: int = 64,
                 batch_size: int = 256) -> torch.Tensor:
-    """L2-normalized mean-pooled float32 embeddings (N, d) of `texts`, in chunks, on the encoder's device."""
+    """L2-normalized mean-pooled float32 embeddings (N, d) of `texts`, in chunks of similar length (little padding),
+    in the order given, on the encoder's device."""
     device = next(encoder.parameters()).device
+    if not texts:
+        return torch.zeros(0, encoder.config.hidden_size, device=device)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i])) if len(texts) > batch_size else list(range(len(texts)))
     out = []
     for s in range(0, len(texts), batch_size):
-        enc = tok(texts[s:s + batch_size], padding=True, truncation=True, max_length=int(max_length),
-                  return_tensors="pt").to(device)
+        enc = tok([texts[i] for i in order[s:s + batch_size]], padding=True, truncation=True,
+                  max_length=int(max_length), return_tensors="pt").to(device)
         hidden = encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         out.append(F.normalize(pooled.float(), dim=-1))
-    return torch.cat(out) if out else torch.zeros(0, encoder.config.hidden_size, device=device)
+    emb = torch.cat(out)
+    return emb if order == list(range(len(texts))) else emb[torch.argsort(torch.tensor(order, device=device))]
 
 
 def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
