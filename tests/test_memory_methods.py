@@ -36,10 +36,11 @@ def reqs():
     return load_split(edit_cfg("/tmp").dataset.path, "counterfact")[:6]
 
 
-@pytest.fixture
-def grace(tmp_path, tiny_llama, one_thread):
+@pytest.fixture(params=["tiny_llama"])
+def grace(request, tmp_path, one_thread):
     # the tiny model's queries lie ~0.1 apart (its prompts end in the same bytes): a radius below that
-    m = build_method(edit_cfg(tmp_path, "method=grace", "method.n_iter=5", "method.eps_init=0.02"), loaded=tiny_llama)
+    m = build_method(edit_cfg(tmp_path, f"model={request.param}", "method=grace", "method.n_iter=5",
+                              "method.eps_init=0.02"), loaded=request.getfixturevalue(request.param))
     yield m
     m.load_memory_state({k: v[:0] for k, v in m.memory_state().items()})  # hooks off the shared tiny model
     assert not m._hooks
@@ -51,6 +52,7 @@ def ike(tmp_path, tiny_llama, one_thread):
 
 
 # --- GRACE ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("grace", ["tiny_llama", "tiny_gpt2"], indirect=True)  # gpt2: Conv1D projections
 def test_grace_outside_every_radius_is_bit_identical_and_inside_serves_the_value(grace, reqs):
     model = grace.model
     prompts = [reqs[0].rewrite] + [r.rewrite for r in reqs[1:4]]
@@ -172,6 +174,21 @@ def test_ike_never_changes_weights_and_serves_every_prompt_after_its_context(ike
         ike.restore(h)
     assert ike.memory_size == 0 and same_weights(model, weights)
     assert torch.equal(ike.logits_fn()(b.input_ids, b.attention_mask), base_logits(model, b))
+
+
+def test_ike_generation_continues_after_the_context(ike, reqs):
+    from kedit_pl.eval.generate import greedy_generate
+
+    ike.apply(reqs[:1])
+    prompt = reqs[1].rewrite
+    ids = ike.cond.generation_ids(ike._context_ids(0), ike.tok(prompt)["input_ids"])
+    # generation (and the prompt-cache scoring path) continue "[context] [prompt]" with the base model
+    assert ike.logits_fn().prefixes([ike.tok(prompt)["input_ids"]]) == [(ike.model, ids)]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = ike.model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=6,
+                                 pad_token_id=ike.tok.pad_token_id)
+    assert greedy_generate(ike, [prompt], 6) == [ike.tok.decode(out[0, len(ids):], skip_special_tokens=True)]
 
 
 def test_ike_memory_patch_round_trip(ike, reqs):
