@@ -9,7 +9,7 @@ from kedit_pl.data.datamodule import load_split
 from kedit_pl.errors import ConfigError
 from kedit_pl.memory_patch import change_memory, make_memory_patch
 from kedit_pl.methods.grace import Grace
-from kedit_pl.methods.ike import IKE, demonstrations
+from kedit_pl.methods.ike import demonstrations
 from kedit_pl.patch import PatchError, apply_patch, load_patch, save_patch
 from kedit_pl.pipeline import build_method
 from kedit_pl.tokens import encode_targets
@@ -99,7 +99,7 @@ def test_grace_expand_and_split(grace, reqs):
     far = grace.eps_init * 1.5  # a new key at this distance lies within ε_init + ε_0 of the old one
 
     def near_query(_ids):
-        h, v0 = Grace._query(grace, _ids)
+        _, v0 = Grace._query(grace, _ids)
         return key + far * torch.nn.functional.normalize(torch.ones_like(key), dim=0), v0
 
     grace._query = near_query
