@@ -86,7 +86,7 @@ class Grace(MemoryEditMethod):
             raise ConfigError(f"GRACE memory: shapes {[tuple(state[k].shape) for k in KEYS]} do not fit layer "
                               f"{self.layer} of this model (keys {tuple(self.keys.shape[1:])}, values "
                               f"{tuple(self.values.shape[1:])})")
-        dev = self.keys.device
+        dev = next(self.model.parameters()).device
         for k in KEYS:
             setattr(self, k, state[k].detach().clone().to(dev))
         self._sync_hooks()
@@ -134,13 +134,13 @@ class Grace(MemoryEditMethod):
             return None
         pos = self._query_positions(h)
         rows = torch.arange(h.shape[0], device=h.device)
-        dist, nearest = torch.cdist(h[rows, pos].float(), self.keys.float()).min(-1)
-        hit = dist <= self.eps[nearest]
+        dist, nearest = torch.cdist(h[rows, pos].float(), self.keys.to(h.device, torch.float32)).min(-1)
+        hit = dist <= self.eps.to(h.device)[nearest]
         if not bool(hit.any()):
             return None  # outside every radius: the projection's own output, the same tensor
         out = out.clone()
         r = hit.nonzero().flatten()
-        out[r, pos[r]] = self.values[nearest[r]].to(out.dtype)
+        out[r, pos[r]] = self.values.to(h.device)[nearest[r]].to(out.dtype)
         return out
 
     @contextmanager
@@ -167,6 +167,9 @@ class Grace(MemoryEditMethod):
 
     # --- editing (Algorithm 1) -----------------------------------------------------------------------------
     def remember(self, requests: list[EditRequest]) -> dict[str, Any]:
+        dev = next(self.model.parameters()).device  # the codebook follows the model (Lightning may have moved it)
+        for k in KEYS:
+            setattr(self, k, getattr(self, k).to(dev))
         actions, losses = [], []
         for req in requests:
             action, loss = self._edit_one(req)
