@@ -22,7 +22,8 @@ from kedit_pl.errors import ConfigError, InvalidRecord
 from kedit_pl.eval.metrics import summarize
 from kedit_pl.eval.scoring import score_requests
 from kedit_pl.eval.generate import greedy_generate
-from kedit_pl.methods.base import EditHandle, EditMethod
+from kedit_pl.memory_patch import change_memory, is_memory_patch, make_memory_patch
+from kedit_pl.methods.base import EditHandle, EditMethod, MemoryEditMethod
 from kedit_pl.patch import Patch, PatchError, apply_patch, edit_meta, load_patch, make_patch, revert_patch, \
     save_model, save_patch, tensor_digest
 
@@ -59,7 +60,10 @@ class AppliedEdit:
         """Restore the weights this edit changed, bit-exactly. Later edits to the same weights must be reverted first."""
         if self.reverted:
             raise PatchError("this edit was already reverted")
-        revert_patch(self.editor.model, self.patch)  # checks the weights are still this edit's result
+        if is_memory_patch(self.patch):  # a memory method: its memory goes back (checked like weights)
+            self.editor._change_memory(self.patch, forward=False)
+        else:
+            revert_patch(self.editor.model, self.patch)  # checks the weights are still this edit's result
         self.reverted = True
 
     def save(self, stem: str | Path) -> Path:
@@ -68,7 +72,8 @@ class AppliedEdit:
 
     def __repr__(self) -> str:
         what = "; ".join(f"{r.rewrite} -> {r.target_new}" for r in self.requests)
-        return f"AppliedEdit({what!r}, {len(self.patch.params)} parameter(s){', reverted' if self.reverted else ''})"
+        where = "memory" if is_memory_patch(self.patch) else f"{len(self.patch.params)} parameter(s)"
+        return f"AppliedEdit({what!r}, {where}{', reverted' if self.reverted else ''})"
 
 
 class Editor:
@@ -150,16 +155,29 @@ class Editor:
             if problem:
                 raise InvalidRecord(problem)
         handle = self.method.apply(reqs)
-        patch = make_patch(self.model, handle.originals, handle.low_rank,
-                           edit_meta(self.cfg.method.name, self.cfg.model.name, reqs,
-                                     _container(self.cfg.method), mode="api"))
+        meta = edit_meta(self.cfg.method.name, self.cfg.model.name, reqs, _container(self.cfg.method), mode="api")
+        if isinstance(self.method, MemoryEditMethod):  # a memory method saves its memory rows, not weights
+            patch = make_memory_patch(handle.method_state, self.method.memory_state(), meta)
+        else:
+            patch = make_patch(self.model, handle.originals, handle.low_rank, meta)
         return AppliedEdit(self, reqs, patch, handle)
 
     def apply_patch(self, path: str | Path) -> AppliedEdit:
         """Apply a saved patch (refused unless the model's weights are the ones it was made on)."""
         patch = load_patch(path)
-        apply_patch(self.model, patch)
+        if is_memory_patch(patch):
+            self._change_memory(patch, forward=True)
+        else:
+            apply_patch(self.model, patch)
         return AppliedEdit(self, [EditRequest(**r) for r in _requests_of(patch)], patch)
+
+    def _change_memory(self, patch: Patch, forward: bool) -> None:
+        """Apply or revert a memory method's saved edit (kedit_pl/memory_patch.py) on this Editor's method."""
+        if not isinstance(self.method, MemoryEditMethod) or patch.meta.get("method") != self.cfg.method.name:
+            raise PatchError(f"{patch.meta.get('file', 'patch')}: a saved edit of memory method "
+                             f"'{patch.meta.get('method')}'; this Editor runs '{self.cfg.method.name}' "
+                             f"(use Editor(method='{patch.meta.get('method')}'))")
+        self.method.load_memory_state(change_memory(self.method.memory_state(), patch, forward))
 
     # --- evaluation and saving -----------------------------------------------------------------------
     def score(self, records: Sequence[RequestLike]) -> dict[str, float]:

@@ -174,11 +174,14 @@ def revert_patch(model: nn.Module, patch: Patch) -> None:
 
 
 def _change(model: nn.Module, patch: Patch, forward: bool) -> None:
+    where = patch.meta.get("file", "patch")
+    verb = "apply" if forward else "revert"
+    if "memory" in patch.meta:  # kedit_pl/memory_patch.py
+        raise PatchError(f"{where}: cannot {verb} to weights: a saved edit of memory method '{patch.meta.get('method')}' "
+                         f"holds its memory, not weights; load it with Editor(method=...).apply_patch")
     names = patch.params
     touched = _touched(model, names)
     want, goal = ("before", "after") if forward else ("after", "before")
-    where = patch.meta.get("file", "patch")
-    verb = "apply" if forward else "revert"
     for name, p in touched:
         made = patch.meta["dtypes"][name]
         if str(p.dtype).removeprefix("torch.") != made:
@@ -306,7 +309,7 @@ def _list(paths: list[Path]) -> None:
         m = patch.meta
         reqs = "; ".join(f"{r['prompt'].format(r['subject'])} → {r['target_new']}" for r in m.get("requests", []))
         enc = ", ".join(f"{e['kind']}" + (f" r{e['rank']}" if e["kind"] == "low_rank" else "")
-                        for e in m["encoding"].values())
+                        for e in m["encoding"].values()) or ("memory" if "memory" in m else "")
         table.add_row(Path(p).stem, str(m.get("method")), str(m.get("model")), str(m.get("step", "")), reqs,
                       ", ".join(m["params"]), enc, f"{patch.nbytes() / 1024:.1f}")
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # no wrapping into a pipe

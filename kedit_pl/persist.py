@@ -10,6 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.errors import ConfigError
 from kedit_pl.eval.show import EditShow
+from kedit_pl.memory_patch import make_memory_patch
+from kedit_pl.methods.base import MemoryEditMethod
 from kedit_pl.patch import edit_meta, make_patch, save_model, save_patch
 from kedit_pl.weights import EditMethodProtocol
 
@@ -25,9 +27,12 @@ class PatchWriter:
         self.config = OmegaConf.to_container(cfg.method, resolve=True)
 
     def __call__(self, method: EditMethodProtocol, handle, batch: list, batch_idx: int) -> None:
-        patch = make_patch(method.model, handle.originals, handle.low_rank,
-                           edit_meta(self.cfg.method.name, self.cfg.model.name, batch, self.config,
-                                     mode=self.cfg.edit.mode, step=batch_idx))
+        meta = edit_meta(self.cfg.method.name, self.cfg.model.name, batch, self.config, mode=self.cfg.edit.mode,
+                         step=batch_idx)
+        if isinstance(method, MemoryEditMethod):  # its memory rows, not weights (kedit_pl/memory_patch.py)
+            patch = make_memory_patch(handle.method_state, method.memory_state(), meta)
+        else:
+            patch = make_patch(method.model, handle.originals, handle.low_rank, meta)
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(batch[0].case_id))
         save_patch(patch, self.folder / f"{batch_idx:05d}_{name}")
 
@@ -37,9 +42,10 @@ def edit_hooks(cfg: DictConfig, method: EditMethodProtocol, requests: list, out:
     save, show = cfg.edit.get("save"), int(cfg.edit.get("show") or 0)
     if save is not None and save not in SAVES:
         raise ConfigError(f"edit.save: {save!r} is not one of {', '.join(SAVES)} (or null)")
-    if save is not None and method.serves_own_logits():
+    memory = isinstance(method, MemoryEditMethod)
+    if save is not None and (save == "model" or not memory) and (memory or method.serves_own_logits()):
         raise ConfigError(f"edit.save={save}: method '{cfg.method.name}' routes inputs instead of changing weights; "
-                          "there are no weights to save")
+                          f"there are no weights to save{' (edit.save=patch saves its memory)' if memory else ''}")
     if save == "model" and cfg.edit.mode != "sequential":
         raise ConfigError(f"edit.save=model needs edit.mode=sequential (mode {cfg.edit.mode} restores the model after "
                           "each edit); use edit.save=patch to keep each edit")

