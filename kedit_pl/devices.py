@@ -81,3 +81,10 @@ def run_device(accelerator: str = "cpu", local_rank: int | None = None) -> torch
     if acc == "mps" or (acc == "auto" and mps):
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def place_model(model: nn.Module, device: torch.device) -> None:
+    """Move the model to `device` (a meta-device skeleton, which has no weights to move, stays where it is)."""
+    if model_device(model).type != "meta" and model_device(model) != device:
+        log.info("model on %s", device)
+        model.to(device)

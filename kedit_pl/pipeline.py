@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.data.datamodule import EditDataModule
-from kedit_pl.devices import run_device
+from kedit_pl.devices import place_model, run_device
 from kedit_pl.distributed import (check_request, collective_error, is_worker, launched_rank, requested_devices,
                                   stop_workers, strategy_for)
 from kedit_pl.errors import Collapsed, ConfigError, InvalidRecord, KEditError, RunFolderBusy
@@ -45,7 +45,7 @@ def build_method(cfg: DictConfig, loaded=None) -> EditMethod:
 
     loaded = loaded or load_model(cfg.model)
     if cfg.get("trainer") is not None:  # on the run's device before any work (statistics, templates, checks)
-        loaded.model.to(run_device(cfg.trainer.get("accelerator", "cpu")))
+        place_model(loaded.model, run_device(cfg.trainer.get("accelerator", "cpu")))
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in ("_target_",)}
     target = cfg.method.get("_target_")
     if not target:
