@@ -29,6 +29,7 @@ from kedit_pl.run_folder import RunFolder, result_files, run_identity
 from kedit_pl.sequential_state import SequentialCheckpoint, resume_point
 from kedit_pl.validate import validate_edit_config, validate_processes
 from kedit_pl.persist import edit_hooks, finish_hooks
+from kedit_pl.plan import announce
 
 log = logging.getLogger("kedit_pl")
 #: train.py outputs a failed run must not delete
@@ -44,8 +45,6 @@ def build_method(cfg: DictConfig, loaded=None) -> EditMethod:
     from kedit_pl.models.load import load_model
 
     loaded = loaded or load_model(cfg.model)
-    if cfg.get("trainer") is not None:  # on the run's device before any work (statistics, templates, checks)
-        place_model(loaded.model, run_device(cfg.trainer.get("accelerator", "cpu")))
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in ("_target_",)}
     target = cfg.method.get("_target_")
     if not target:
@@ -55,9 +54,12 @@ def build_method(cfg: DictConfig, loaded=None) -> EditMethod:
     except Exception as e:
         raise ConfigError(f"method._target_: cannot import {target!r} ({e})") from None
     try:
-        return cls(model=loaded.model, tokenizer=loaded.tokenizer, spec=loaded.spec, **kwargs)
+        method = cls(model=loaded.model, tokenizer=loaded.tokenizer, spec=loaded.spec, **kwargs)
     except TypeError as e:
         raise ConfigError(f"method '{kwargs.get('name')}': bad hyperparameter ({e})") from None
+    if cfg.get("trainer") is not None:  # model and editor on the run's device before any work (statistics,
+        place_model(method, run_device(cfg.trainer.get("accelerator", "cpu")))  # templates, record checks)
+    return method
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -107,6 +109,8 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
     other ranks of a DDP run)."""
     validate_edit_config(cfg)  # every bad value is one line before anything heavy (or any file) is made
     validate_processes(cfg, requested_devices(cfg.trainer) or 1)
+    if not is_worker() and announce(cfg, "edit") is not None and cfg.edit.get("dry_run", False):
+        return {}  # edit.dry_run: the memory plan only, nothing loaded
     n_procs = check_request(cfg)
     mode = cfg.edit.mode
     batch_size = 1 if mode == "single" else int(cfg.edit.batch_size)
@@ -218,7 +222,7 @@ def lifelong_callback(cfg: DictConfig, out: Path) -> LifelongCallback | None:
 def metric_value(summary: dict[str, Any], path: str) -> float | None:
     """'post/score' -> summary['post']['score'] (what a sweep maximizes); None, with a warning, if absent (and
     quietly for a DDP rank > 0, which writes no summary)."""
-    if is_worker():
+    if is_worker() or not summary:  # a DDP rank > 0, or a dry run
         return None
     group, _, name = path.partition("/")
     value = summary.get(group, {}).get(name)
@@ -272,6 +276,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     from kedit_pl.eval.val_callback import EditValidationCallback
 
     check_request(cfg)
+    if not is_worker() and announce(cfg, "train") is not None and cfg.train.get("dry_run", False):
+        return {}  # train.dry_run: the memory plan only
     out = output_dir(cfg)
     t = cfg.train
     dm = EditDataModule(cfg.dataset, train_batch_size=t.batch_size, seed=cfg.seed)

@@ -49,6 +49,8 @@ CASES: dict[str, tuple[list[str], str]] = {
     "serac": (["method.encoder.source=tiny"], "route"),
 }
 DTYPES = ["bfloat16", "float16"]
+#: the same edit/restore on CUDA (python -m pytest -m gpu), skipped where CUDA is absent (tests/conftest.py)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def test_every_method_has_a_case():
@@ -78,19 +80,23 @@ def ready(editor, method: str, req: EditRequest) -> None:
         editor._pool = {req.relation_id: [req, *others]}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", METHODS)
-def test_edit_and_restore_in_half_precision(method: str, dtype: str, folder: Path, tmp_path: Path) -> None:
+def test_edit_and_restore_in_half_precision(method: str, dtype: str, device: str, folder: Path,
+                                            tmp_path: Path) -> None:
     overrides, expect = CASES[method]
-    cfg = half_cfg(folder, tmp_path, method, dtype, *overrides)
+    accelerator = "gpu" if device == "cuda" else "cpu"
+    cfg = half_cfg(folder, tmp_path, method, dtype, f"trainer.accelerator={accelerator}", *overrides)
     loaded = load_model(cfg.model)
     want = getattr(torch, dtype)
     assert all(p.dtype == want for p in loaded.model.parameters())
-    editor = build_method(cfg, loaded)
+    editor = build_method(cfg, loaded)  # puts the model on trainer.accelerator's device
+    assert all(p.device.type == device for p in editor.model.parameters())
     req = replace(REQ, relation_id="P1")
 
     def scores(r: EditRequest) -> dict:
-        return score_requests(editor.logits_fn(), editor.tok, [r])[0]
+        return score_requests(editor.logits_fn(), editor.tok, [r], device=device)[0]
 
     if summarize([scores(req)])["es"] != 0.0:  # edit towards the target the unedited model does not prefer
         req = replace(req, target_true=req.target_new, target_new=req.target_true)
