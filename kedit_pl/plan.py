@@ -6,7 +6,7 @@ the plan of an 8B model needs neither its weights nor the hub. Every term is a c
 times their element size; activations are estimated per token and layer. The estimate was checked against measured
 peaks (docs/gpu.md).
 
-    peak = runtime + weights + statistics held + max(statistics pass, method, evaluation)
+    peak = runtime + weights + statistics held + weight copies + max(statistics pass, method, evaluation)
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 
 GB = 2**30
 _BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
-#: what a process holds before any tensor (Python, torch, transformers, Lightning, Hydra, tokenizers), measured
-#: on the CPU (docs/gpu.md); on CUDA the context and kernels (about 0.5 GB, outside PyTorch's allocator)
-RUNTIME = {"cpu": int(0.75 * GB), "cuda": int(0.6 * GB)}
+#: what a process holds before the model: Python, torch, transformers, Lightning, Hydra, the records (edit.py up to
+#: the load measured 0.46 GiB peak RSS, docs/gpu.md); on CUDA the context and kernels (outside PyTorch's allocator)
+RUNTIME = {"cpu": int(0.5 * GB), "cuda": int(0.6 * GB)}
 #: elements one decoder layer keeps per token for the backward pass: norms, q/k/v/o (≈ 8 d) and the MLP's
 #: projections and activation (≈ 4 d_ff)
 ACT_D, ACT_FF = 8, 4
@@ -51,6 +51,7 @@ class MemoryPlan:
     weights: int
     stats_held: int = 0
     stats_pass: int = 0
+    copies: int = 0  # held for the run besides the weights: the value optimization's low-precision weight copies
     method: int = 0
     evaluation: int = 0
     free: int | None = None
@@ -58,11 +59,13 @@ class MemoryPlan:
 
     @property
     def peak(self) -> int:
-        return self.runtime + self.weights + self.stats_held + max(self.stats_pass, self.method, self.evaluation)
+        return self.runtime + self.weights + self.stats_held + self.copies + \
+            max(self.stats_pass, self.method, self.evaluation)
 
     def table(self) -> str:
         rows = [("weights", self.weights), ("key statistics (held)", self.stats_held),
-                ("key statistics (pass, transient)", self.stats_pass), ("method state", self.method),
+                ("key statistics (pass, transient)", self.stats_pass),
+                ("weight copies (compute_dtype)", self.copies), ("method state", self.method),
                 ("evaluation", self.evaluation), ("runtime (libraries, context)", self.runtime)]
         free = "unknown" if self.free is None else f"{self.free / GB:.2f} GB"
         lines = [f"memory plan: {self.label} on {self.device}"]
@@ -114,6 +117,10 @@ def plan_memory(cfg: DictConfig, task: str = "edit") -> MemoryPlan:
 
     if name in LOCATE_EDIT:
         _locate_edit(plan, cfg, meth, name, batch, d, d_k, vocab, n_layers, act_layer, kv_dim, wb)
+        if str(meth.get("compute_dtype", "float32")) != "float32" and wb == 4:  # kv/precision.py: the blocks above
+            top = max(meth.get("layers") or [meth.get("layer")])  # the edit layer and the head, copied in bf16
+            upper = sum(p.numel() for i in range(top + 1, n_layers) for p in spec.module(model, "layer", i).parameters())
+            plan.copies = (upper + model.get_output_embeddings().weight.numel()) * 2
     elif name in ("ft", "ft_l"):
         n_edit = len(meth.get("layers") or []) * len(meth.get("modules") or ["mlp_out"]) * d_out * d_k
         master = 4 if wb < 4 else 0  # float32 master copies of half-precision weights (methods/ft.py)
