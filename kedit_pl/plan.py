@@ -67,10 +67,10 @@ class MemoryPlan:
                 ("key statistics (pass, transient)", self.stats_pass),
                 ("weight copies (compute_dtype)", self.copies), ("method state", self.method),
                 ("evaluation", self.evaluation), ("runtime (libraries, context)", self.runtime)]
-        free = "unknown" if self.free is None else f"{self.free / GB:.2f} GB"
+        free = "unknown" if self.free is None else f"{self.free / GB:.2f} GiB"
         lines = [f"memory plan: {self.label} on {self.device}"]
-        lines += [f"  {name:<34}{n / GB:8.2f} GB" for name, n in rows]
-        lines += [f"  {'estimated peak':<34}{self.peak / GB:8.2f} GB   (free on {self.device}: {free})"]
+        lines += [f"  {name:<34}{n / GB:8.2f} GiB" for name, n in rows]
+        lines += [f"  {'estimated peak':<34}{self.peak / GB:8.2f} GiB  (free on {self.device}: {free})"]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -78,8 +78,8 @@ class MemoryPlan:
         """One line when the peak does not fit in the free memory; None when it does (or the free memory is unknown)."""
         if self.free is None or self.peak <= self.free:
             return None
-        return (f"memory plan: {self.label} needs about {self.peak / GB:.1f} GB at its peak but {self.device} has "
-                f"{self.free / GB:.1f} GB free; use model.dtype=bfloat16, a smaller edit.batch_size / "
+        return (f"memory plan: {self.label} needs about {self.peak / GB:.1f} GiB at its peak but {self.device} has "
+                f"{self.free / GB:.1f} GiB free; use model.dtype=bfloat16, a smaller edit.batch_size / "
                 f"method.z_batch_size / edit.eval_batch_size, or a larger device (edit.dry_run=true prints the plan)")
 
 
@@ -129,6 +129,7 @@ def plan_memory(cfg: DictConfig, task: str = "edit") -> MemoryPlan:
         n_mod = len(meth.get("layers") or []) * len(meth.get("modules") or ["mlp_in", "mlp_out"])
         grads = n_mod * d_out * d_k * (wb + 4)  # the edited weights' gradients, and the update in float32
         graph = _graph(batch * TRAIN_PROMPTS, TRAIN_TOKENS, n_layers, act_layer, vocab, wb)
+        graph += batch * TRAIN_TOKENS * vocab * 4  # the unedited model's locality distribution (the KL's target)
         editor = _mend_params(meth, d, d_k) if name == "mend" else _ke_params(meth, d, d_k, n_mod)
         # training: the editor's float32 parameters, gradients and Adam's two moments; editing: parameters only
         plan.method = editor * 4 * (4 if task == "train" else 1) + grads + graph
@@ -181,8 +182,9 @@ def _locate_edit(plan: MemoryPlan, cfg, meth: dict, name: str, batch: int, d: in
 
 
 def _graph(rows: int, tokens: int, n_layers: int, act_layer: int, vocab: int, wb: int) -> int:
-    """A forward with gradients through the whole model: saved activations and the logits (+ float32 log-softmax)."""
-    return rows * tokens * (n_layers * act_layer * wb + vocab * (wb + 4 + 4))
+    """A forward and backward through the whole model: saved activations, the logits, their float32 log-softmax and,
+    in the backward pass, the gradients of both (float32)."""
+    return rows * tokens * (n_layers * act_layer * wb + vocab * (wb + 4 + 4 + 4))
 
 
 def _kv_dim(conf: Any, d: int) -> int:

@@ -49,14 +49,17 @@ def test_parts_follow_the_config():
     one = plan_memory(cfg_for("gpt_j_6b", "memit", "edit.mode=batch", "edit.batch_size=1"))
     many = plan_memory(cfg_for("gpt_j_6b", "memit", "edit.mode=batch", "edit.batch_size=32"))
     assert many.method > one.method  # the z optimization's rows grow with the batch
-    assert many.peak == many.runtime + many.weights + many.stats_held + max(many.stats_pass, many.method,
-                                                                           many.evaluation)
+    assert many.copies > 0  # compute_dtype=bfloat16 on float32 weights: the blocks above the range, copied
+    assert many.peak == many.runtime + many.weights + many.stats_held + many.copies + \
+        max(many.stats_pass, many.method, many.evaluation)
+    bf16 = plan_memory(cfg_for("gpt_j_6b", "memit", "model.dtype=bfloat16"))
+    assert bf16.copies == 0  # bf16 weights are their own low-precision copies
 
 
 def test_too_big_is_refused_in_one_line_before_loading(monkeypatch, tmp_path):
     monkeypatch.setattr(plan_mod, "free_bytes", lambda device: 4 * GB)
     monkeypatch.setattr("kedit_pl.models.load.load_model", lambda *a, **k: pytest.fail("loaded a model"))
-    with pytest.raises(ConfigError, match="needs about .* GB at its peak but cpu has 4.0 GB free") as e:
+    with pytest.raises(ConfigError, match="needs about .* GiB at its peak but cpu has 4.0 GiB free") as e:
         run_edit(cfg_for("llama3_8b", "memit", "logger=csv", f"paths.output_dir={tmp_path}"))
     assert "\n" not in str(e.value) and "model.dtype=bfloat16" in str(e.value)
 
