@@ -86,3 +86,19 @@ def test_edit_py_dry_run_exits_zero():
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "memory plan: llama3_8b (float32) x memit, batch 1" in r.stdout
+
+
+@pytest.mark.slow
+def test_plan_is_within_25_percent_of_the_measured_peak(tmp_path):
+    """ROME on the embedded SmolLM2 in a child process: its peak RSS against the plan (docs/gpu.md has more runs)."""
+    import resource
+
+    args = ["model=smollm2_135m", "method=rome", "dataset.limit=1", "logger=csv"]
+    plan = plan_memory(cfg_for("smollm2_135m", "rome"))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    r = subprocess.run([sys.executable, "edit.py", *args, f"hydra.run.dir={tmp_path}"], cwd=REPO_ROOT,
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-2000:]
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+    assert peak > before * 1024, "an earlier child's peak hides this one; run the test alone"
+    assert abs(plan.peak - peak) <= 0.25 * peak, (plan.peak / GB, peak / GB)
