@@ -6,7 +6,7 @@ the plan of an 8B model needs neither its weights nor the hub. Every term is a c
 times their element size; activations are estimated per token and layer. The estimate was checked against measured
 peaks (docs/gpu.md).
 
-    peak = runtime + weights + statistics held + weight copies + max(statistics pass, method, evaluation)
+    peak = runtime + weights + max(loading, statistics held + weight copies + max(statistics pass, method, evaluation))
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ class MemoryPlan:
     stats_held: int = 0
     stats_pass: int = 0
     copies: int = 0  # held for the run besides the weights: the value optimization's low-precision weight copies
+    load: int = 0  # while loading only: a float32 checkpoint read while the weights are cast to model.dtype
     method: int = 0
     evaluation: int = 0
     free: int | None = None
@@ -59,11 +60,12 @@ class MemoryPlan:
 
     @property
     def peak(self) -> int:
-        return self.runtime + self.weights + self.stats_held + self.copies + \
-            max(self.stats_pass, self.method, self.evaluation)
+        return self.runtime + self.weights + max(self.load, self.stats_held + self.copies +
+                                                 max(self.stats_pass, self.method, self.evaluation))
 
     def table(self) -> str:
-        rows = [("weights", self.weights), ("key statistics (held)", self.stats_held),
+        rows = [("weights", self.weights), ("loading (transient)", self.load),
+                ("key statistics (held)", self.stats_held),
                 ("key statistics (pass, transient)", self.stats_pass),
                 ("weight copies (compute_dtype)", self.copies), ("method state", self.method),
                 ("evaluation", self.evaluation), ("runtime (libraries, context)", self.runtime)]
@@ -109,6 +111,8 @@ def plan_memory(cfg: DictConfig, task: str = "edit") -> MemoryPlan:
         label = f"{mc['name']} ({dtype}) x {name}, batch {batch}"
     plan = MemoryPlan(label=label, device=str(device), runtime=RUNTIME.get(device.type, RUNTIME["cpu"]),
                       weights=n_params * wb)
+    if device.type == "cpu" and mc.get("source") == "gguf" and wb != 4:  # the float32 cache, mapped while cast
+        plan.load = n_params * 4
 
     # evaluation: per forward, eval_batch_size prompts; logits of the kept positions and their float32 log-softmax
     rows = int(cfg.edit.get("eval_batch_size", 64)) if task == "edit" else 64

@@ -51,7 +51,9 @@ def test_parts_follow_the_config():
     assert many.method > one.method  # the z optimization's rows grow with the batch
     assert many.copies > 0  # compute_dtype=bfloat16 on float32 weights: the blocks above the range, copied
     assert many.peak == many.runtime + many.weights + many.stats_held + many.copies + \
-        max(many.stats_pass, many.method, many.evaluation)
+        max(many.stats_pass, many.method, many.evaluation)  # no loading term: a hub model loads in its dtype
+    gguf = plan_memory(cfg_for("smollm2_135m", "rome", "model.dtype=bfloat16"))
+    assert gguf.load == 2 * gguf.weights  # the dequantized float32 cache, read while the weights are cast
     bf16 = plan_memory(cfg_for("gpt_j_6b", "memit", "model.dtype=bfloat16"))
     assert bf16.copies == 0  # bf16 weights are their own low-precision copies
 
