@@ -13,6 +13,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.data.datamodule import EditDataModule
+from kedit_pl.devices import place_model, run_device
 from kedit_pl.entry import Interrupted, TrialFailed, in_tolerant_sweep, interrupts, kedit_cause, resume_command
 from kedit_pl.distributed import (check_request, collective_error, is_worker, launched_rank, requested_devices,
                                   stop_workers, strategy_for)
@@ -29,6 +30,7 @@ from kedit_pl.runtime import build_loggers, build_trainer, finish_loggers, outpu
 from kedit_pl.sequential_state import SequentialCheckpoint, resume_point
 from kedit_pl.validate import validate_cache_folders, validate_edit_config, validate_processes
 from kedit_pl.persist import edit_hooks, finish_hooks
+from kedit_pl.plan import announce
 
 log = logging.getLogger("kedit_pl")
 register_model_resolvers()  # conf/model/hf.yaml resolves in cli() before any model loads
@@ -55,9 +57,12 @@ def build_method(cfg: DictConfig, loaded=None) -> EditMethod:
     loaded = loaded or load_model(cfg.model)
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in ("_target_",)}
     try:
-        return cls(model=loaded.model, tokenizer=loaded.tokenizer, spec=loaded.spec, **kwargs)
+        method = cls(model=loaded.model, tokenizer=loaded.tokenizer, spec=loaded.spec, **kwargs)
     except TypeError as e:
         raise ConfigError(f"method '{kwargs.get('name')}': bad hyperparameter ({e})") from None
+    if cfg.get("trainer") is not None:  # model and editor on the run's device before any work (statistics,
+        place_model(method, run_device(cfg.trainer.get("accelerator", "cpu")))  # templates, record checks)
+    return method
 
 
 def drop_uneditable(method: EditMethod, dm: EditDataModule, skip: bool) -> list[dict[str, str]]:
@@ -83,6 +88,8 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
     other ranks of a DDP run)."""
     validate_edit_config(cfg)  # every bad value is one line before anything heavy (or any file) is made
     validate_processes(cfg, requested_devices(cfg.trainer) or 1)
+    if not is_worker() and announce(cfg, "edit") is not None and cfg.edit.get("dry_run", False):
+        return {}  # edit.dry_run: the memory plan only, nothing loaded
     n_procs = check_request(cfg)
     mode = cfg.edit.mode
     batch_size = edit_batch_size(cfg)
@@ -195,7 +202,7 @@ def lifelong_callback(cfg: DictConfig, out: Path) -> LifelongCallback | None:
 def metric_value(summary: dict[str, Any], path: str) -> float | None:
     """'post/score' -> `summary['post']['score']` (what a sweep maximizes); None, with a warning, if absent (and
     quietly for a DDP rank > 0, which writes no summary)."""
-    if is_worker():
+    if is_worker() or not summary:  # a DDP rank > 0, or a dry run
         return None
     group, _, name = path.partition("/")
     value = summary.get(group, {}).get(name)
@@ -270,6 +277,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     from kedit_pl.eval.val_callback import EditValidationCallback
 
     check_request(cfg)
+    if not is_worker() and announce(cfg, "train") is not None and cfg.train.get("dry_run", False):
+        return {}  # train.dry_run: the memory plan only
     out = output_dir(cfg)
     t = cfg.train
     dm = EditDataModule(cfg.dataset, train_batch_size=t.batch_size, seed=cfg.seed)

@@ -44,3 +44,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` (edit/restore and training on CUDA: python -m pytest -m gpu) skip where CUDA is absent."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (a `gpu` test)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -15,11 +15,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kedit_pl"
 #: docs/architecture.md (change both together).
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "io", "digests", "config", "entry"),                              # 0 leaves
-    ("hooks", "weights", "distributed", "run_folder", "model_folder", "runtime"),  # 1 restore contract, runtime
+    ("hooks", "weights", "devices", "distributed", "run_folder", "model_folder", "runtime"),  # 1 restore contract, runtime
     ("models", "data", "tokens"),                                                # 2 models, records, token batches
     ("kv", "eval", "locate"),                                                    # 3 shared machinery
     ("methods",),                                                                # 4 one module per method
-    ("pipeline", "api", "patch", "memory_patch", "persist", "sequential_state", "validate"),    # 5 composition
+    ("pipeline", "plan", "api", "patch", "memory_patch", "persist", "sequential_state", "validate"),    # 5 composition
     ("cli", "compare", "head_to_head", "sweep_test", ""),                                    # 6 entry points ("" = kedit_pl/__init__)
 ]
 

@@ -65,7 +65,7 @@ def keys_at(model: nn.Module, tok: PreTrainedTokenizerBase, module: str, prompts
                 except StopForward:
                     pass
                 last = mask.sum(1) - 1  # the subject's last token ends each row
-                out.append(cap.inputs[module][torch.arange(len(last)), last.to(device)].detach())
+                out.append(cap.inputs[module][torch.arange(len(last), device=device), last.to(device)].detach())
     finally:
         model.train(was_training)
     return torch.cat(out)

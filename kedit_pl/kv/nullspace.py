@@ -76,7 +76,7 @@ def cached_null_space(C: torch.Tensor, stats_key: dict, threshold: float, mode: 
     path = Path(cache_dir) / str(stats_key["model"]) / f"nullspace_L{layer}_{digest}.safetensors"
     t = read_cache(path, "null-space projector cache")
     if t is not None:
-        return NullSpace(t["projector"], int(t["kept"]), int(t["dim"]), float(t["threshold"]), float(t["leak"]))
+        return NullSpace(t["projector"].to(C.device), int(t["kept"]), int(t["dim"]), float(t["threshold"]), float(t["leak"]))
     ns = null_space(C, threshold, mode, layer)
     save_cache(path, {"projector": ns.projector, "kept": torch.tensor(ns.kept), "dim": torch.tensor(ns.dim),
                         "threshold": torch.tensor(ns.threshold, dtype=torch.float64),
@@ -103,9 +103,9 @@ class AccumulatedKeys:
 
     def add(self, layer: int, keys: torch.Tensor) -> None:
         """Add the keys (n, d) of one layer (one row per edit)."""
-        K = keys.detach().double().cpu()
+        K = keys.detach().double()  # K_pK_pᵀ stays where the keys are (the model's device): no per-edit host trip
         outer = K.T @ K
-        self._sums[layer] = outer if layer not in self._sums else self._sums[layer] + outer
+        self._sums[layer] = outer if layer not in self._sums else self._sums[layer].to(K.device) + outer
 
     def state(self) -> tuple[dict[int, torch.Tensor], int]:
         """The sums and the edit count, for a sequential checkpoint."""

@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.config import missing_data
 from kedit_pl.digests import model_fingerprint  # noqa: F401  (re-exported)
+from kedit_pl.devices import model_device, place
 from kedit_pl.errors import ConfigError
 from kedit_pl.hooks import StopForward, capture, stop_after
 from kedit_pl.io import cache_root, read_cache, save_cache
@@ -184,7 +185,8 @@ def second_moment(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelSpe
     todo = [layer for layer in layers if layer not in out]
     if todo:
         out.update(_accumulate(model, tok, spec, todo, cfg, dtype, keys, paths))
-    return {layer: out[layer] for layer in layers}
+    # the methods' algebra runs where the model is; the CPU only if the statistics do not fit there (logged)
+    return place({layer: out[layer] for layer in layers}, model_device(model), f"key statistics E[kkᵀ] {spec.name}")
 
 
 def _accumulate(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelSpec, layers: list[int],

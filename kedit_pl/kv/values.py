@@ -189,7 +189,8 @@ class _FullRunner:
         return cap.outputs[self.insert][self.rows, self.pos]
 
     def _add(self, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda out: out.index_put((self.rows, self.pos), delta[self.req], accumulate=True)
+        # δ is float32 (the optimized variable); it joins the stream in the model's dtype, its gradient returns float32
+        return lambda out: out.index_put((self.rows, self.pos), delta[self.req].to(out.dtype), accumulate=True)
 
     def _run(self, delta: torch.Tensor, stack: ExitStack, **inputs) -> torch.Tensor:
         cap = stack.enter_context(capture(self.model, [self.loss_block], detach=False))
@@ -330,7 +331,7 @@ class _FastRunner(_FullRunner):
         first, d_rows = torch.zeros_like(local), delta[self.req[bk.rows]]
 
         def add(out: torch.Tensor) -> torch.Tensor:
-            return out.index_put((local, first), d_rows, accumulate=True)
+            return out.index_put((local, first), d_rows.to(out.dtype), accumulate=True)
 
         repl: dict[nn.Module, Callable] = {}
         for m, out in zip(self.lower, self.structs):
@@ -496,10 +497,12 @@ def _optimize_batch(model, spec, requests, batch, layer, insert, loss_layer, ste
     rows_per_req = torch.zeros(n_req, device=dev).index_add_(0, rows.req[rw], ones[rw])
     kl_per_req = torch.zeros(n_req, device=dev).index_add_(0, rows.kl_req, ones[rows.kl_rows])
 
-    delta = torch.zeros_like(v_init, requires_grad=True)
+    # δ, its Adam state and its norms in float32 whatever the model's dtype (half-precision Adam loses small steps,
+    # and its eps underflows in float16)
+    delta = torch.zeros_like(v_init, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
-    max_norm = clamp_norm_factor * v_init.norm(dim=-1)
-    v_sq = v_init.norm(dim=-1) ** 2
+    max_norm = clamp_norm_factor * v_init.float().norm(dim=-1)
+    v_sq = v_init.float().norm(dim=-1) ** 2
     kl_init = None  # (KL rows of the current batch, V): the unedited distribution
     done = torch.zeros(n_req, dtype=torch.bool, device=dev)
     nll_out, kl_out = torch.zeros(n_req, device=dev), torch.zeros(n_req, device=dev)

@@ -32,10 +32,10 @@ log = logging.getLogger(__name__)
 def alphaedit_update(keys: torch.Tensor, resid: torch.Tensor, P: torch.Tensor, prev: torch.Tensor | None,
                      l2: float) -> torch.Tensor:
     """ΔW (d_out, d_k) in float64 from AlphaEdit eq. 9; keys (n, d_k), resid (n, d_out), prev = K_pK_pᵀ."""
-    K, P = keys.double().T, P.to(keys.device, torch.float64)  # (d_k, n)
+    K, P = keys.to(P.device, torch.float64).T, P.double()  # (d_k, n), on P's device (the model's, unless offloaded)
     M = K @ K.T if prev is None else K @ K.T + prev.to(K.device, torch.float64)
     A = P @ M + l2 * torch.eye(len(K), dtype=torch.float64, device=K.device)
-    return torch.linalg.solve(A, P @ K @ resid.double()).T
+    return torch.linalg.solve(A, P @ K @ resid.to(K.device, torch.float64)).T
 
 
 class AlphaEdit(MEMIT):
@@ -71,7 +71,7 @@ class AlphaEdit(MEMIT):
 
     def layer_update(self, layer: int, keys: torch.Tensor, resid: torch.Tensor, C: torch.Tensor | None,
                      factors: list[torch.Tensor] | None = None) -> torch.Tensor:
-        prev = self.keys.get(layer, keys.shape[1]) if self.keys.count else None
+        prev = self.keys.get(layer, keys.shape[1], keys.device) if self.keys.count else None
         return alphaedit_update(keys, resid, self.null_spaces()[layer].projector, prev, self.l2)
 
     def after_edit(self, requests: list[EditRequest]) -> dict[str, Any]:

@@ -25,11 +25,13 @@ def emmet_update(keys: torch.Tensor, resid: torch.Tensor, solver: CovarianceSolv
                  emmet_lambda: float) -> torch.Tensor:
     """ΔW (d_out, d_k) in float64 from EMMET's closed form; keys (n, d_k), resid (n, d_out); None: C = I."""
     K = keys.double().T  # (d_k, n)
+    if solver is not None:
+        K = K.to(solver.factor.device)
     c_inv_k = solver.solve(K) if solver is not None else K  # C⁻¹K (d_k, n)
     D = K.T @ c_inv_k
     if len(D) > 1:
         D = D + emmet_lambda * torch.eye(len(D), dtype=D.dtype, device=D.device)  # conditioning of D
-    return resid.double().T @ torch.linalg.solve(D, c_inv_k.T)  # R D⁻¹ KᵀC⁻¹ (D symmetric)
+    return resid.to(K.device, torch.float64).T @ torch.linalg.solve(D, c_inv_k.T)  # R D⁻¹ KᵀC⁻¹ (D symmetric)
 
 
 class EMMET(MEMIT):
@@ -50,6 +52,6 @@ class EMMET(MEMIT):
             return emmet_update(keys, resid, None, self.emmet_lambda)
         if layer not in self._solvers:  # C is fixed per model: factor it once
             C = self.mom2_update_weight * C.double()
-            C = C + self.update_norm_lambda * torch.eye(len(C), dtype=C.dtype)
+            C = C + self.update_norm_lambda * torch.eye(len(C), dtype=C.dtype, device=C.device)
             self._solvers[layer] = CovarianceSolver(C)
         return emmet_update(keys, resid, self._solvers[layer], self.emmet_lambda)

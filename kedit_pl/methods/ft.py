@@ -16,6 +16,9 @@ from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.methods.base import EditMethod
 from kedit_pl.tokens import encode_targets, label_logprobs
 
+#: weight dtypes the optimizer updates directly (others get a float32 master copy)
+FULL = (torch.float32, torch.float64)
+
 
 class FineTune(EditMethod):
     """FT when `norm_constraint` is None, FT-L when it is a positive L∞ bound δ."""
@@ -39,12 +42,15 @@ class FineTune(EditMethod):
     def compute_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
         named = dict(self.model.named_parameters())
         params = [named[n] for n in self.edited_parameters(requests)]
-        start = [p.detach().clone() for p in params] if self.norm_constraint else []
+        # the optimizer updates float32 master copies of half-precision weights (mixed precision: Adam's state and
+        # small steps survive), written back in the weights' dtype after every step; float32 weights are their own
+        masters = [p if p.dtype in FULL else p.detach().float().requires_grad_(True) for p in params]
+        start = [m.detach().clone() for m in masters] if self.norm_constraint else []
         batch = encode_targets(self.tok, [r.rewrite for r in requests], [r.target_new for r in requests]).to(self.device)
         n_tok = batch.target_mask.sum(-1)
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.Adam(masters, lr=self.lr, weight_decay=self.weight_decay)
         losses: list[float] = []
         try:
             for _ in range(self.steps):
@@ -57,11 +63,17 @@ class FineTune(EditMethod):
                     break
                 opt.zero_grad()
                 loss.backward()
+                for p, m in zip(params, masters):
+                    if m is not p:
+                        m.grad, p.grad = p.grad.float(), None
                 opt.step()
-                if self.norm_constraint:
-                    with torch.no_grad():  # projection onto {θ : ||θ − θ₀||∞ ≤ δ}
-                        for p, p0 in zip(params, start):
-                            p.copy_(torch.clamp(p, p0 - self.norm_constraint, p0 + self.norm_constraint))
+                with torch.no_grad():
+                    if self.norm_constraint:  # projection onto {θ : ||θ − θ₀||∞ ≤ δ}
+                        for m, m0 in zip(masters, start):
+                            m.copy_(torch.clamp(m, m0 - self.norm_constraint, m0 + self.norm_constraint))
+                    for p, m in zip(params, masters):
+                        if m is not p:
+                            p.copy_(m)  # rounded to the weight's dtype
         finally:
             for p in params:
                 p.requires_grad_(False)

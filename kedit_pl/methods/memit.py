@@ -63,11 +63,12 @@ def memit_factors(keys: torch.Tensor, resid: torch.Tensor, C: torch.Tensor | Non
         raise ValueError(f"memit_update: {keys.shape[0]} keys but {resid.shape[0]} residuals")
     if not (torch.isfinite(keys).all() and torch.isfinite(resid).all()):
         raise EditFailed("MEMIT update: non-finite keys or residuals (a previous layer's update diverged)")
-    K = keys.double().T  # (d_k, n): keys as columns, as in the paper
-    C0 = C.to(K.device, torch.float64) if C is not None else torch.eye(len(K), dtype=torch.float64, device=K.device)
+    dev = C.device if C is not None else keys.device  # where C₀ lives (the model's device unless offloaded)
+    K = keys.to(dev, torch.float64).T  # (d_k, n): keys as columns, as in the paper
+    C0 = C.double() if C is not None else torch.eye(len(K), dtype=torch.float64, device=dev)
     A = mom2_update_weight * C0 + K @ K.T
     adj = CovarianceSolver(A).solve(K)  # (λC₀ + KKᵀ)⁻¹ K, (d_k, n)
-    return resid.double().T, adj.T
+    return resid.to(dev, torch.float64).T, adj.T
 
 
 @torch.no_grad()
@@ -238,7 +239,7 @@ class MEMIT(ROME):
             delta_w = self.layer_update(layer, K, resid, mom2[layer], factors)
             W = linear_weight(self.spec.module(self.model, "mlp_out", layer))
             with torch.no_grad():
-                W.add_(delta_w.to(W.dtype))
+                W.add_(delta_w.to(W.device, W.dtype))  # float64 update, written back in the weight's dtype
             if factors:
                 self.record_low_rank(self.spec.module_name("mlp_out", layer), *factors)  # for patches
             info["layers"].append({"layer": layer, "z_error": (Z - H).norm(dim=-1).mean().item(),

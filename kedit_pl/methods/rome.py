@@ -42,12 +42,13 @@ def rank_one_update(W: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c_inv_k: 
 def rank_one_factors(W: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c_inv_k: torch.Tensor,
                      bias: torch.Tensor | None = None, mom2_update_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(Λ, C⁻¹k) of eq. 2, float64: ΔW = Λ (C⁻¹k)ᵀ."""
-    W64, k64, u = W.double(), k.double(), c_inv_k.double()
-    out = W64 @ k64 + (bias.double() if bias is not None else 0.0)
+    W64 = W.double()
+    k64, u = k.to(W64.device, torch.float64), c_inv_k.to(W64.device, torch.float64)
+    out = W64 @ k64 + (bias.to(W64.device, torch.float64) if bias is not None else 0.0)
     denom = u @ k64 + mom2_update_weight
     if not torch.isfinite(denom) or denom.abs() < 1e-12:
         raise EditFailed(f"rank-one update: degenerate denominator (C⁻¹k)ᵀk = {denom.item():.3g}")
-    return (v.double() - out) / denom, u
+    return (v.to(W64.device, torch.float64) - out) / denom, u
 
 
 class CovarianceSolver:
@@ -62,14 +63,15 @@ class CovarianceSolver:
         ridge = 0.0
         while info.item() != 0:
             ridge = max(ridge * 10, 1e-8 * C.diagonal().mean().item())
-            factor, info = torch.linalg.cholesky_ex(C + ridge * torch.eye(len(C), dtype=C.dtype))
+            factor, info = torch.linalg.cholesky_ex(C + ridge * torch.eye(len(C), dtype=C.dtype, device=C.device))
             if ridge > 1e-2 * C.diagonal().mean().item():
                 raise EditFailed("key second moment C is far from positive definite; use more stats samples")
         self.factor, self.ridge = factor, ridge
 
     def solve(self, x: torch.Tensor) -> torch.Tensor:
-        """C⁻¹x through the Cholesky factor of C, in float64."""
-        return torch.cholesky_solve(x.double().reshape(len(self.factor), -1), self.factor).reshape(x.shape)
+        """C⁻¹x in float64, on the factor's device."""
+        x = x.to(self.factor.device, torch.float64)
+        return torch.cholesky_solve(x.reshape(len(self.factor), -1), self.factor).reshape(x.shape)
 
 
 class ROME(EditMethod):
@@ -200,11 +202,12 @@ class ROME(EditMethod):
             template_keys(self.model, self.tok, self.spec, self.layer, [req], templates)[0]  # values without keys
         k_star = keys.mean(0)  # eq. 3
         module = self.spec.module(self.model, "mlp_out", self.layer)
-        # eq. 2 in float64 on the CPU (a d_out x d_k matrix: cheap), then written back in the model's dtype
-        W = linear_weight(module).detach().cpu()
-        b = module.bias.detach().cpu() if getattr(module, "bias", None) is not None else None
-        k_star, delta = k_star.cpu().double(), res.delta[0].cpu().double()
-        k = k_star if self.constraint_key == "mean" else keys[templates.index("{}")].cpu().double()
+        # eq. 2 in float64 on the weight's device (no host round trip), then written back in the model's dtype
+        W = linear_weight(module).detach()
+        dev = W.device
+        b = module.bias.detach() if getattr(module, "bias", None) is not None else None
+        k_star, delta = k_star.to(dev, torch.float64), res.delta[0].to(dev, torch.float64)
+        k = k_star if self.constraint_key == "mean" else keys[templates.index("{}")].to(dev, torch.float64)
         solver = self.solver()
         c_inv_k = solver.solve(k_star) if solver is not None else k_star
         v = W.double() @ k + (b.double() if b is not None else 0.0) + delta  # v* at the constrained key

@@ -161,7 +161,9 @@ class Serac(SeracTraining, EditMethod):
         """(in_scope bool (B,), nearest memory row (B,), p(in scope) (B,)): one lookup against all edits."""
         if not len(self.memory):
             n = len(texts)
-            return torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.long), torch.zeros(n)
+            dev = self.device
+            return (torch.zeros(n, dtype=torch.bool, device=dev), torch.zeros(n, dtype=torch.long, device=dev),
+                    torch.zeros(n, device=dev))
         cos, idx = self.memory.nearest(self._embed(texts))
         prob = torch.sigmoid(self.classifier.logits_from_cos(cos))
         return prob > 0.5, idx, prob
