@@ -14,6 +14,7 @@ from kedit_pl.models.load import LoadedModel, _spec
 from kedit_pl.models.sizes import meta_model
 from kedit_pl.models.spec import linear_weight
 from kedit_pl.models.tiny import byte_tokenizer
+from kedit_pl.methods.base import MemoryEditMethod
 from kedit_pl.pipeline import build_method
 
 #: model -> (published parameter count in billions, d_ff, layers the paper edits with its method)
@@ -56,7 +57,11 @@ def test_every_method_resolves_its_modules_and_shapes(meta, method, tmp_path):
     # projections of every layer, which it may edit, are what resolve
     names = editor.edited_parameters([REQ]) if method != "kn" else \
         [spec.weight_name("mlp_out", i) for i in range(spec.n_layers)]
-    assert (names or method == "serac") and all(n in params for n in names)  # SERAC writes no weight
+    if isinstance(editor, MemoryEditMethod):  # writes no weight: the module its memory sits at must resolve
+        assert not names
+        names = [f"{editor.module_name}.weight"] if hasattr(editor, "module_name") else []
+    # SERAC and IKE neither write a weight nor sit at a module
+    assert (names or method in ("serac", "ike")) and all(n in params for n in names)
     d, d_ff = spec.hidden_size, PAPERS[name][1]
     for n in names:  # the MLP projections, in (out, in) orientation whatever the module type (GPT-2's Conv1D)
         module = model.get_submodule(n.removesuffix(".weight"))
