@@ -57,11 +57,23 @@ class AppliedEdit:
         """Restore the weights this edit changed, bit-exactly. Later edits to the same weights must be reverted first."""
         if self.reverted:
             raise PatchError("this edit was already reverted")
-        revert_patch(self.editor.model, self.patch)  # checks the weights are still this edit's result
+        if self._in_memory():
+            self.editor.method.restore(self.handle)  # a memory method (WISE): the edit lives in its memory
+        else:
+            revert_patch(self.editor.model, self.patch)  # checks the weights are still this edit's result
         self.reverted = True
 
+    def _in_memory(self) -> bool:
+        return self.handle is not None and not self.patch.params and \
+            type(self.editor.method).logits_fn is not EditMethod.logits_fn
+
     def save(self, stem: str | Path) -> Path:
-        """Write the patch as `<stem>.safetensors` + `<stem>.json`; returns the json path."""
+        """Write the patch as `<stem>.safetensors` + `<stem>.json`; returns the json path. A memory method saves its
+        memory instead (WISE: the side memories as `<stem>.safetensors`, for `method.memory_load`)."""
+        if self._in_memory():
+            if not hasattr(self.editor.method, "save_memory"):
+                raise ConfigError(f"method '{self.editor.cfg.method.name}' keeps no weights and no savable memory")
+            return self.editor.method.save_memory(f"{stem}.safetensors")
         return save_patch(self.patch, stem)
 
     def __repr__(self) -> str:

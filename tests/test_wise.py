@@ -135,3 +135,20 @@ def test_edit_run_writes_the_side_memory(tmp_path, one_thread):
     assert (tmp_path / "wise_memory.safetensors").is_file()
     state, meta = WiseState.load(tmp_path / "wise_memory.safetensors")
     assert state.n_edits == 2 and meta["variant"] == "merge"
+
+
+def test_python_api_reverts_and_saves_the_side_memory(tmp_path, one_thread):
+    from kedit_pl.api import Editor
+
+    ed = Editor(method="wise", model="tiny_llama", method__n_iter=3)
+    try:
+        weights = ed.digest()
+        edit = ed.edit(subject="Danielle Darrieux", prompt="{} was born in the city of", target_new="Oslo",
+                       target_true="Paris")
+        assert not ed.method.state.empty() and ed.digest() == weights  # the main memory is untouched
+        path = edit.save(tmp_path / "darrieux")
+        assert WiseState.load(path)[0].n_edits == 1
+        edit.revert()
+        assert ed.method.state.empty()
+    finally:
+        ed.method.close()
