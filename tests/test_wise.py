@@ -152,3 +152,17 @@ def test_python_api_reverts_and_saves_the_side_memory(tmp_path, one_thread):
         assert ed.method.state.empty()
     finally:
         ed.method.close()
+
+
+def test_cached_scoring_and_full_scoring_route_alike(wise):
+    from kedit_pl.eval.scoring import score_pairs_full, score_prefixed
+
+    m = wise()
+    m.apply(REQS[:1])
+    prompts = [REQS[0].rewrite, REQS[0].paraphrases[0], *PLAIN]
+    targets = ["German", "German", "rain", "seven"]
+    fn = m.logits_fn()
+    full = score_pairs_full(fn, m.tok, prompts, targets)
+    cached = score_prefixed(fn.prefixes, m.tok, prompts, targets)
+    for a, b in zip(full, cached):
+        assert a.acc == b.acc and abs(a.nll - b.nll) < 1e-4
