@@ -34,7 +34,7 @@ def test_edit_adds_the_aggregated_shift_of_the_batch(tiny_llama):
     m = make(tiny_llama, edit_lr=1e-3, norm=False)
     m.ready = True
     m.eval()
-    nll, factors, mask = m.gradient_factors(REQS)
+    _, factors, mask = m.gradient_factors(REQS)
     rows = {p: (u[mask], d[mask]) for p, (u, d) in factors.items()}
     expect = m.editor.shifts(rows)
     before = {n: p.clone() for n, p in tiny_llama.model.named_parameters()}

@@ -58,7 +58,7 @@ def test_text_routed_to_the_main_memory_is_the_unedited_model(wise):
     m = wise()
     before = logits(m, PLAIN + [REQS[0].rewrite])
     handle = m.apply(REQS[:1])
-    ids, mask, plen = encode_prompts(m.tok, PLAIN + [REQS[0].rewrite])
+    ids, _, plen = encode_prompts(m.tok, PLAIN + [REQS[0].rewrite])
     routes = m.prompt_routes([ids[b, :n].tolist() for b, n in enumerate(plen)])
     assert routes[-1] == 0, "the edit prompt must reach its side memory"
     main = [b for b, r in enumerate(routes) if r < 0]

@@ -42,7 +42,7 @@ from kedit_pl.methods.base import EditHandle, EditMethod
 from kedit_pl.methods.wise_memory import Memory, WiseState, activation_scores, random_mask, ties_merge
 from kedit_pl.models.kv_cache import cache_arg
 from kedit_pl.models.spec import linear_weight
-from kedit_pl.tokens import encode_prompts, encode_targets, label_logprobs, pad_id
+from kedit_pl.tokens import encode_prompts, encode_targets, label_logprobs, pad_id, right_pad
 
 log = logging.getLogger(__name__)
 
@@ -346,8 +346,6 @@ class RoutedModel(nn.Module):
 
 
 def _right_pad(rows: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    from kedit_pl.tokens import right_pad
-
     ids, mask = right_pad(rows, pad)
     return ids.to(device), mask.to(device)
 
