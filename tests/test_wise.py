@@ -166,3 +166,13 @@ def test_cached_scoring_and_full_scoring_route_alike(wise):
     cached = score_prefixed(fn.prefixes, m.tok, prompts, targets)
     for a, b in zip(full, cached):
         assert a.acc == b.acc and abs(a.nll - b.nll) < 1e-4
+
+
+def test_margins_come_from_the_model_config_or_the_reference():
+    from kedit_pl.config import compose
+
+    def margins(model: str) -> list[float]:
+        return list(compose("edit", ["method=wise", f"model={model}", "paths.output_dir=/tmp"]).method.act_margin)
+
+    assert margins("smollm2_135m") == [20.0, 100.0, 80.0]  # SmolLM2's activation scale
+    assert margins("tiny_llama") == [5.0, 20.0, 10.0]       # the reference's LLaMA-2-7B margins
