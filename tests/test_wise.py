@@ -176,3 +176,17 @@ def test_margins_come_from_the_model_config_or_the_reference():
 
     assert margins("smollm2_135m") == [20.0, 100.0, 80.0]  # SmolLM2's activation scale
     assert margins("tiny_llama") == [5.0, 20.0, 10.0]       # the reference's LLaMA-2-7B margins
+
+
+def test_gpt2_conv1d_projection_routes_too(tiny_gpt2, one_thread):
+    m = WISE(tiny_gpt2.model, tiny_gpt2.tokenizer, tiny_gpt2.spec, layer=2, n_iter=8, act_margin=[0.5, 2.0, 1.0])
+    try:
+        before = logits(m, PLAIN + [REQS[0].rewrite])
+        m.apply(REQS[:1])
+        after = logits(m, PLAIN + [REQS[0].rewrite])
+        ids, _, plen = encode_prompts(m.tok, PLAIN + [REQS[0].rewrite])
+        routes = m.prompt_routes([ids[b, :n].tolist() for b, n in enumerate(plen)])
+        assert routes[-1] == 0 and not torch.equal(after[-1], before[-1])
+        assert min(routes) < 0 and all(torch.equal(after[b], before[b]) for b, r in enumerate(routes) if r < 0)
+    finally:
+        m.close()
