@@ -179,7 +179,7 @@ def test_margins_come_from_the_model_config_or_the_reference():
 
 
 def test_gpt2_conv1d_projection_routes_too(tiny_gpt2, one_thread):
-    m = WISE(tiny_gpt2.model, tiny_gpt2.tokenizer, tiny_gpt2.spec, layer=2, n_iter=8, act_margin=[0.5, 2.0, 1.0])
+    m = WISE(tiny_gpt2.model, tiny_gpt2.tokenizer, tiny_gpt2.spec, layer=2, n_iter=30, act_margin=[0.5, 2.0, 1.0])
     try:
         before = logits(m, PLAIN + [REQS[0].rewrite])
         m.apply(REQS[:1])
