@@ -28,7 +28,7 @@ from kedit_pl.eval.lifelong import ROWS_FILE, collapse_limit, plot_curves
 from kedit_pl.io import read_json, write_json, write_text
 
 ROME_FAMILY = ("rome", "r_rome")
-METHODS = ("rome", "r_rome", "memit", "emmet", "alphaedit", "grace", "ike")
+METHODS = ("rome", "r_rome", "memit", "emmet", "alphaedit", "grace", "ike", "wise", "malmen")
 
 
 def parse_variant(spec: str) -> tuple[str, str, list[str]]:

@@ -62,12 +62,24 @@ class AppliedEdit:
             raise PatchError("this edit was already reverted")
         if is_memory_patch(self.patch):  # a memory method: its memory goes back (checked like weights)
             self.editor._change_memory(self.patch, forward=False)
+        elif self._in_memory():
+            self.editor.method.restore(self.handle)  # a memory method (WISE): the edit lives in its memory
         else:
             revert_patch(self.editor.model, self.patch)  # checks the weights are still this edit's result
         self.reverted = True
 
+    def _in_memory(self) -> bool:
+        """True for an edit kept in a method's own memory outside patches (WISE's side memories)."""
+        return (self.handle is not None and not self.patch.params and not is_memory_patch(self.patch)
+                and self.editor.method.serves_own_logits())
+
     def save(self, stem: str | Path) -> Path:
-        """Write the patch as `<stem>.safetensors` + `<stem>.json`; returns the json path."""
+        """Write the patch as `<stem>.safetensors` + `<stem>.json`; returns the json path. A memory method saves its
+        memory instead (WISE: the side memories as `<stem>.safetensors`, for `method.memory_load`)."""
+        if self._in_memory():
+            if not hasattr(self.editor.method, "save_memory"):
+                raise ConfigError(f"method '{self.editor.cfg.method.name}' keeps no weights and no savable memory")
+            return self.editor.method.save_memory(f"{stem}.safetensors")
         return save_patch(self.patch, stem)
 
     def __repr__(self) -> str:

@@ -57,8 +57,8 @@ def test_every_method_resolves_its_modules_and_shapes(meta, method, tmp_path):
     # projections of every layer, which it may edit, are what resolve
     names = editor.edited_parameters([REQ]) if method != "kn" else \
         [spec.weight_name("mlp_out", i) for i in range(spec.n_layers)]
-    if isinstance(editor, MemoryEditMethod):  # writes no weight: the module its memory sits at must resolve
-        assert not names
+    if isinstance(editor, MemoryEditMethod) or method == "wise":  # writes no base weight: the module its memory
+        assert not names                                              # (GRACE's codebook, WISE's side copy) sits at
         names = [f"{editor.module_name}.weight"] if hasattr(editor, "module_name") else []
     # SERAC and IKE neither write a weight nor sit at a module
     assert (names or method in ("serac", "ike")) and all(n in params for n in names)

@@ -62,6 +62,7 @@ def test_every_model_config_composes(name: str) -> None:
     memit = md["memit"]["layers"]
     assert memit == list(range(memit[0], memit[0] + len(memit))) and memit[-1] < spec.n_layers
     assert md["ft"]["layers"] and md["mend"]["layers"] == list(range(spec.n_layers - 3, spec.n_layers))
+    assert spec.n_layers // 2 <= md["wise"]["layer"] < spec.n_layers  # WISE's side memory: a late mlp_out
     if spec.n_layers >= 5:
         assert len(memit) >= 5
 

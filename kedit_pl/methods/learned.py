@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_FILE, CONFIG_FILE, FORMAT = "editor.safetensors", "editor.json", 1
 #: methods whose trained editors a checkpoint may hold (the metadata key is the method name)
-TITLES = {"mend": "MEND", "ke": "KE", "serac": "SERAC"}
+TITLES = {"mend": "MEND", "ke": "KE", "serac": "SERAC", "malmen": "MALMEN"}
 SERAC_CONFIG = "config.json"  # a SERAC export folder (methods/serac/checkpoint.py)
 
 #: per edited parameter: u (B, T, d_in) and δ (B, T, d_out), the layer input and the loss gradient at its output

@@ -31,6 +31,8 @@ class MEND(LearnedEditor):
     """A learned editor: `train.py method=mend` trains it, `edit.py method=mend method.checkpoint=PATH` uses it."""
 
     KIND, CONFIG = "mend", EditorConfig
+    #: editor parameters trained at lr_lr (step sizes), not at lr (the editor MLPs)
+    STEP_SIZES: tuple[str, ...] = ("alpha",)
 
     def __init__(self, model=None, tokenizer=None, spec=None, *, layers: Sequence[int] = (),
                  modules: Sequence[str] = ("mlp_in", "mlp_out"), rank: int = 1920, n_hidden: int = 1,
@@ -86,5 +88,6 @@ class MEND(LearnedEditor):
         self.editor.share_statistics(None)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        nets = [p for n, p in self.editor.named_parameters() if n != "alpha"]
-        return torch.optim.Adam([{"params": nets, "lr": self.lr}, {"params": [self.editor.alpha], "lr": self.lr_lr}])
+        nets = [p for n, p in self.editor.named_parameters() if n not in self.STEP_SIZES]
+        steps = [p for n, p in self.editor.named_parameters() if n in self.STEP_SIZES]
+        return torch.optim.Adam([{"params": nets, "lr": self.lr}, {"params": steps, "lr": self.lr_lr}])

@@ -155,10 +155,12 @@ def method_defaults(n_layers: int) -> dict[str, Any]:
     """Per-method layers for a model without a family YAML (the shipped models' choices, as fractions of depth).
 
     ROME edits layer ≈ 0.18·L (SmolLM2 5/30, GPT-J 5/28, Llama-2 6/32), MEMIT the five layers around it, below
-    the last (MEMIT's GPT-J range 3..8), FT that layer, MEND the last three; the loss layer is the last one.
+    the last (MEMIT's GPT-J range 3..8), FT that layer, MEND the last three, WISE's side memory at ≈ 0.84·L (its
+    LLaMA-2-7B layer 27/32); the loss layer is the last one.
     """
     last = n_layers - 1
     rome = min(last, round(0.18 * n_layers))
     memit = list(range(max(0, rome - 2), max(1, min(last - 1, rome + 2)) + 1))  # z's layer needs layers above it
     return {"rome": {"layer": rome, "loss_layer": last}, "memit": {"layers": memit}, "ft": {"layers": [rome]},
-            "mend": {"layers": list(range(max(0, n_layers - 3), n_layers))}}
+            "mend": {"layers": list(range(max(0, n_layers - 3), n_layers))},
+            "wise": {"layer": min(last, round(0.84 * n_layers))}}
