@@ -22,7 +22,6 @@ config, dtypes, ...), makes a hand-edited patch fail to load: what `list` shows 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from kedit_pl.digests import tensor_digest  # the one tensor digest (kedit_pl/digests.py)
+from kedit_pl.digests import tensor_digest, weights_digest  # the one tensor and weights digest (kedit_pl/digests.py)
 from kedit_pl.errors import ConfigError, KEditError
 from kedit_pl.io import json_digest, load_tensors, read_json, save_tensors, write_json
 from kedit_pl.model_folder import EDITS_FILE, check_model_folder, request_dict, save_model  # noqa: F401 (re-exported)
@@ -72,16 +71,7 @@ class Patch:
 def rest_digest(model: nn.Module, exclude: Iterable[str]) -> str:
     """A strided sample (≤ 65,536 elements each) of every parameter not in `exclude`: cheap, and any other model
     (or the same one carrying another edit elsewhere) gives a different digest."""
-    skip = set(exclude)
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if name in skip:
-            continue
-        flat = p.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 65536)].contiguous().cpu()
-        h.update(f"{name}|{p.dtype}|{tuple(p.shape)}|".encode())
-        h.update(sample.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return weights_digest(model, sample=65536, exclude=exclude)
 
 
 def _touched(model: nn.Module, names: list[str]) -> list[tuple[str, torch.Tensor]]:

@@ -75,7 +75,7 @@ PY
 
 echo "== 4. train.py fast_dev_run: MEND on CUDA (bf16-mixed)"
 step train_mend 180 python train.py method=mend model=tiny_llama method.rank=8 trainer.accelerator=$ACC \
-  trainer.precision=bf16-mixed +trainer.fast_dev_run=2 logger=csv hydra.run.dir="$OUT/runs/train_mend"
+  trainer.precision=bf16-mixed trainer.fast_dev_run=2 logger=csv hydra.run.dir="$OUT/runs/train_mend"
 
 echo "== memory plans (edit.dry_run) on this GPU"
 for model in gpt2_xl gpt_j_6b llama3_8b; do

@@ -34,7 +34,7 @@ def test_one_training_step(method, precision, accelerator, tmp_path, monkeypatch
     out = run_train(edit_cfg(tmp_path / "run", f"method={method}", *EDITORS[method], "dataset=zsre",
                              f"dataset.train.path={data}", "train.batch_size=4", "train.val_edits=2",
                              f"trainer.accelerator={accelerator}", f"trainer.precision={precision}",
-                             "+trainer.fast_dev_run=1", config_name="train"))
+                             "trainer.fast_dev_run=1", config_name="train"))
     assert out["global_step"] == 1
     (m,) = built
     after = dict(m.named_parameters())
