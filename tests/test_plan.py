@@ -2,6 +2,7 @@
 larger than the device's free memory is refused in one line, and its parts follow the config."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -93,14 +94,18 @@ def test_edit_py_dry_run_exits_zero():
 @pytest.mark.slow
 def test_plan_is_within_25_percent_of_the_measured_peak(tmp_path):
     """ROME on the embedded SmolLM2 in a child process: its peak RSS against the plan (docs/gpu.md has more runs)."""
-    import resource
-
     args = ["model=smollm2_135m", "method=rome", "dataset.limit=1", "logger=csv"]
     plan = plan_memory(cfg_for("smollm2_135m", "rome"))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    r = subprocess.run([sys.executable, "edit.py", *args, f"hydra.run.dir={tmp_path}"], cwd=REPO_ROOT,
-                       capture_output=True, text=True, timeout=1800)
-    assert r.returncode == 0, r.stderr[-2000:]
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
-    assert peak > before * 1024, "an earlier child's peak hides this one; run the test alone"
+    # the plan is for cached statistics, templates and model; a first run on a cold cache builds them first
+    # (measured once at 3.5 GB, against 1.5 GB warm): warm them in one child, measure the next
+    warm = subprocess.run([sys.executable, "edit.py", *args, f"hydra.run.dir={tmp_path / 'warm'}"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=1800)
+    assert warm.returncode == 0, warm.stderr[-2000:]
+    err = tmp_path / "measured.err"
+    with err.open("w") as stderr:  # os.wait4: the peak RSS of this child alone (not the largest child so far)
+        child = subprocess.Popen([sys.executable, "edit.py", *args, f"hydra.run.dir={tmp_path / 'measured'}"],
+                                 cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(child.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, err.read_text()[-2000:]
+    peak = usage.ru_maxrss * 1024  # KiB on Linux
     assert abs(plan.peak - peak) <= 0.25 * peak, (plan.peak / GB, peak / GB)
