@@ -11,8 +11,9 @@ with `_target_` pointing at the class. Learned editors also implement `training_
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from abc import abstractmethod
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import lightning as L
 import torch
@@ -130,9 +131,7 @@ class EditMethod(L.LightningModule):
         originals = snapshot(self.model, names)
         self._low_rank = {}
         start = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self.editing(rollback=lambda: write_back(self.model, originals)):
             with torch.enable_grad():
                 info = self.compute_edit(requests)
             if self.shared_batches and self._trainer is not None:  # every rank must now hold the same edit
@@ -141,12 +140,21 @@ class EditMethod(L.LightningModule):
             for n in names:
                 if not torch.isfinite(params[n]).all():
                     raise EditFailed(f"{type(self).__name__}: parameter {n} became non-finite; edit rejected")
+        return EditHandle(originals, info or {}, time.perf_counter() - start, len(requests), low_rank=self._low_rank)
+
+    @contextmanager
+    def editing(self, rollback: Callable[[], None]) -> Iterator[None]:
+        """The model in eval mode while an edit runs; on any failure `rollback()` puts back what the edit changed
+        (weights, a memory) before the error propagates; the training mode is restored either way."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
         except BaseException:
-            write_back(self.model, originals)
+            rollback()
             raise
         finally:
             self.model.train(was_training)
-        return EditHandle(originals, info or {}, time.perf_counter() - start, len(requests), low_rank=self._low_rank)
 
     def record_low_rank(self, module_name: str, left: torch.Tensor, right: torch.Tensor) -> None:
         """Note that `compute_edit` just added `(left @ right)` ((out, r) @ (r, in), float64) to the weight of
@@ -225,15 +233,8 @@ class MemoryEditMethod(EditMethod):
         """Add the edits to the memory; on any failure the memory is put back before the error propagates."""
         before = self.memory_state()
         start = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self.editing(rollback=lambda: self.load_memory_state(before)):
             info = self.remember(requests)
-        except BaseException:
-            self.load_memory_state(before)
-            raise
-        finally:
-            self.model.train(was_training)
         return EditHandle(info=info or {}, seconds=time.perf_counter() - start, n_requests=len(requests),
                           method_state=before)
 

@@ -201,16 +201,8 @@ class WISE(EditMethod):
         the memory state is put back before the error propagates."""
         before = self.state.copy()
         start = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.enable_grad():
-                info = self._write(requests)
-        except BaseException:
-            self.state = before
-            raise
-        finally:
-            self.model.train(was_training)
+        with self.editing(rollback=lambda: setattr(self, "state", before)), torch.enable_grad():
+            info = self._write(requests)
         return WiseHandle(info=info, seconds=time.perf_counter() - start, n_requests=len(requests), state=before)
 
     def restore(self, handle: EditHandle) -> None:
