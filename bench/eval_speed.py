@@ -1,6 +1,8 @@
-"""Evaluation speed: today's scoring against prompt-cache scoring with cached pre-edit scores, same records, same run.
+"""Evaluation speed: today's scoring against prompt-cache scoring with cached pre-edit scores, same records, same run;
+with --groups, every metric group of `eval=full`, one record at a time against shared forwards.
 
     python bench/eval_speed.py [--model smollm2_135m] [--n 100] [--post-batch 1] [--threads 1]
+    python bench/eval_speed.py --groups [--n 16] [--states-per-forward 16]
 
 A run's scoring is a pre pass over all N records on the unedited model, then a post pass per edit batch
 (`--post-batch` records each; 1 = the single-edit protocol). Edits change no cost, so the post passes score the
@@ -10,6 +12,14 @@ unedited model too. Three ways, timed one after the other in this process:
   empty cache (the weights digest and the writes are counted);
 - new, cached: the same, with the pre scores read back from that cache.
 Prints seconds and old/new ratios, and the largest |NLL| difference between old and new scores.
+
+--groups: the post-edit evaluation of the single-edit protocol, per metric group, on the first n CounterFact-plus
+test records that have generation prompts. Each record gets a real ROME edit at the model's default layer (made
+once, before timing). Old: per record, the edit written into the model and every group measured on it, as the
+callback did before shared forwards. New: ES/PS/NS and the scored groups the same way; fluency for up to
+`--states-per-forward` records in shared batched forwards (eval/row_states.py). General ability (perplexity) is a
+per-state cost that both paths pay on the first `eval.general.single_records` records; it is timed once and shown
+per state. Prints seconds per record per group, the ratio, and whether every value is identical.
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ from rich.table import Table
 
 from kedit_pl.config import compose
 from kedit_pl.data.datamodule import load_split, select
+from kedit_pl.data.splits import apply_split
 from kedit_pl.eval import scoring
 from kedit_pl.eval.pre_cache import cached_pre_scores
 from kedit_pl.models.load import load_model
@@ -61,6 +72,83 @@ def max_nll_gap(a: list[dict], b: list[dict]) -> float:
     return gap
 
 
+def groups_bench(args) -> None:
+    """Old (one record at a time) against new (shared forwards) post-edit evaluation, per metric group."""
+    from kedit_pl.eval.groups import GroupRunner, build_groups
+    from kedit_pl.eval.row_states import capture, edited_state
+    from kedit_pl.pipeline import build_method
+    from kedit_pl.weights import write_back
+
+    cfg = compose("edit", [f"model={args.model}", "method=rome", "eval=full", "dataset=counterfact_plus",
+                           "dataset.split=test", "paths.output_dir=/tmp/eval_speed"])
+    method = build_method(cfg)
+    method.model.eval()
+    test = apply_split(load_split(cfg.dataset.path, cfg.dataset.format), "test", cfg.dataset.split_rule)
+    reqs = [r for r in test if r.generation_prompts][:args.n]
+    settings = dict(cfg.eval)
+    groups = build_groups([g for g in cfg.eval.metrics if g != "general"], settings)
+    general = build_groups(["es_ps_ns", "general"], settings)[0]
+    states, systems = [], []
+    for r in reqs:  # the edits, before any timing
+        handle = method.apply([r])
+        states.append(edited_state(method.model, handle))
+        systems.append(capture(method, states[-1], r.generation_prompts))
+        write_back(method.model, handle.originals)
+    names = ["es_ps_ns"] + [g.name for g in groups]
+    old_t, new_t = dict.fromkeys(names + ["general"], 0.0), dict.fromkeys(names, 0.0)
+    old_recs, new_recs = [], []
+
+    def per_record(rec_req, state, timing, skip=()):
+        params = dict(method.model.named_parameters())
+        saved = {f"{m}.{k}": params[f"{m}.{k}"].detach().clone() for m, ps in state.items() for k in ps}
+        with torch.no_grad():
+            for m, ps in state.items():
+                for k, v in ps.items():
+                    params[f"{m}.{k}"].copy_(v)
+        t = time.perf_counter()
+        rec = scoring.score_requests(method.logits_fn(), method.tok, [rec_req], bs, "cpu")[0]
+        timing["es_ps_ns"] += time.perf_counter() - t
+        for g in groups:
+            if g.name in skip:
+                continue
+            t = time.perf_counter()
+            GroupRunner([g]).measure(method, [rec_req], [rec])
+            timing[g.name] += time.perf_counter() - t
+        write_back(method.model, saved)
+        return rec
+
+    bs = int(cfg.edit.eval_batch_size)
+    for r, st in zip(reqs, states):
+        old_recs.append(per_record(r, st, old_t))
+    with torch.no_grad():  # one state of perplexity (what each of the first single_records edits costs)
+        t = time.perf_counter()
+        GroupRunner([general]).measure(method, reqs[:1], [{}])
+        old_t["general"] = time.perf_counter() - t
+    shared = tuple(GroupRunner(groups).shared_forward())
+    for r, st in zip(reqs, states):
+        new_recs.append(per_record(r, st, new_t, skip=shared))
+    runner = GroupRunner(groups)
+    for s0 in range(0, len(reqs), args.states_per_forward):
+        t = time.perf_counter()
+        runner.measure_states(method, reqs[s0:s0 + args.states_per_forward], new_recs[s0:s0 + args.states_per_forward],
+                              systems[s0:s0 + args.states_per_forward])
+        for name in shared:
+            new_t[name] += (time.perf_counter() - t) / len(shared)
+    same = sum(a == b for a, b in zip(old_recs, new_recs))
+    n = len(reqs)
+    table = Table(title=f"post-edit evaluation per record, eval=full, {n} CounterFact-plus test records with ROME "
+                        f"edits, {args.model}, {args.threads} thread(s), {args.states_per_forward} states per forward")
+    for col in ("group", "old s/record", "new s/record", "old / new"):
+        table.add_column(col)
+    for name in names:
+        table.add_row(name, f"{old_t[name] / n:.2f}", f"{new_t[name] / n:.2f}", f"{old_t[name] / new_t[name]:.2f}")
+    total_old, total_new = sum(old_t[k] for k in names) / n, sum(new_t.values()) / n
+    table.add_row("total", f"{total_old:.2f}", f"{total_new:.2f}", f"{total_old / total_new:.2f}")
+    table.add_row("general (per measured state)", f"{old_t['general']:.2f}", f"{old_t['general']:.2f}", "1.00")
+    Console().print(table)
+    print(f"records with identical values (scores, generations, entropies): {same}/{n}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2_135m")
@@ -69,8 +157,12 @@ def main() -> None:
     ap.add_argument("--post-batch", type=int, default=1, help="records per post pass (1 = single-edit protocol)")
     ap.add_argument("--batch-size", type=int, default=64, help="eval batch size (edit.eval_batch_size)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--groups", action="store_true", help="time every metric group, one record vs shared forwards")
+    ap.add_argument("--states-per-forward", type=int, default=16, help="--groups: edited states per shared forward")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.groups:
+        return groups_bench(args)
     cfg = compose("edit", [f"model={args.model}", "paths.output_dir=/tmp/eval_speed"])
     lm = load_model(cfg.model)
     lm.model.eval()

@@ -161,9 +161,33 @@ def run_head_to_head(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(str(e)) from None
         walls = [read_json(d / "summary.json").get("timing", {}).get("wall_seconds") for d in done]
         result["wall_seconds_all_runs"] = sum(w for w in walls if w)
+        result["time_by_method"] = time_breakdown(done)
+        log.info("where the time went (seconds):\n%s", breakdown_table(result["time_by_method"]))
         result["figure"] = str(tradeoff_chart(rows, out / "tradeoffs.png"))
     write_json(out / "head_to_head.json", result)
     return result
+
+
+def time_breakdown(run_dirs: list[Path]) -> dict[str, dict[str, float]]:
+    """Per run: wall seconds, editing seconds, and the evaluation seconds of each phase and part (summary.json's
+    `timing`; a resumed run's parts cover its last invocation only)."""
+    out = {}
+    for d in run_dirs:
+        t = read_json(d / "summary.json").get("timing", {})
+        row = {"wall": t.get("wall_seconds"), "edit": t.get("seconds_total_edit")}
+        for phase, parts in (t.get("seconds_by_phase") or {}).items():
+            row |= {f"{phase}/{k}": v for k, v in parts.items()}
+        out[d.name] = {k: round(v, 1) for k, v in row.items() if v is not None}
+    return out
+
+
+def breakdown_table(times: dict[str, dict[str, float]]) -> str:
+    """`time_breakdown` as a Markdown table, one row per method."""
+    cols = list(dict.fromkeys(k for row in times.values() for k in row))
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(f"{row[c]:.0f}" if c in row else "" for c in cols) + " |"
+              for m, row in times.items()]
+    return "\n".join(lines)
 
 
 #: the trade-offs chart: post-edit rates per method (all percent), then fluency and perplexity beside pre

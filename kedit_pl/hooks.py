@@ -165,3 +165,41 @@ def linear_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], owner: torc
 
     with _token_grid(model) as grid, _forward_hooks(model, {n: make(d) for n, d in deltas.items()}):
         yield
+
+
+#: batch rows [start, stop) and the parameters they use instead of the model's: {module: {"weight"/"bias": tensor}}
+RowWeights = tuple[int, int, dict[str, dict[str, torch.Tensor]]]
+
+
+def _linear_output(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A linear module's own formula with other parameters: Linear y = x Wᵀ + b; GPT-2's Conv1D y = x W + b."""
+    if type(module).__name__ == "Conv1D":
+        y = x @ weight
+        return y if bias is None else y + bias
+    return nn.functional.linear(x, weight, bias)
+
+
+@contextmanager
+def row_weights(model: nn.Module, blocks: list[RowWeights]) -> Iterator[None]:
+    """Run linear modules with other weights for some batch rows: for each block (start, stop, params), rows
+    start..stop of each module in `params` are recomputed with that module's formula and the block's weight/bias
+    (what it leaves out stays the module's own). Unlike `linear_deltas` this is the edited layer itself, not
+    W x + ΔW x, so each block's rows get the numbers of a model that holds its weights."""
+    by_module: dict[str, list[RowWeights]] = {}
+    for block in blocks:
+        for name in block[2]:
+            by_module.setdefault(name, []).append(block)
+
+    def make(module: nn.Module, name: str):
+        def hook(_mod, args, out):
+            x, y = grid(_first(args)), grid(_first(out))  # views: writing y writes the output
+            for start, stop, params in by_module[name]:
+                p = params[name]
+                y[start:stop] = _linear_output(module, x[start:stop], p.get("weight", module.weight),
+                                               p.get("bias", module.bias)).to(y.dtype)
+            return out
+        return hook
+
+    hooks = {n: make(model.get_submodule(n), n) for n in by_module}
+    with _token_grid(model) as grid, _forward_hooks(model, hooks):
+        yield

@@ -273,14 +273,19 @@ def test_pre_edit_group_measurements_are_cached_across_runs(tmp_path, one_thread
     from kedit_pl.eval.groups.fluency import Fluency
 
     calls: list[int] = []
-    measure = Fluency.measure
+    measure, shared = Fluency.measure, Fluency.measure_states
     monkeypatch.setattr(Fluency, "measure", lambda self, m, reqs: calls.append(len(reqs)) or measure(self, m, reqs))
+    monkeypatch.setattr(Fluency, "measure_states",
+                        lambda self, m, reqs, st: calls.append(("shared", len(reqs))) or shared(self, m, reqs, st))
     args = ["dataset=counterfact_plus", "dataset.limit=2", "method=ft", f"paths.cache_dir={tmp_path / 'cache'}",
             "eval.metrics=[es_ps_ns,fluency,general]", *FAST]
     first = run_edit(edit_cfg(tmp_path / "a", *args))
-    assert calls == [2, 1, 1]  # pre for both records, then post after each edit
+    assert calls == [2, ("shared", 2)]  # pre for both records, then post: both edited states in one forward
     calls.clear()
     second = run_edit(edit_cfg(tmp_path / "b", *args))
-    assert calls == [1, 1] and second["pre"] == first["pre"]  # post only: pre fluency and ppl came from the cache
+    assert calls == [("shared", 2)] and second["pre"] == first["pre"]  # post only: pre fluency and ppl were cached
+    calls.clear()
+    one_by_one = run_edit(edit_cfg(tmp_path / "d", *args, "eval.states_per_forward=1"))
+    assert calls == [1, 1] and one_by_one["post"] == second["post"]  # each record right after its edit: same values
     off = run_edit(edit_cfg(tmp_path / "c", *args, "eval.cache_pre=false"))
     assert off["pre"] == first["pre"]

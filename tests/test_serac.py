@@ -271,3 +271,25 @@ def test_prompt_routed_cache_scores_equal_routed_pairs(serac, reqs):
             for kind in a[group]:
                 for x, y in zip(a[group][kind], b[group][kind]):
                     assert x["nll"] == pytest.approx(y["nll"], abs=1e-5) and x["acc"] == pytest.approx(y["acc"], abs=1e-6)
+
+
+def test_generations_after_the_undo_equal_those_of_the_edited_system(serac, reqs):
+    """SERAC's routes outlive `restore` (eval/row_states.py): generating from captured routes after two edits were
+    undone gives what each edited system generates, in-scope (counterfactual model) and out-of-scope prompts alike."""
+    from kedit_pl.eval.generate import greedy_generate, greedy_generate_states
+    from kedit_pl.eval.row_states import capture
+
+    set_threshold(serac, -1.0)  # every prompt in scope: the counterfactual model reads [edit] [prompt]
+    try:
+        systems, want = [], []
+        for req in reqs[:2]:
+            prompts = [req.rewrite, "The weather today is"]
+            handle = serac.apply([req])
+            systems.append(capture(serac, {}, prompts))
+            want.append(greedy_generate(serac, prompts, 6))
+            serac.restore(handle)
+        assert not serac.memory.entries
+        assert greedy_generate_states(serac, [[r.rewrite, "The weather today is"] for r in reqs[:2]], systems, 6) == want
+        assert want[0] != want[1]
+    finally:
+        set_threshold(serac, 0.5)

@@ -15,10 +15,12 @@ import torch
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.distributed import gather_objects
 from kedit_pl.eval.groups import GroupRunner, MetricGroup
+from kedit_pl.eval.groups.base import stopwatch
 from kedit_pl.eval.intervals import LEVEL, RESAMPLES, SEED, intervals
 from kedit_pl.eval.metrics import metric_counts, summarize
 from kedit_pl.eval.pre_cache import cached_pre_scores, pre_cache_for
 from kedit_pl.eval.record_values import values_by_state
+from kedit_pl.eval.row_states import EditedSystem, capture, edited_state
 from kedit_pl.eval.report import print_table, write_summary_files
 from kedit_pl.eval.samples import generate_samples, sample_rows, write_samples
 from kedit_pl.eval.scoring import score_requests
@@ -87,7 +89,7 @@ class EditEvalCallback(L.Callback):
                  resume: bool = False, run_info: dict[str, Any] | None = None,
                  groups: list[MetricGroup] | None = None, samples: int = 0, sample_tokens: int = 40,
                  pre_cache: str | Path | None = None, on_edit: list[Callable] | None = None,
-                 started: float | None = None) -> None:
+                 started: float | None = None, states_per_forward: int = 1) -> None:
         if mode not in MODES:
             raise ValueError(f"edit.mode: must be one of {MODES}, got {mode!r}")
         self.out = Path(output_dir)
@@ -108,6 +110,12 @@ class EditEvalCallback(L.Callback):
         self.prior: list[EditRequest] = []  # sequential resume: the records the interrupted run edited
         # a resume's batch numbers (records.jsonl's `batch`, the loggers' edit/* steps) go on after the earlier runs'
         self.batch_offset = 1 + max((int(d.get("batch", -1)) for d in self.done), default=-1)
+        # single/batch mode: the generations of up to this many edited records share forwards (eval/row_states.py);
+        # their record lines wait in `pending` (lines, requests, each request's edited system) until then
+        self.states_per_forward = int(states_per_forward)
+        self.pending: list[tuple[list[dict], list[EditRequest], list[EditedSystem]]] = []
+        # this invocation's seconds per phase (pre, post, final) and part (es_ps_ns, each group, samples)
+        self.clock: dict[str, dict[str, float]] = {}
 
     def resume_sequential(self, edited: list[EditRequest], batches: int) -> None:
         """Continue a sequential run after `batches` batches that edited `edited` (their lines are in records.jsonl):
@@ -116,20 +124,28 @@ class EditEvalCallback(L.Callback):
 
     # --- helpers -------------------------------------------------------------------------------------
     def _score(self, pl_module, requests: list[EditRequest], batch_idx: int | None = None,
-               pre: bool = False, state: bool = True) -> list[dict]:
+               phase: str = "post", state: bool = True, skip: tuple[str, ...] = ()) -> list[dict]:
         """ES/PS/NS scores of each request, plus the selected metric groups (model-state groups only with `state`:
-        one DDP rank measures a state) and, for sampled records, generations. Pre-edit scores and group
-        measurements come from the on-disk cache when it is enabled (eval.cache_pre)."""
+        one DDP rank measures a state; those named in `skip` later, in a shared forward) and, for sampled records,
+        generations. `phase`: pre (the unedited model), post or final. Pre-edit scores and group measurements come
+        from the on-disk cache when it is enabled (eval.cache_pre). The time of each part goes to `clock[phase]`."""
         if not requests:  # a rank's share of a small shared batch
             return []
+        clock = self.clock.setdefault(phase, {})
         logits_fn = pl_module.logits_fn()
-        cache = pre_cache_for(self.pre_cache, logits_fn, pl_module.tok) if pre else None
-        recs = cached_pre_scores(cache, logits_fn, pl_module.tok, requests, self.eval_batch_size, pl_module.device,
-                                 score_requests)
-        self.groups.measure(pl_module, requests, recs, batch_idx, cache=cache, state=state)
+        cache = pre_cache_for(self.pre_cache, logits_fn, pl_module.tok) if phase == "pre" else None
+        with stopwatch(clock, "es_ps_ns"):
+            recs = cached_pre_scores(cache, logits_fn, pl_module.tok, requests, self.eval_batch_size,
+                                     pl_module.device, score_requests)
+        self.groups.measure(pl_module, requests, recs, batch_idx, cache=cache, state=state, skip=skip, clock=clock)
         sampled = [(req, rec) for req, rec in zip(requests, recs) if req.case_id in self.sample_ids]
         if sampled:
-            for (_, rec), smp in zip(sampled, generate_samples(pl_module, [r for r, _ in sampled], self.sample_tokens)):
+            compute = lambda reqs: generate_samples(pl_module, reqs, self.sample_tokens)  # noqa: E731
+            reqs = [r for r, _ in sampled]
+            with stopwatch(clock, "samples"):
+                smps = (cache.per_record({"samples": self.sample_tokens}, reqs, compute, "pre-edit samples")
+                        if cache is not None else compute(reqs))
+            for (_, rec), smp in zip(sampled, smps):
                 rec["samples"] = smp
         return recs
 
@@ -151,7 +167,7 @@ class EditEvalCallback(L.Callback):
         # prompts as in a run that never stopped (float32 logits depend a little on the batch's padding)
         mine = trainer.datamodule.rank_requests() if trainer.world_size > 1 else self.prior + requests
         log.info("scoring %d records on the unedited model", len(mine))
-        self.pre = {r["case_id"]: r for r in self._score(pl_module, mine, pre=True, state=trainer.is_global_zero)}
+        self.pre = {r["case_id"]: r for r in self._score(pl_module, mine, phase="pre", state=trainer.is_global_zero)}
         if trainer.world_size == 1:  # under DDP rank 0 logs every rank's numbers at the end
             self._log(trainer, {f"pre/{k}": v for k, v in self._numbers(list(self.pre.values())).items()}, step=0)
 
@@ -161,11 +177,18 @@ class EditEvalCallback(L.Callback):
         dm = trainer.datamodule
         step = (dm.global_batch(batch_idx) if trainer.world_size > 1 else batch_idx) + self.batch_offset
         mine = dm.rank_part(batch) if trainer.world_size > 1 else batch
+        shared = self._shares_forward(pl_module)
+        systems: list[EditedSystem | None] | None = None
         try:
             if not (dm.shared_batches and trainer.global_rank):  # a shared batch's edit is saved/shown once
                 for fn in self.on_edit:  # edit.save=patch, edit.show: before any restore
                     fn(pl_module, handle, batch, step)
-            post = self._score(pl_module, mine, step, state=bool(mine) and mine[0] is batch[0])
+            if shared and mine:  # what each record's generations need once the edit is undone
+                weights = edited_state(pl_module.model, handle)
+                systems = [capture(pl_module, weights, self.groups.shared_prompts(r)) for r in mine]
+                systems = None if any(s is None for s in systems) else systems
+            post = self._score(pl_module, mine, step, state=bool(mine) and mine[0] is batch[0],
+                               skip=tuple(shared) if systems is not None else ())
         finally:
             if self.mode != "sequential" and handle is not None:
                 pl_module.restore(handle)
@@ -173,7 +196,41 @@ class EditEvalCallback(L.Callback):
         for req, rec in zip(mine, post):
             lines.append({"case_id": req.case_id, "batch": step, "seconds": handle.seconds / len(batch),
                           "pre": self.pre[req.case_id], "post": rec, "info": _jsonable_info(handle.info),
-                          "invocation": self.invocation, "elapsed": round(time.perf_counter() - self.started, 3)})
+                          "invocation": self.invocation})
+        if systems is not None:
+            self.pending.append((lines, list(mine), systems))
+            if sum(len(reqs) for _, reqs, _ in self.pending) >= self.states_per_forward:
+                self._flush(trainer, pl_module)
+        else:
+            self._flush(trainer, pl_module)  # earlier lines first: records.jsonl keeps the run's order
+            self._write(trainer, lines)
+
+    def _shares_forward(self, pl_module) -> list[str]:
+        """The groups this run measures for many edited records in shared forwards (none: each record right after
+        its edit): single/batch mode with `states_per_forward` > 1; `row_states.capture` then decides per batch
+        whether the method's edited systems survive the undo."""
+        if self.mode == "sequential" or self.states_per_forward <= 1:
+            return []
+        return self.groups.shared_forward()
+
+    def _flush(self, trainer: L.Trainer, pl_module) -> None:
+        """Measure the pending records' deferred groups, each under its edited state, in shared batches; write them."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        n = sum(len(reqs) for _, reqs, _ in pending)
+        log.debug("measuring %d edited states in shared forwards", n)
+        requests = [r for _, reqs, _ in pending for r in reqs]
+        systems = [st for _, _, sts in pending for st in sts]
+        self.groups.measure_states(pl_module, requests, [d["post"] for lines, _, _ in pending for d in lines], systems,
+                                   clock=self.clock.setdefault("post", {}))
+        for lines, _, _ in pending:
+            self._write(trainer, lines)
+
+    def _write(self, trainer: L.Trainer, lines: list[dict]) -> None:
+        """Append one batch's record lines to this rank's records file (flushed), keep them, log them."""
+        for line in lines:
+            line["elapsed"] = round(time.perf_counter() - self.started, 3)
         name = RECORDS_FILE if trainer.world_size == 1 else RANK_RECORDS.format(rank=trainer.global_rank)
         with open(self.out / name, "a", encoding="utf-8") as f:  # one line per record, flushed per batch
             for line in lines:
@@ -181,7 +238,7 @@ class EditEvalCallback(L.Callback):
             f.flush()
         self.done.extend(lines)
         self.new.extend(lines)
-        if trainer.world_size == 1:
+        if trainer.world_size == 1 and lines:
             self._log_batch(trainer, lines)
 
     def _log_batch(self, trainer: L.Trainer, lines: list[dict]) -> None:
@@ -215,6 +272,7 @@ class EditEvalCallback(L.Callback):
                 p.unlink()
 
     def on_test_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._flush(trainer, pl_module)
         rss = self._gather(trainer) if trainer.world_size > 1 else [_peak_rss_mb()]
         if rss is None:
             return
@@ -225,7 +283,7 @@ class EditEvalCallback(L.Callback):
         if self.mode == "sequential":
             requests = self.prior + trainer.datamodule.requests
             log.info("re-scoring all %d edited records after the last edit (retention)", len(requests))
-            final = self._score(pl_module, requests)
+            final = self._score(pl_module, requests, phase="final")
             by_id = {r["case_id"]: r for r in final}
             summary["final"] = self._numbers([by_id.get(d["case_id"]) or {} for d in done], pres)
             for d in done:
@@ -244,6 +302,8 @@ class EditEvalCallback(L.Callback):
             "peak_rss_mb": max(rss),
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         }
+        summary["timing"]["seconds_by_phase"] = {ph: {k: round(v, 2) for k, v in parts.items()}
+                                                 for ph, parts in self.clock.items()}  # this invocation, this rank
         if trainer.world_size > 1:
             summary["timing"] |= {"processes": trainer.world_size, "peak_rss_mb_per_rank": rss}
         info = mean_info(done)
@@ -256,7 +316,9 @@ class EditEvalCallback(L.Callback):
         flat = {f"{g}/{k}": v for g in ("pre", "post", "final") if g in summary for k, v in summary[g].items()}
         flat.update({f"{g}/{k}_{end}": b for g, cis in summary["ci"].items() for k, ci in cis.items()
                      for end, b in zip(("lo", "hi"), ci)})  # the 95 % bounds beside each aggregate
-        flat.update({f"timing/{k}": v for k, v in summary["timing"].items() if not isinstance(v, list)})
+        flat.update({f"timing/{k}": v for k, v in summary["timing"].items() if isinstance(v, (int, float))})
+        flat.update({f"timing/{ph}/{k}": v for ph, parts in summary["timing"]["seconds_by_phase"].items()
+                     for k, v in parts.items()})
         self._log(trainer, flat, step=len(done) + 1)
         set_run_summary(trainer.loggers, flat)
         paths = write_summary_files(self.out, summary)

@@ -10,11 +10,15 @@ full forward per token.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from kedit_pl.eval.row_states import EditedSystem
 from kedit_pl.eval.scoring import model_logits
+from kedit_pl.hooks import row_weights
 from kedit_pl.models.kv_cache import cache_kwargs, output_cache
 from kedit_pl.tokens import left_pad, pad_id, prompt_ids, right_pad
 from kedit_pl.weights import EditMethodProtocol
@@ -82,3 +86,37 @@ def greedy_generate(method: EditMethodProtocol, prompts: list[str], max_new_toke
                 ids = ids[:ids.index(tok.eos_token_id)]
             texts[p] = tok.decode(ids, skip_special_tokens=True)
     return [texts[p] for p in prompts]
+
+
+def greedy_generate_states(method: EditMethodProtocol, prompts: Sequence[Sequence[str]],
+                           systems: Sequence[EditedSystem], max_new_tokens: int = 100,
+                           batch_rows: int = 160) -> list[list[str]]:
+    """`greedy_generate` of `prompts[i]` on edited system `systems[i]` (`row_states.capture`), for many systems at
+    once, with every edit undone: the rows of all systems that route to the same model share batches of up to
+    `batch_rows` rows, each system's rows through the weights its edit wrote. Identical prompts of one system are
+    generated once."""
+    tok: PreTrainedTokenizerBase = method.tok
+    jobs: dict[int, list[tuple[int, str, list[int]]]] = {}  # model -> [(system, prompt, ids)] in system order
+    models: dict[int, nn.Module] = {}
+    for k, (ps, system) in enumerate(zip(prompts, systems)):
+        for p in dict.fromkeys(ps):
+            model, ids = system.routes[p]
+            models[id(model)] = model
+            jobs.setdefault(id(model), []).append((k, p, ids))
+    texts: list[dict[str, str]] = [{} for _ in prompts]
+    for key, rows in jobs.items():
+        model = models[key]
+        for s in range(0, len(rows), int(batch_rows)):
+            chunk = rows[s:s + int(batch_rows)]
+            blocks, start = [], 0
+            for i in range(1, len(chunk) + 1):  # runs of one system's rows, through that system's weights
+                if i == len(chunk) or chunk[i][0] != chunk[start][0]:
+                    system = systems[chunk[start][0]]
+                    if system.weights and system.weights_of is model:
+                        blocks.append((start, i, system.weights))
+                    start = i
+            with row_weights(model, blocks):
+                new = _greedy_cached(model, [ids for *_, ids in chunk], pad_id(tok), max_new_tokens)
+            for (k, p, _), ids in zip(chunk, new):
+                texts[k][p] = tok.decode(ids, skip_special_tokens=True)
+    return [[t[p] for p in ps] for t, ps in zip(texts, prompts)]

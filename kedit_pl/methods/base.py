@@ -73,6 +73,10 @@ class EditMethod(L.LightningModule):
     #: False for methods whose state between sequential batches is not tensors (SERAC's memory of edit texts):
     #: edit.resume then refuses to continue their sequential runs (kedit_pl/sequential_state.py)
     sequential_resumable: bool = True
+    #: True for a routing method whose routes (`logits_fn().prefixes`: a model and the ids it continues) stay valid
+    #: after `restore`, because the models routed to never change (IKE, SERAC): evaluation may then generate for
+    #: many records at once after their edits were undone (kedit_pl/eval/row_states.py)
+    routes_outlive_undo: bool = False
 
     def __init__(self, model: nn.Module | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
                  spec: ModelSpec | None = None) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError
-from kedit_pl.eval.groups.base import MetricGroup, mean_numbers
+from kedit_pl.eval.groups.base import MetricGroup, mean_numbers, stopwatch
 from kedit_pl.eval.groups.fluency import Fluency
 from kedit_pl.eval.groups.general import GeneralAbility
 from kedit_pl.eval.groups.scored import DistractingNeighborhood, Portability, SubjectAlias
@@ -47,35 +47,71 @@ class GroupRunner:
         self.groups = groups
         self.mode = mode
 
+    def shared_forward(self) -> list[str]:
+        """Names of the selected groups that can measure many edited states in one forward (`shares_forward`)."""
+        return [g.name for g in self.groups if g.per_record and g.shares_forward]
+
+    def shared_prompts(self, req: EditRequest) -> list[str]:
+        """The prompts the `shared_forward` groups generate from for `req` (what `row_states.capture` routes)."""
+        return [p for g in self.groups if g.name in self.shared_forward() for p in g.prompts(req)]
+
+    def _measurable(self, g: MetricGroup, method, requests: list[EditRequest],
+                    records: list[dict]) -> list[tuple[int, EditRequest, dict]]:
+        """(position, request, record) of the requests `g` can measure; the others get `groups_skipped` (why)."""
+        ok = []
+        for i, (req, rec) in enumerate(zip(requests, records)):
+            why = g.problem(req, method.tok)
+            if why is None:
+                ok.append((i, req, rec))
+            else:
+                rec.setdefault("groups_skipped", {})[g.name] = why
+        return ok
+
     def measure(self, method, requests: list[EditRequest], records: list[dict], batch_idx: int | None = None,
-                cache: "PreCache | None" = None, state: bool = True) -> None:
+                cache: "PreCache | None" = None, state: bool = True, skip: tuple[str, ...] = (),
+                clock: dict[str, float] | None = None) -> None:
         """Add each group's raw measurement (or why it skipped) to `records` (aligned with `requests`).
         A model-state group (general ability) goes into the first record only, when it is due; `batch_idx`
         None means always (the unedited model, the final state). `cache` (unedited model only) holds
         measurements of earlier runs, keyed by the weights, the record and the group's settings. `state=False`:
-        per-record groups only (another DDP rank measures this model state)."""
+        per-record groups only (another DDP rank measures this model state). Groups named in `skip` are left for
+        `measure_states`. `clock` (group name -> seconds) gains the time each group took."""
         for g in self.groups:
-            key = {"group": g.name, **g.settings}
-            what = f"pre-edit {g.name}"
-            if not g.per_record:
-                due = state and (batch_idx is None or g.due(self.mode, batch_idx))
-                if due and records:
-                    compute = lambda g=g: g.measure(method, requests)[0]  # noqa: E731
-                    raw = cache.state(key, compute, what) if cache is not None else compute()
-                    records[0].setdefault("groups", {})[g.name] = raw
+            if g.name in skip:
                 continue
-            ok = []
-            for req, rec in zip(requests, records):
-                why = g.problem(req, method.tok)
-                if why is None:
-                    ok.append((req, rec))
-                else:
-                    rec.setdefault("groups_skipped", {})[g.name] = why
-            if ok:
-                reqs = [r for r, _ in ok]
-                compute = lambda reqs, g=g: g.measure(method, reqs)  # noqa: E731
-                raws = cache.per_record(key, reqs, compute, what) if cache is not None else compute(reqs)
-                for (_, rec), raw in zip(ok, raws):
+            with stopwatch(clock, g.name):
+                self._measure_one(g, method, requests, records, batch_idx, cache, state)
+
+    def _measure_one(self, g: MetricGroup, method, requests: list[EditRequest], records: list[dict],
+                     batch_idx: int | None, cache: "PreCache | None", state: bool) -> None:
+        key, what = {"group": g.name, **g.settings}, f"pre-edit {g.name}"
+        if not g.per_record:
+            if state and records and (batch_idx is None or g.due(self.mode, batch_idx)):
+                compute = lambda: g.measure(method, requests)[0]  # noqa: E731
+                records[0].setdefault("groups", {})[g.name] = (cache.state(key, compute, what) if cache is not None
+                                                               else compute())
+            return
+        ok = self._measurable(g, method, requests, records)
+        if ok:
+            reqs = [r for _, r, _ in ok]
+            compute = lambda reqs: g.measure(method, reqs)  # noqa: E731
+            raws = cache.per_record(key, reqs, compute, what) if cache is not None else compute(reqs)
+            for (_, _, rec), raw in zip(ok, raws):
+                rec.setdefault("groups", {})[g.name] = raw
+
+    def measure_states(self, method, requests: list[EditRequest], records: list[dict], systems: list,
+                       clock: dict[str, float] | None = None) -> None:
+        """The `shared_forward` groups of each request on its own edited system (`eval/row_states.py`), all in
+        shared batches, with every edit undone; into `records` as `measure` puts them."""
+        for g in self.groups:
+            if g.name not in self.shared_forward():
+                continue
+            ok = self._measurable(g, method, requests, records)
+            if not ok:
+                continue
+            with stopwatch(clock, g.name):
+                raws = g.measure_states(method, [r for _, r, _ in ok], [systems[i] for i, _, _ in ok])
+                for (_, _, rec), raw in zip(ok, raws):
                     rec.setdefault("groups", {})[g.name] = raw
 
     def summarize(self, records: list[dict], pre: list[dict] | None = None) -> dict[str, float]:

@@ -7,9 +7,11 @@ model in sight, so a test can check them by hand. Records that lack a group's fi
 """
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from statistics import mean
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Iterator
 
 from kedit_pl.data.requests import EditRequest
 
@@ -21,6 +23,8 @@ class MetricGroup(ABC):
     #: EditRequest fields a record must have (non-empty) to be measured
     fields: ClassVar[tuple[str, ...]] = ()
     per_record: ClassVar[bool] = True
+    #: measures many edited states in one batched pass (`measure_states`): the single-edit protocol then defers it
+    shares_forward: ClassVar[bool] = False
 
     def __init__(self, **settings: Any) -> None:
         self.settings = settings
@@ -39,6 +43,15 @@ class MetricGroup(ABC):
         """Raw measurements of the current model state, one per request (all of them measurable).
         `method` is the EditMethod: its `logits_fn()`, `model`, `tok` and `device`."""
 
+    def prompts(self, req: EditRequest) -> list[str]:
+        """The prompts `measure_states` generates from for `req` (groups with `shares_forward`)."""
+        raise NotImplementedError(f"metric group {self.name} measures one model state at a time")
+
+    def measure_states(self, method, requests: list[EditRequest], systems: list) -> list[dict]:
+        """`measure` of each request on its own edited system (`kedit_pl.eval.row_states.EditedSystem`), with
+        every edit undone; only groups with `shares_forward`."""
+        raise NotImplementedError(f"metric group {self.name} measures one model state at a time")
+
     @staticmethod
     @abstractmethod
     def numbers(raw: dict) -> dict[str, float]:
@@ -55,3 +68,14 @@ def mean_numbers(per: Iterable[dict[str, float]]) -> dict[str, float]:
     per = list(per)
     names = sorted({k for m in per for k in m})
     return {k: mean(m[k] for m in per if k in m) for k in names}
+
+
+@contextmanager
+def stopwatch(clock: dict[str, float] | None, name: str) -> Iterator[None]:
+    """Add the seconds the block took to `clock[name]` (nothing when `clock` is None): where evaluation time goes."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if clock is not None:
+            clock[name] = clock.get(name, 0.0) + time.perf_counter() - start

@@ -16,7 +16,7 @@ from collections import Counter
 from statistics import mean
 
 from kedit_pl.data.requests import EditRequest
-from kedit_pl.eval.generate import greedy_generate
+from kedit_pl.eval.generate import greedy_generate, greedy_generate_states
 from kedit_pl.eval.groups.base import MetricGroup
 
 NGRAM_WEIGHTS = {2: 2 / 3, 3: 4 / 3}
@@ -49,17 +49,40 @@ class Fluency(MetricGroup):
     name = "fluency"
     fields = ("generation_prompts",)
 
+    shares_forward = True
+
     def measure(self, method, requests: list[EditRequest]) -> list[dict]:
         prompts = [p for r in requests for p in r.generation_prompts]
-        gens = greedy_generate(method, prompts, int(self.settings.get("max_new_tokens", 100)),
-                               int(self.settings.get("batch_size", 16)))
+        gens = greedy_generate(method, prompts, self.max_new_tokens, self.batch_size)
         out, i = [], 0
         for r in requests:
             n = len(r.generation_prompts)
-            texts = [p + g for p, g in zip(r.generation_prompts, gens[i:i + n])]
-            out.append({"ge": [generation_entropy(t) for t in texts], "text": texts[0]})
+            out.append(self._raw(r, gens[i:i + n]))
             i += n
         return out
+
+    def prompts(self, req: EditRequest) -> list[str]:
+        return list(req.generation_prompts)
+
+    def measure_states(self, method, requests: list[EditRequest], systems: list) -> list[dict]:
+        gens = greedy_generate_states(method, [r.generation_prompts for r in requests], systems, self.max_new_tokens,
+                                      self.batch_size)
+        return [self._raw(r, g) for r, g in zip(requests, gens)]
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Tokens generated after each prompt (`eval.fluency.max_new_tokens`)."""
+        return int(self.settings.get("max_new_tokens", 100))
+
+    @property
+    def batch_size(self) -> int:
+        """Prompts generated together (`eval.fluency.batch_size`), on one model state or on several."""
+        return int(self.settings.get("batch_size", 160))
+
+    @staticmethod
+    def _raw(req: EditRequest, continuations: list[str]) -> dict:
+        texts = [p + g for p, g in zip(req.generation_prompts, continuations)]
+        return {"ge": [generation_entropy(t) for t in texts], "text": texts[0]}
 
     @staticmethod
     def numbers(raw: dict) -> dict[str, float]:
