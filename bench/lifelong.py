@@ -72,14 +72,23 @@ def table_row(method: str, summary: dict, wall: dict) -> dict:
     rows = life.get("rows") or [{}]
     final, post = summary.get("final", {}), summary.get("post", {})
     n = int(summary.get("timing", {}).get("n_edits", 0))
+    ci = summary.get("ci") or {}
     return {"method": method, "batch": summary.get("run", {}).get("batch_size"), "edits": n,
-            **{f"final_{k}": final.get(k) for k in ("es", "ps", "ns", "score")},
-            **{f"post_{k}": post.get(k) for k in ("es", "ps", "ns")},
+            **{f"final_{k}": with_interval(final.get(k), (ci.get("final") or {}).get(k))
+               for k in ("es", "ps", "ns", "score")},
+            **{f"post_{k}": with_interval(post.get(k), (ci.get("post") or {}).get(k)) for k in ("es", "ps", "ns")},
             "ppl_start": life.get("start_perplexity"), "ppl_end": rows[-1].get("perplexity"),
             "dW": rows[-1].get("delta_norm_total"), "collapsed": life.get("collapsed"),
             "s_per_edit": summary.get("timing", {}).get("seconds_per_edit"),
             "wall_s": (summary.get("timing", {}).get("wall_seconds") if wall.get("resumed") else None)
             or wall.get("wall_seconds", summary.get("timing", {}).get("wall_seconds"))}  # resumed: over all runs
+
+
+def with_interval(value: float | None, ci: list[float] | None) -> str | float | None:
+    """`value [lo, hi]` (its 95 % bootstrap interval over records) where the run holds one, else the value."""
+    if value is None or not ci:
+        return value
+    return f"{value:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -97,13 +106,15 @@ def markdown(rows: list[dict]) -> str:
 
 
 def curve_table(curves: dict[str, list[dict]]) -> str:
-    """Every lifelong checkpoint: ES/PS/NS over the edits so far, perplexity and ‖ΔW‖, per method."""
+    """Every lifelong checkpoint: ES/PS/NS over the edits so far (with their 95 % intervals over the scored
+    records, where the rows hold them), perplexity and ‖ΔW‖, per method."""
     lines = ["| method | edits | ES | PS | NS | perplexity | ‖ΔW‖ |", "|---|---|---|---|---|---|---|"]
     for label, rows in curves.items():
         for r in rows:
-            cells = [r.get(k) for k in ("es", "ps", "ns")] + [r.get("perplexity"), r.get("delta_norm_total")]
-            lines.append(f"| {label} | {r['n_edits']} | " + " | ".join("" if v is None else f"{v:.1f}" if k < 3
-                         else f"{v:.2f}" for k, v in enumerate(cells)) + " |")
+            rates = [with_interval(r.get(k), (r.get("ci") or {}).get(k)) for k in ("es", "ps", "ns")]
+            cells = [v if isinstance(v, str) else "" if v is None else f"{v:.1f}" for v in rates]
+            cells += ["" if r.get(k) is None else f"{r[k]:.2f}" for k in ("perplexity", "delta_norm_total")]
+            lines.append(f"| {label} | {r['n_edits']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

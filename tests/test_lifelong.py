@@ -256,6 +256,9 @@ def test_lifelong_rows_in_sequential_mode(tmp_path, tiny_llama):
     assert [r["n_scored"] for r in rows][-1] == 2 and "es" in rows[-1] and rows[-1]["perplexity"] > 1
     assert set(rows[-1]["delta_norm"]) == {tiny_llama.spec.weight_name("mlp_out", x) for x in LAYERS}
     assert rows[-1]["delta_norm_total"] > 0 and summary["lifelong"]["collapsed"] is None
+    for k in ("es", "ps", "ns"):  # each rate with its bootstrap interval over the scored records
+        lo, hi = rows[-1]["ci"][k]
+        assert lo <= rows[-1][k] <= hi
     lines = (tmp_path / "lifelong.jsonl").read_text().splitlines()
     assert [json.loads(x)["n_edits"] for x in lines] == [0, 1, 2, 3]
     assert (tmp_path / "lifelong.png").stat().st_size > 0

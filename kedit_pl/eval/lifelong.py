@@ -2,7 +2,8 @@
 
 Every `every` batches, `LifelongCallback` measures
 - ES/PS/NS over the edits made so far (restricted to a fixed random sample of all records, drawn once up front,
-  so a checkpoint's cost stays bounded and later checkpoints cover the earlier edits of the sample),
+  so a checkpoint's cost stays bounded and later checkpoints cover the earlier edits of the sample), each with
+  its 95 % bootstrap interval over those records (`ci`, eval/intervals.py; the curves' bands),
 - the perplexity of a fixed WikiText-2 slice (eval/perplexity.py: general ability),
 - ‖W − W₀‖_F of every edited parameter (the accumulated ΔW per layer),
 and appends one row to `lifelong.jsonl` (also logged as `lifelong/*`, step = edits so far). When perplexity
@@ -24,7 +25,8 @@ import torch
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import Collapsed, ConfigError
-from kedit_pl.eval.metrics import summarize
+from kedit_pl.eval.intervals import intervals
+from kedit_pl.eval.metrics import record_percent, summarize
 from kedit_pl.eval.perplexity import perplexity
 from kedit_pl.eval.scoring import score_requests
 from kedit_pl.io import atomic_path, write_text
@@ -33,6 +35,8 @@ from kedit_pl.weights import snapshot
 log = logging.getLogger(__name__)
 
 ROWS_FILE = "lifelong.jsonl"
+#: the rates each checkpoint row holds, with their intervals under `ci`
+CURVE_RATES = ("es", "ps", "ns", "score")
 
 
 @dataclass
@@ -92,12 +96,15 @@ class LifelongCallback(L.Callback):
     def _row(self, pl_module) -> dict[str, Any]:
         t0 = time.perf_counter()
         sample = [r for r in self.edited if str(r.case_id) in self.sample_ids]
-        metrics = summarize(score_requests(pl_module.logits_fn(), pl_module.tok, sample, self.eval_batch_size,
-                                           pl_module.device)) if sample else {}
+        scores = score_requests(pl_module.logits_fn(), pl_module.tok, sample, self.eval_batch_size,
+                                pl_module.device) if sample else []
+        metrics = summarize(scores) if scores else {}
+        ci = intervals([record_percent(r) for r in scores])
         params = dict(pl_module.model.named_parameters())
         norms = {n: (params[n].detach().double() - w0.double()).norm().item() for n, w0 in self._w0.items()}
         row = {"batch": self._batches, "n_edits": len(self.edited), "n_scored": len(sample),
-               **{k: metrics[k] for k in ("es", "ps", "ns", "score") if k in metrics},
+               **{k: metrics[k] for k in CURVE_RATES if k in metrics},
+               "ci": {k: ci[k] for k in CURVE_RATES if k in ci},
                "perplexity": self._perplexity(pl_module), "delta_norm": norms,
                "delta_norm_total": sum(v * v for v in norms.values()) ** 0.5}
         row["seconds"] = time.perf_counter() - t0
@@ -175,8 +182,9 @@ def collapse_limit(factor: float | None, start_perplexity: float | None) -> floa
 
 def plot_curves(curves: Mapping[str, list[dict[str, Any]]], path: str | Path,
                 collapse_limit: float | None = None) -> Path:
-    """ES, PS, NS, perplexity and total ‖ΔW‖ against the number of edits, one line per curve (method); the
-    perplexity panel marks `collapse_limit`, where a run stops as collapsed."""
+    """ES, PS, NS, perplexity and total ‖ΔW‖ against the number of edits, one line per curve (method), ES/PS/NS
+    with their 95 % bootstrap bands where the rows hold them; the perplexity panel marks `collapse_limit`, where a
+    run stops as collapsed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,7 +197,11 @@ def plot_curves(curves: Mapping[str, list[dict[str, Any]]], path: str | Path,
         for ax, (key, _) in zip(axes, panels):
             pts = [(r["n_edits"], r[key]) for r in rows if key in r]
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+                line, = ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+            band = [(r["n_edits"], *r["ci"][key]) for r in rows if key in (r.get("ci") or {})]
+            if len(band) > 1:
+                x, lo, hi = zip(*band)
+                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
     for ax, (key, title) in zip(axes, panels):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("edits")
