@@ -49,3 +49,33 @@ def test_prompt_cache_scores_match_full_pairs(family, request, one_thread):
     assert len({len(lm.tokenizer(" " + t)["input_ids"]) for t in targets}) > 1  # mixes 1-token and longer targets
     for a, b in zip(fast, full):
         assert a.nll == pytest.approx(b.nll, abs=1e-5) and a.acc == pytest.approx(b.acc, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_gpt2"])
+def test_a_shared_prefix_runs_once_with_the_same_scores_and_generations(request, family, monkeypatch):
+    """Rows that share >= MIN_SHARED_PREFIX leading tokens (IKE's demonstrations) run them once (`prefill`): scores
+    within 1e-5 of running every row whole, greedy generations identical."""
+    import torch
+
+    from kedit_pl.eval import scoring
+    from kedit_pl.eval.generate import _greedy_cached
+    from kedit_pl.eval.scoring import PrefixFn, score_prefixed
+
+    lm = request.getfixturevalue(family)
+    model, tok = lm.model.eval(), lm.tokenizer
+    g = torch.Generator().manual_seed(0)
+    context = torch.randint(3, 200, (40,), generator=g).tolist()
+    tails = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (1, 4, 7)]
+    rows = [context + t for t in tails]
+    assert scoring.shared_prefix_length(rows) == 40 + (tails[0][0] == tails[1][0] == tails[2][0])
+    prompts = [f"p{i}" for i in range(3)]
+    route: PrefixFn = lambda ids: [(model, rows[int(tok.decode(r, skip_special_tokens=True)[1:])]) for r in ids]  # noqa: E731
+    targets = ["Paris", " Rome is", " a"]
+    shared = score_prefixed(route, tok, prompts, targets)
+    shared_gen = _greedy_cached(model, rows, 0, 8)
+    monkeypatch.setattr(scoring, "MIN_SHARED_PREFIX", 10**9)  # every row whole
+    whole = score_prefixed(route, tok, prompts, targets)
+    whole_gen = _greedy_cached(model, rows, 0, 8)
+    for a, b in zip(shared, whole):
+        assert a.nll == pytest.approx(b.nll, abs=1e-5) and a.acc == b.acc
+    assert shared_gen == whole_gen

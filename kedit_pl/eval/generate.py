@@ -17,19 +17,18 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.eval.row_states import EditedSystem
-from kedit_pl.eval.scoring import model_logits
+from kedit_pl.eval.scoring import MIN_SHARED_PREFIX, model_logits, prefill, shared_prefix_length
 from kedit_pl.hooks import row_weights
 from kedit_pl.models.kv_cache import cache_kwargs, output_cache
-from kedit_pl.tokens import left_pad, pad_id, prompt_ids, right_pad
+from kedit_pl.tokens import pad_id, prompt_ids, right_pad
 from kedit_pl.weights import EditMethodProtocol
 
 
 @torch.no_grad()
 def _greedy_cached(model: nn.Module, rows: list[list[int]], pad: int, max_new_tokens: int) -> list[list[int]]:
     device = next(model.parameters()).device
-    ids, mask = (t.to(device) for t in left_pad(rows, pad))
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    out, mask = prefill(model, rows, pad, device)
+    pos = mask.sum(-1, keepdim=True) - 1
     new = [out.logits[:, -1].argmax(-1)]
     for _ in range(max_new_tokens - 1):
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
@@ -106,8 +105,7 @@ def greedy_generate_states(method: EditMethodProtocol, prompts: Sequence[Sequenc
     texts: list[dict[str, str]] = [{} for _ in prompts]
     for key, rows in jobs.items():
         model = models[key]
-        for s in range(0, len(rows), int(batch_rows)):
-            chunk = rows[s:s + int(batch_rows)]
+        for chunk in _chunks(rows, int(batch_rows)):
             blocks, start = [], 0
             for i in range(1, len(chunk) + 1):  # runs of one system's rows, through that system's weights
                 if i == len(chunk) or chunk[i][0] != chunk[start][0]:
@@ -120,3 +118,19 @@ def greedy_generate_states(method: EditMethodProtocol, prompts: Sequence[Sequenc
             for (k, p, _), ids in zip(chunk, new):
                 texts[k][p] = tok.decode(ids, skip_special_tokens=True)
     return [[t[p] for p in ps] for t, ps in zip(texts, prompts)]
+
+
+def _chunks(rows: list[tuple[int, str, list[int]]], size: int) -> list[list[tuple[int, str, list[int]]]]:
+    """Batches of at most `size` rows, in order; a system whose rows share a long prefix (IKE's demonstrations) gets
+    batches of its own, so that `prefill` runs that prefix once."""
+    by_system: dict[int, list] = {}
+    for row in rows:
+        by_system.setdefault(row[0], []).append(row)
+    out: list[list] = []
+    mixed: list = []
+    for own in by_system.values():
+        if len(own) > 1 and shared_prefix_length([ids for *_, ids in own]) >= MIN_SHARED_PREFIX:
+            out += [own[s:s + size] for s in range(0, len(own), size)]
+        else:
+            mixed += own
+    return [mixed[s:s + size] for s in range(0, len(mixed), size)] + out

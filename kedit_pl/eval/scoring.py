@@ -186,13 +186,53 @@ def score_prefixed(prefixes: PrefixFn, tok: PreTrainedTokenizerBase, prompts: li
     return [TargetScore(float(-lp_sum[i] / lengths[i]), float(n_ok[i] / lengths[i])) for i in range(len(prompts))]
 
 
+#: rows sharing at least this many leading tokens run them once (`prefill`): IKE's ~1,000 tokens of demonstrations
+#: before each of a record's prompts, SERAC's `[edit]` before in-scope ones
+MIN_SHARED_PREFIX = 32
+
+
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """Leading tokens common to every row, leaving each row at least its last token."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for r in rows[1:]:
+        i = 0
+        while i < n and r[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+@torch.no_grad()
+def prefill(model: nn.Module, rows: list[list[int]], pad: int, device: torch.device | str,
+            last_only: bool = False) -> tuple[object, torch.Tensor]:
+    """One forward over the token rows, left-padded (each row's last token in the last column, position ids from
+    its first real token), with the cache kept: (model output, attention mask). Rows that share a prefix of
+    `MIN_SHARED_PREFIX` tokens or more run it once, as one row whose cache is then repeated for every row; their
+    rest follows, left-padded after it (the padding then sits between prefix and rest, masked). `last_only`: the
+    LM head on the last position only."""
+    keep = {"logits_to_keep": 1} if last_only else {}
+    n = shared_prefix_length(rows) if len(rows) > 1 else 0
+    if n < MIN_SHARED_PREFIX:
+        ids, mask = (t.to(device) for t in left_pad(rows, pad))
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep), mask
+    head = model(input_ids=torch.tensor([rows[0][:n]], device=device), use_cache=True, logits_to_keep=1)
+    cache = output_cache(head)
+    cache.reorder_cache(torch.zeros(len(rows), dtype=torch.long, device=device))
+    ids, tail_mask = (t.to(device) for t in left_pad([r[n:] for r in rows], pad))
+    mask = torch.cat([torch.ones(len(rows), n, dtype=tail_mask.dtype, device=device), tail_mask], 1)
+    pos = n + (tail_mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep,
+                **cache_kwargs(model, cache))
+    return out, mask
+
+
 def _score_group(model: nn.Module, rows: list[list[int]], owner: list[int], tgts: list[list[int]], pairs: list[int],
                  lp_sum: torch.Tensor, n_ok: torch.Tensor, device: torch.device | str) -> None:
     """Score `tgts` (pair j continues prompt row `owner[j]`) into `lp_sum` / `n_ok` at index `pairs[j]`."""
-    ids, mask = (t.to(device) for t in left_pad(rows, 0))
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
     with contiguous_head(model):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        out, mask = prefill(model, rows, 0, device, last_only=True)
     first = torch.tensor([t[0] for t in tgts], device=device)[:, None]
     at = torch.tensor(owner, device=device)
     lp, ok, _ = _scores(out.logits[:, -1:][at], first)
