@@ -203,3 +203,25 @@ def row_weights(model: nn.Module, blocks: list[RowWeights]) -> Iterator[None]:
     hooks = {n: make(model.get_submodule(n), n) for n in by_module}
     with _token_grid(model) as grid, _forward_hooks(model, hooks):
         yield
+
+
+@contextmanager
+def first_pass_outputs(model: nn.Module, patches: dict[str, list[tuple[int, torch.Tensor]]]) -> Iterator[None]:
+    """In the next forward only (a prompt's pass; continuations from its cache are left alone), set the output of
+    each named module at the last position of the listed rows: `patches[name] = [(row, vector)]`. What a
+    GRACE codebook hit does to the prompt's last token (left-padded rows: every prompt ends in the last column)."""
+    done: set[str] = set()
+
+    def make(name: str):
+        def hook(_mod, _args, out):
+            if name in done:
+                return out
+            done.add(name)
+            y = grid(_first(out))
+            for row, vector in patches[name]:
+                y[row, -1] = vector.to(y.dtype)
+            return out
+        return hook
+
+    with _token_grid(model) as grid, _forward_hooks(model, {n: make(n) for n in patches}):
+        yield

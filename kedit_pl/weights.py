@@ -28,6 +28,17 @@ class EditHandle:
     low_rank: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LastingRoute:
+    """What one prompt's continuation runs on, in a form that outlives `restore` (`EditMethod.lasting_routes`): the
+    model, the ids it reads (the prompt, or IKE's demonstrations + prompt), and optionally a module's output to
+    set at the prompt's last token in the first forward (GRACE's codebook value: module name, vector)."""
+
+    model: nn.Module
+    ids: list[int]
+    prompt_end: tuple[str, torch.Tensor] | None = None
+
+
 def snapshot(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     """Bit-exact copies of the named parameters."""
     params = dict(model.named_parameters())
@@ -70,6 +81,10 @@ class EditMethodProtocol(Protocol):
 
     def serves_own_logits(self) -> bool:
         """True when `logits_fn` is the method's own (a router such as SERAC), not the edited model's forward."""
+        ...
+
+    def lasting_routes(self, rows: list[list[int]]) -> list[LastingRoute] | None:
+        """Per prompt (token ids), what its continuation runs on once the edit is undone (None: no such form)."""
         ...
 
     def sequential_state(self) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ from kedit_pl.eval.generate import greedy_generate, greedy_generate_states
 from kedit_pl.eval.row_states import capture, edited_state
 from kedit_pl.hooks import row_weights
 from kedit_pl.pipeline import run_edit
-from kedit_pl.weights import EditHandle, snapshot, write_back
+from kedit_pl.weights import EditHandle, LastingRoute, snapshot, write_back
 from tests.conftest import edit_cfg
 
 
@@ -23,10 +23,8 @@ class _M:
     def serves_own_logits(self):
         return False
 
-    def logits_fn(self):
-        from kedit_pl.eval.scoring import model_logits
-
-        return model_logits(self.model)
+    def lasting_routes(self, rows):
+        return [LastingRoute(self.model, list(r)) for r in rows]
 
 
 def _edit(model, names, seed):
@@ -107,24 +105,29 @@ def test_a_run_that_shares_forwards_writes_the_same_records(tmp_path, one_thread
     assert all("fluency" in d["post"]["groups"] for d in shared)
 
 
-def test_ike_shares_forwards_and_writes_the_same_records(tmp_path, one_thread, monkeypatch):
-    """IKE's routes (demonstrations + prompt on the frozen model) outlive the undo: its shared-forward run writes what
-    a record-by-record run writes."""
+@pytest.mark.parametrize("method", ["grace", "ike"])
+def test_memory_methods_share_forwards_and_write_the_same_records(tmp_path, one_thread, monkeypatch, method):
+    """GRACE's codebook value at a prompt's last token and IKE's demonstrations outlive the undo
+    (`lasting_routes`): a shared-forward run writes what a record-by-record run writes."""
     from kedit_pl.eval.groups.fluency import Fluency
 
     calls = []
     shared_measure = Fluency.measure_states
     monkeypatch.setattr(Fluency, "measure_states", lambda self, m, reqs, st: calls.append(len(reqs))
                         or shared_measure(self, m, reqs, st))
+    extra = {"ike": ["method.encoder.source=tiny", "method.pool.limit=40", "method.k=2"],
+             "grace": ["method.n_iter=5", "method.eps_init=1000.0"]}[method]  # GRACE: every prompt within ε
 
     def run(sub, k):
-        cfg = edit_cfg(tmp_path / sub, "dataset=counterfact_plus", "dataset.limit=3", "method=ike",
-                       "method.encoder.source=tiny", "method.pool.limit=40", "method.k=2",
+        cfg = edit_cfg(tmp_path / sub, "dataset=counterfact_plus", "dataset.limit=3", f"method={method}", *extra,
                        "eval.metrics=[es_ps_ns,fluency]", "eval.fluency.max_new_tokens=6", f"eval.states_per_forward={k}")
         s = run_edit(cfg)
         return s, [json.loads(x)["post"] for x in (tmp_path / sub / "records.jsonl").read_text().splitlines()]
 
-    (alone_summary, alone), (shared_summary, shared) = run("alone", 1), run("shared", 3)
+    (_, alone), (shared_summary, shared) = run("alone", 1), run("shared", 3)
     assert calls == [3]  # the three records' generations in one shared pass
     assert shared == alone
     assert "fluency" in shared_summary["timing"]["seconds_by_phase"]["post"]
+    if method == "grace":  # the value really changed the generations: they differ from the unedited model's
+        pre = [json.loads(x)["pre"] for x in (tmp_path / "shared" / "records.jsonl").read_text().splitlines()]
+        assert any(a["groups"]["fluency"]["text"] != b["groups"]["fluency"]["text"] for a, b in zip(pre, shared))

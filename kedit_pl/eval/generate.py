@@ -18,10 +18,10 @@ from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.eval.row_states import EditedSystem
 from kedit_pl.eval.scoring import MIN_SHARED_PREFIX, model_logits, prefill, shared_prefix_length
-from kedit_pl.hooks import row_weights
+from kedit_pl.hooks import first_pass_outputs, row_weights
 from kedit_pl.models.kv_cache import cache_kwargs, output_cache
 from kedit_pl.tokens import pad_id, prompt_ids, right_pad
-from kedit_pl.weights import EditMethodProtocol
+from kedit_pl.weights import EditMethodProtocol, LastingRoute
 
 
 @torch.no_grad()
@@ -95,13 +95,13 @@ def greedy_generate_states(method: EditMethodProtocol, prompts: Sequence[Sequenc
     `batch_rows` rows, each system's rows through the weights its edit wrote. Identical prompts of one system are
     generated once."""
     tok: PreTrainedTokenizerBase = method.tok
-    jobs: dict[int, list[tuple[int, str, list[int]]]] = {}  # model -> [(system, prompt, ids)] in system order
+    jobs: dict[int, list[tuple[int, str, LastingRoute]]] = {}  # model -> [(system, prompt, route)], system order
     models: dict[int, nn.Module] = {}
     for k, (ps, system) in enumerate(zip(prompts, systems)):
         for p in dict.fromkeys(ps):
-            model, ids = system.routes[p]
-            models[id(model)] = model
-            jobs.setdefault(id(model), []).append((k, p, ids))
+            route = system.routes[p]
+            models[id(route.model)] = route.model
+            jobs.setdefault(id(route.model), []).append((k, p, route))
     texts: list[dict[str, str]] = [{} for _ in prompts]
     for key, rows in jobs.items():
         model = models[key]
@@ -113,14 +113,18 @@ def greedy_generate_states(method: EditMethodProtocol, prompts: Sequence[Sequenc
                     if system.weights and system.weights_of is model:
                         blocks.append((start, i, system.weights))
                     start = i
-            with row_weights(model, blocks):
-                new = _greedy_cached(model, [ids for *_, ids in chunk], pad_id(tok), max_new_tokens)
+            ends: dict[str, list] = {}  # GRACE: a module's output at a prompt's last token
+            for row, (*_, route) in enumerate(chunk):
+                if route.prompt_end is not None:
+                    ends.setdefault(route.prompt_end[0], []).append((row, route.prompt_end[1]))
+            with row_weights(model, blocks), first_pass_outputs(model, ends):
+                new = _greedy_cached(model, [route.ids for *_, route in chunk], pad_id(tok), max_new_tokens)
             for (k, p, _), ids in zip(chunk, new):
                 texts[k][p] = tok.decode(ids, skip_special_tokens=True)
     return [[t[p] for p in ps] for t, ps in zip(texts, prompts)]
 
 
-def _chunks(rows: list[tuple[int, str, list[int]]], size: int) -> list[list[tuple[int, str, list[int]]]]:
+def _chunks(rows: list[tuple[int, str, LastingRoute]], size: int) -> list[list[tuple[int, str, LastingRoute]]]:
     """Batches of at most `size` rows, in order; a system whose rows share a long prefix (IKE's demonstrations) gets
     batches of its own, so that `prefill` runs that prefix once."""
     by_system: dict[int, list] = {}
@@ -129,7 +133,7 @@ def _chunks(rows: list[tuple[int, str, list[int]]], size: int) -> list[list[tupl
     out: list[list] = []
     mixed: list = []
     for own in by_system.values():
-        if len(own) > 1 and shared_prefix_length([ids for *_, ids in own]) >= MIN_SHARED_PREFIX:
+        if len(own) > 1 and shared_prefix_length([route.ids for *_, route in own]) >= MIN_SHARED_PREFIX:
             out += [own[s:s + size] for s in range(0, len(own), size)]
         else:
             mixed += own

@@ -12,8 +12,9 @@ So `capture` records, while the edit is in place, each prompt's route (model and
 wrote (`edited_state`); the edit is undone; later one batched forward per model runs the prompts of many records,
 each record's rows through its own weights (`kedit_pl.hooks.row_weights`). Edits that reach beyond the weights
 and biases of linear layers (`nn.Linear`, GPT-2's `Conv1D`), and methods whose routes depend on state that the
-undo removes (GRACE's codebook, WISE's side memory: hooks on the model), are not captured: `capture` returns None
-and the caller measures that record on the edited model directly.
+undo removes (WISE's side memory, read by a hook at every token), are not captured: `capture` returns None and
+the caller measures that record on the edited model directly. GRACE is: its codebook only sets one layer's output
+at a prompt's last token, so its route carries that vector (`LastingRoute.prompt_end`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from kedit_pl.tokens import prompt_ids
-from kedit_pl.weights import EditHandle, EditMethodProtocol
+from kedit_pl.weights import EditHandle, EditMethodProtocol, LastingRoute
 
 #: module name -> {"weight": tensor, "bias": tensor}: the parameters an edit changed, as edited
 EditedState = dict[str, dict[str, torch.Tensor]]
@@ -34,7 +35,7 @@ class EditedSystem:
     """What one record's prompts run on once its edit is undone: per prompt, the model and the ids that the edited
     system continues (`routes`), and the weights of `weights_of` that the edit wrote (`weights`, often empty)."""
 
-    routes: dict[str, tuple[nn.Module, list[int]]]
+    routes: dict[str, LastingRoute]
     weights: EditedState
     weights_of: nn.Module
 
@@ -67,12 +68,8 @@ def capture(method: EditMethodProtocol, weights: EditedState | None, prompts: li
     in place; None when it would not survive the undo (see the module docstring)."""
     if weights is None:
         return None
-    fn = method.logits_fn()
-    if method.serves_own_logits() and not getattr(method, "routes_outlive_undo", False):
-        return None
-    prefixes = getattr(fn, "prefixes", None)
-    if prefixes is None:
-        return None
     unique = list(dict.fromkeys(prompts))
-    routes = prefixes([prompt_ids(method.tok, p) for p in unique])
+    routes = method.lasting_routes([prompt_ids(method.tok, p) for p in unique])
+    if routes is None:
+        return None
     return EditedSystem(dict(zip(unique, routes)), weights, method.model)

@@ -205,14 +205,17 @@ def shared_prefix_length(rows: list[list[int]]) -> int:
 
 @torch.no_grad()
 def prefill(model: nn.Module, rows: list[list[int]], pad: int, device: torch.device | str,
-            last_only: bool = False) -> tuple[object, torch.Tensor]:
+            last_only: bool = False, share: bool | None = None) -> tuple[object, torch.Tensor]:
     """One forward over the token rows, left-padded (each row's last token in the last column, position ids from
     its first real token), with the cache kept: (model output, attention mask). Rows that share a prefix of
     `MIN_SHARED_PREFIX` tokens or more run it once, as one row whose cache is then repeated for every row; their
-    rest follows, left-padded after it (the padding then sits between prefix and rest, masked). `last_only`: the
-    LM head on the last position only."""
+    rest follows, left-padded after it (the padding then sits between prefix and rest, masked). Not while a
+    module of the model carries forward hooks: a hook may read the prompt as one pass (GRACE looks up the key of
+    its last token when no cache is given); `share` overrides that test. `last_only`: the LM head on the last
+    position only."""
     keep = {"logits_to_keep": 1} if last_only else {}
-    n = shared_prefix_length(rows) if len(rows) > 1 else 0
+    share = not hooked(model) if share is None else share
+    n = shared_prefix_length(rows) if len(rows) > 1 and share else 0
     if n < MIN_SHARED_PREFIX:
         ids, mask = (t.to(device) for t in left_pad(rows, pad))
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -228,11 +231,17 @@ def prefill(model: nn.Module, rows: list[list[int]], pad: int, device: torch.dev
     return out, mask
 
 
+def hooked(model: nn.Module) -> bool:
+    """Whether any module of `model` carries a forward (pre-)hook."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def _score_group(model: nn.Module, rows: list[list[int]], owner: list[int], tgts: list[list[int]], pairs: list[int],
                  lp_sum: torch.Tensor, n_ok: torch.Tensor, device: torch.device | str) -> None:
     """Score `tgts` (pair j continues prompt row `owner[j]`) into `lp_sum` / `n_ok` at index `pairs[j]`."""
+    share = not hooked(model)  # before contiguous_head's own hook
     with contiguous_head(model):
-        out, mask = prefill(model, rows, 0, device, last_only=True)
+        out, mask = prefill(model, rows, 0, device, last_only=True, share=share)
     first = torch.tensor([t[0] for t in tgts], device=device)[:, None]
     at = torch.tensor(owner, device=device)
     lp, ok, _ = _scores(out.logits[:, -1:][at], first)

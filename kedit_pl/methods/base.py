@@ -25,7 +25,7 @@ from kedit_pl.distributed import agree_on_parameters, rank_world
 from kedit_pl.errors import EditFailed, KEditError
 from kedit_pl.eval.scoring import LogitsFn, model_logits
 from kedit_pl.models.spec import ModelSpec
-from kedit_pl.weights import EditHandle, snapshot, write_back  # noqa: F401  (re-exported: the restore contract)
+from kedit_pl.weights import EditHandle, LastingRoute, snapshot, write_back  # noqa: F401  (re-exported: the restore contract)
 from kedit_pl.tokens import prompt_ids, target_ids
 
 
@@ -74,9 +74,8 @@ class EditMethod(L.LightningModule):
     #: edit.resume then refuses to continue their sequential runs (kedit_pl/sequential_state.py)
     sequential_resumable: bool = True
     #: True for a routing method whose routes (`logits_fn().prefixes`: a model and the ids it continues) stay valid
-    #: after `restore`, because the models routed to never change (IKE, SERAC): evaluation may then generate for
-    #: many records at once after their edits were undone (kedit_pl/eval/row_states.py)
-    routes_outlive_undo: bool = False
+    #: after `restore` because the models routed to never change (IKE, SERAC): see `lasting_routes`
+    fixed_routes: bool = False
 
     def __init__(self, model: nn.Module | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
                  spec: ModelSpec | None = None) -> None:
@@ -193,6 +192,19 @@ class EditMethod(L.LightningModule):
     def serves_own_logits(self) -> bool:
         """True when this method overrides `logits_fn` (routes its logits, as SERAC does)."""
         return type(self).logits_fn is not EditMethod.logits_fn
+
+    def lasting_routes(self, rows: list[list[int]]) -> list[LastingRoute] | None:
+        """Per prompt (token ids), what the edited system continues it on, in a form that outlives `restore`, so
+        that evaluation can generate for many records at once after their edits were undone
+        (kedit_pl/eval/row_states.py; the weights an edit wrote are carried beside). A weight editor: the model
+        and the prompt; a method with `fixed_routes`: its prefixes (IKE, SERAC); other routing methods: None,
+        unless they override this (GRACE)."""
+        if not self.serves_own_logits():
+            return [LastingRoute(self.model, list(r)) for r in rows]
+        prefixes = getattr(self.logits_fn(), "prefixes", None)
+        if not self.fixed_routes or prefixes is None:
+            return None
+        return [LastingRoute(model, ids) for model, ids in prefixes(rows)]
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         """Batches are lists of text requests; tensors are made (on the right device) where needed."""

@@ -33,7 +33,7 @@ from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.eval.scoring import LogitsFn, RoutedLogits, forward_logits, model_logits
 from kedit_pl.hooks import capture
-from kedit_pl.methods.base import MemoryEditMethod
+from kedit_pl.methods.base import LastingRoute, MemoryEditMethod
 from kedit_pl.models.kv_cache import cache_arg
 from kedit_pl.models.spec import ModelSpec, linear_weight
 from kedit_pl.tokens import encode_targets, label_logprobs, prompt_ids, target_ids
@@ -158,6 +158,21 @@ class Grace(MemoryEditMethod):
         if not self.memory_size:
             return model_logits(self.model)
         return RoutedLogits(self._logits, lambda rows: [(self.model, r) for r in rows])
+
+    @torch.no_grad()
+    def lasting_routes(self, rows: list[list[int]]) -> list[LastingRoute] | None:
+        """The model and the prompt, with the codebook's value for the prompt's last token when its key falls within
+        a radius (what the adaptor would write there): all of GRACE's effect, so it outlives `restore`."""
+        routes = []
+        for row in rows:
+            hit = None
+            if self.memory_size:
+                h, _ = self._query(list(row))
+                d, j = (x[0] for x in torch.cdist(h[None].to(self.keys.device), self.keys.float()).min(-1))
+                if d <= self.eps[j]:  # as the adaptor decides
+                    hit = (self.module_name, self.values[j].detach().clone())
+            routes.append(LastingRoute(self.model, list(row), hit))
+        return routes
 
     @torch.no_grad()
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor, prompt_lengths: list[int] | None = None,

@@ -63,7 +63,8 @@ def demo_text(fact: str, x: str, y: str) -> str:
 class IKE(MemoryEditMethod):
     """In-context editing of a frozen model (Hydra: conf/method/ike.yaml)."""
 
-    routes_outlive_undo = True  # a prompt's route is the frozen model reading demonstrations + prompt
+    fixed_routes = True  # a prompt's route: the frozen model reading demonstrations + prompt
+
 
     def __init__(self, model: nn.Module | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
                  spec: ModelSpec | None = None, *, name: str = "ike", k: int = 32,

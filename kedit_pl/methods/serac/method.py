@@ -49,7 +49,7 @@ class Serac(SeracTraining, EditMethod):
 
     trainable = True
     sequential_resumable = False  # its sequential state is a memory of edit texts, not checkpointed
-    routes_outlive_undo = True  # the base and counterfactual models never change
+    fixed_routes = True  # the base and counterfactual models never change
 
     def __init__(self, model=None, tokenizer=None, spec=None, *, name: str = "serac", checkpoint: str | None = None,
                  encoder: Mapping[str, Any] | None = None, init_scale: float = 10.0, init_threshold: float = 0.5,
