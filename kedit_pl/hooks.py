@@ -167,7 +167,8 @@ def linear_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], owner: torc
         yield
 
 
-#: batch rows [start, stop) and the parameters they use instead of the model's: {module: {"weight"/"bias": tensor}}
+#: batch rows [start, stop) and, per module, the parameters they use instead of the module's ({"weight"/"bias":
+#: tensor}) or a ΔW (out, in) whose x ΔWᵀ they add to its output ({"delta": tensor}, a WISE side memory)
 RowWeights = tuple[int, int, dict[str, dict[str, torch.Tensor]]]
 
 
@@ -184,7 +185,8 @@ def row_weights(model: nn.Module, blocks: list[RowWeights]) -> Iterator[None]:
     """Run linear modules with other weights for some batch rows: for each block (start, stop, params), rows
     start..stop of each module in `params` are recomputed with that module's formula and the block's weight/bias
     (what it leaves out stays the module's own). Unlike `linear_deltas` this is the edited layer itself, not
-    W x + ΔW x, so each block's rows get the numbers of a model that holds its weights."""
+    W x + ΔW x, so each block's rows get the numbers of a model that holds its weights. A block given
+    {"delta": ΔW} instead adds x ΔWᵀ (in float32, as WISE computes its side memory) to the module's output."""
     by_module: dict[str, list[RowWeights]] = {}
     for block in blocks:
         for name in block[2]:
@@ -195,8 +197,11 @@ def row_weights(model: nn.Module, blocks: list[RowWeights]) -> Iterator[None]:
             x, y = grid(_first(args)), grid(_first(out))  # views: writing y writes the output
             for start, stop, params in by_module[name]:
                 p = params[name]
-                y[start:stop] = _linear_output(module, x[start:stop], p.get("weight", module.weight),
-                                               p.get("bias", module.bias)).to(y.dtype)
+                if "delta" in p:
+                    y[start:stop] = y[start:stop] + (x[start:stop].float() @ p["delta"].T).to(y.dtype)
+                else:
+                    y[start:stop] = _linear_output(module, x[start:stop], p.get("weight", module.weight),
+                                                   p.get("bias", module.bias)).to(y.dtype)
             return out
         return hook
 

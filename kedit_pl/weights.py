@@ -31,12 +31,14 @@ class EditHandle:
 @dataclass(frozen=True)
 class LastingRoute:
     """What one prompt's continuation runs on, in a form that outlives `restore` (`EditMethod.lasting_routes`): the
-    model, the ids it reads (the prompt, or IKE's demonstrations + prompt), and optionally a module's output to
-    set at the prompt's last token in the first forward (GRACE's codebook value: module name, vector)."""
+    model, the ids it reads (the prompt, or IKE's demonstrations + prompt), optionally a module's output to set
+    at the prompt's last token in the first forward (GRACE's codebook value: module name, vector), and optionally
+    parameters its rows use at every token (`hooks.row_weights`; WISE's side memory: {module: {"delta": ΔW}})."""
 
     model: nn.Module
     ids: list[int]
     prompt_end: tuple[str, torch.Tensor] | None = None
+    weights: dict[str, dict[str, torch.Tensor]] | None = None
 
 
 def snapshot(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:

@@ -105,18 +105,22 @@ def test_a_run_that_shares_forwards_writes_the_same_records(tmp_path, one_thread
     assert all("fluency" in d["post"]["groups"] for d in shared)
 
 
-@pytest.mark.parametrize("method", ["grace", "ike"])
+@pytest.mark.parametrize("method", ["grace", "ike", "wise"])
 def test_memory_methods_share_forwards_and_write_the_same_records(tmp_path, one_thread, monkeypatch, method):
     """GRACE's codebook value at a prompt's last token and IKE's demonstrations outlive the undo
     (`lasting_routes`): a shared-forward run writes what a record-by-record run writes."""
     from kedit_pl.eval.groups.fluency import Fluency
 
-    calls = []
-    shared_measure = Fluency.measure_states
+    from kedit_pl.eval import generate
+
+    calls, blocks = [], []
+    shared_measure, row_weights_ = Fluency.measure_states, generate.row_weights
     monkeypatch.setattr(Fluency, "measure_states", lambda self, m, reqs, st: calls.append(len(reqs))
                         or shared_measure(self, m, reqs, st))
+    monkeypatch.setattr(generate, "row_weights", lambda model, b: blocks.extend(b) or row_weights_(model, b))
     extra = {"ike": ["method.encoder.source=tiny", "method.pool.limit=40", "method.k=2"],
-             "grace": ["method.n_iter=5", "method.eps_init=1000.0"]}[method]  # GRACE: every prompt within ε
+             "grace": ["method.n_iter=5", "method.eps_init=1000.0"],  # GRACE: every prompt within ε
+             "wise": ["method.n_iter=5", "method.act_ratio=1e-6"]}[method]  # WISE: every prompt to the side memory
 
     def run(sub, k):
         cfg = edit_cfg(tmp_path / sub, "dataset=counterfact_plus", "dataset.limit=3", f"method={method}", *extra,
@@ -131,3 +135,5 @@ def test_memory_methods_share_forwards_and_write_the_same_records(tmp_path, one_
     if method == "grace":  # the value really changed the generations: they differ from the unedited model's
         pre = [json.loads(x)["pre"] for x in (tmp_path / "shared" / "records.jsonl").read_text().splitlines()]
         assert any(a["groups"]["fluency"]["text"] != b["groups"]["fluency"]["text"] for a, b in zip(pre, shared))
+    if method == "wise":  # prompts routed to the side memory: their rows got its ΔW
+        assert any("delta" in p for *_, params in blocks for p in params.values())

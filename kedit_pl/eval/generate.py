@@ -107,11 +107,13 @@ def greedy_generate_states(method: EditMethodProtocol, prompts: Sequence[Sequenc
         model = models[key]
         for chunk in _chunks(rows, int(batch_rows)):
             blocks, start = [], 0
-            for i in range(1, len(chunk) + 1):  # runs of one system's rows, through that system's weights
-                if i == len(chunk) or chunk[i][0] != chunk[start][0]:
-                    system = systems[chunk[start][0]]
-                    if system.weights and system.weights_of is model:
-                        blocks.append((start, i, system.weights))
+            key = lambda row: (row[0], id(row[2].weights))  # noqa: E731  (system, the route's own weights)
+            for i in range(1, len(chunk) + 1):  # runs of rows through the same weights
+                if i == len(chunk) or key(chunk[i]) != key(chunk[start]):
+                    system, route = systems[chunk[start][0]], chunk[start][2]
+                    weights = {**(system.weights if system.weights_of is model else {}), **(route.weights or {})}
+                    if weights:
+                        blocks.append((start, i, weights))
                     start = i
             ends: dict[str, list] = {}  # GRACE: a module's output at a prompt's last token
             for row, (*_, route) in enumerate(chunk):

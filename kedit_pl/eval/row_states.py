@@ -12,9 +12,9 @@ So `capture` records, while the edit is in place, each prompt's route (model and
 wrote (`edited_state`); the edit is undone; later one batched forward per model runs the prompts of many records,
 each record's rows through its own weights (`kedit_pl.hooks.row_weights`). Edits that reach beyond the weights
 and biases of linear layers (`nn.Linear`, GPT-2's `Conv1D`), and methods whose routes depend on state that the
-undo removes (WISE's side memory, read by a hook at every token), are not captured: `capture` returns None and
-the caller measures that record on the edited model directly. GRACE is: its codebook only sets one layer's output
-at a prompt's last token, so its route carries that vector (`LastingRoute.prompt_end`).
+undo removes, are not captured: `capture` returns None and the caller measures that record on the edited model
+directly. GRACE's route carries the codebook value it sets at a prompt's last token (`LastingRoute.prompt_end`),
+WISE's the ΔW of the side memory the prompt is routed to (`LastingRoute.weights`).
 """
 from __future__ import annotations
 

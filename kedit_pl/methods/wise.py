@@ -38,7 +38,7 @@ from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.eval.scoring import LogitsFn, RoutedLogits, forward_logits
 from kedit_pl.hooks import StopForward, stop_after
-from kedit_pl.methods.base import EditHandle, EditMethod
+from kedit_pl.methods.base import EditHandle, EditMethod, LastingRoute
 from kedit_pl.methods.wise_memory import Memory, WiseState, activation_scores, random_mask, ties_merge
 from kedit_pl.models.kv_cache import cache_arg
 from kedit_pl.models.spec import linear_weight
@@ -182,6 +182,17 @@ class WISE(EditMethod):
             except StopForward:
                 pass
         return self._last_route.tolist()
+
+    def lasting_routes(self, rows: list[list[int]]) -> list[LastingRoute]:
+        """Each prompt on the model, with the ΔW of the side memory its route picks added at every token (the route
+        hook's own formula): valid after `restore` empties the memory."""
+        mems, deltas = self.state.candidates(), {}
+        out = []
+        for row, j in zip(rows, self.prompt_routes(rows)):
+            if j >= 0 and j not in deltas:
+                deltas[j] = {self.module_name: {"delta": mems[j].delta.detach().clone().to(self.device)}}
+            out.append(LastingRoute(self.model, list(row), weights=deltas.get(j)))
+        return out
 
     def prompt_prefixes(self, rows: list[list[int]]) -> list[tuple[nn.Module, list[int]]]:
         """Each prompt continued from its own ids by the model with the prompt's route held for every token."""
