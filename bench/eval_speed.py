@@ -2,7 +2,7 @@
 with --groups, every metric group of `eval=full`, one record at a time against shared forwards.
 
     python bench/eval_speed.py [--model smollm2_135m] [--n 100] [--post-batch 1] [--threads 1]
-    python bench/eval_speed.py --groups [--n 16] [--states-per-forward 16]
+    python bench/eval_speed.py --groups [--method rome] [--n 16] [--states-per-forward 16]
 
 A run's scoring is a pre pass over all N records on the unedited model, then a post pass per edit batch
 (`--post-batch` records each; 1 = the single-edit protocol). Edits change no cost, so the post passes score the
@@ -14,10 +14,11 @@ unedited model too. Three ways, timed one after the other in this process:
 Prints seconds and old/new ratios, and the largest |NLL| difference between old and new scores.
 
 --groups: the post-edit evaluation of the single-edit protocol, per metric group, on the first n CounterFact-plus
-test records that have generation prompts. Each record gets a real ROME edit at the model's default layer (made
-once, before timing). Old: per record, the edit written into the model and every group measured on it, as the
-callback did before shared forwards. New: ES/PS/NS and the scored groups the same way; fluency for up to
-`--states-per-forward` records in shared batched forwards (eval/row_states.py). General ability (perplexity) is a
+test records that have generation prompts. Each record gets a real edit by `--method` (default ROME at the
+model's default layer; the edits are made twice, once per path, and not timed). Old: per record, every group
+measured on the edited system right after its edit, as the callback did before shared forwards. New: ES/PS/NS
+and the scored groups the same way; fluency for up to `--states-per-forward` records in shared batched forwards
+after the undo (eval/row_states.py). General ability (perplexity) is a
 per-state cost that both paths pay on the first `eval.general.single_records` records; it is timed once and shown
 per state. Prints seconds per record per group, the ratio, and whether every value is identical.
 """
@@ -77,9 +78,8 @@ def groups_bench(args) -> None:
     from kedit_pl.eval.groups import GroupRunner, build_groups
     from kedit_pl.eval.row_states import capture, edited_state
     from kedit_pl.pipeline import build_method
-    from kedit_pl.weights import write_back
 
-    cfg = compose("edit", [f"model={args.model}", "method=rome", "eval=full", "dataset=counterfact_plus",
+    cfg = compose("edit", [f"model={args.model}", f"method={args.method}", "eval=full", "dataset=counterfact_plus",
                            "dataset.split=test", "paths.output_dir=/tmp/eval_speed"])
     method = build_method(cfg)
     method.model.eval()
@@ -88,60 +88,57 @@ def groups_bench(args) -> None:
     settings = dict(cfg.eval)
     groups = build_groups([g for g in cfg.eval.metrics if g != "general"], settings)
     general = build_groups(["es_ps_ns", "general"], settings)[0]
-    states, systems = [], []
-    for r in reqs:  # the edits, before any timing
-        handle = method.apply([r])
-        states.append(edited_state(method.model, handle))
-        systems.append(capture(method, states[-1], r.generation_prompts))
-        write_back(method.model, handle.originals)
     names = ["es_ps_ns"] + [g.name for g in groups]
     old_t, new_t = dict.fromkeys(names + ["general"], 0.0), dict.fromkeys(names, 0.0)
-    old_recs, new_recs = [], []
+    bs = int(cfg.edit.eval_batch_size)
+    shared = tuple(GroupRunner(groups).shared_forward())
 
-    def per_record(rec_req, state, timing, skip=()):
-        params = dict(method.model.named_parameters())
-        saved = {f"{m}.{k}": params[f"{m}.{k}"].detach().clone() for m, ps in state.items() for k in ps}
-        with torch.no_grad():
-            for m, ps in state.items():
-                for k, v in ps.items():
-                    params[f"{m}.{k}"].copy_(v)
+    def measure(req, timing, skip=()):
+        """ES/PS/NS and the groups not in `skip`, on the method's current (edited) system, each timed."""
         t = time.perf_counter()
-        rec = scoring.score_requests(method.logits_fn(), method.tok, [rec_req], bs, "cpu")[0]
+        rec = scoring.score_requests(method.logits_fn(), method.tok, [req], bs, "cpu")[0]
         timing["es_ps_ns"] += time.perf_counter() - t
         for g in groups:
-            if g.name in skip:
-                continue
-            t = time.perf_counter()
-            GroupRunner([g]).measure(method, [rec_req], [rec])
-            timing[g.name] += time.perf_counter() - t
-        write_back(method.model, saved)
+            if g.name not in skip:
+                t = time.perf_counter()
+                GroupRunner([g]).measure(method, [req], [rec])
+                timing[g.name] += time.perf_counter() - t
         return rec
 
-    bs = int(cfg.edit.eval_batch_size)
-    for r, st in zip(reqs, states):
-        old_recs.append(per_record(r, st, old_t))
+    old_recs, new_recs, systems = [], [], []
+    for r in reqs:  # old: every group right after the edit (the edits themselves are not timed)
+        handle = method.apply([r])
+        old_recs.append(measure(r, old_t))
+        method.restore(handle)
     with torch.no_grad():  # one state of perplexity (what each of the first single_records edits costs)
         t = time.perf_counter()
         GroupRunner([general]).measure(method, reqs[:1], [{}])
         old_t["general"] = time.perf_counter() - t
-    shared = tuple(GroupRunner(groups).shared_forward())
-    for r, st in zip(reqs, states):
-        new_recs.append(per_record(r, st, new_t, skip=shared))
     runner = GroupRunner(groups)
-    for s0 in range(0, len(reqs), args.states_per_forward):
-        t = time.perf_counter()
-        runner.measure_states(method, reqs[s0:s0 + args.states_per_forward], new_recs[s0:s0 + args.states_per_forward],
-                              systems[s0:s0 + args.states_per_forward])
-        for name in shared:
-            new_t[name] += (time.perf_counter() - t) / len(shared)
+    for s0 in range(0, len(reqs), args.states_per_forward):  # new: shared forwards after the undo
+        part = reqs[s0:s0 + args.states_per_forward]
+        recs, systems = [], []
+        for r in part:
+            handle = method.apply([r])
+            systems.append(capture(method, edited_state(method.model, handle), runner.shared_prompts(r)))
+            recs.append(measure(r, new_t, skip=shared if systems[-1] is not None else ()))
+            method.restore(handle)
+        if all(st is not None for st in systems):
+            t = time.perf_counter()
+            runner.measure_states(method, part, recs, systems)
+            for name in shared:
+                new_t[name] += (time.perf_counter() - t) / len(shared)
+        new_recs += recs
     same = sum(a == b for a, b in zip(old_recs, new_recs))
     n = len(reqs)
-    table = Table(title=f"post-edit evaluation per record, eval=full, {n} CounterFact-plus test records with ROME "
-                        f"edits, {args.model}, {args.threads} thread(s), {args.states_per_forward} states per forward")
+    table = Table(title=f"post-edit evaluation per record, eval=full, {n} CounterFact-plus test records, "
+                        f"{args.method} edits, {args.model}, {args.threads} thread(s), {args.states_per_forward} "
+                        f"states per forward")
     for col in ("group", "old s/record", "new s/record", "old / new"):
         table.add_column(col)
     for name in names:
-        table.add_row(name, f"{old_t[name] / n:.2f}", f"{new_t[name] / n:.2f}", f"{old_t[name] / new_t[name]:.2f}")
+        ratio = f"{old_t[name] / new_t[name]:.2f}" if new_t[name] else ""
+        table.add_row(name, f"{old_t[name] / n:.2f}", f"{new_t[name] / n:.2f}", ratio)
     total_old, total_new = sum(old_t[k] for k in names) / n, sum(new_t.values()) / n
     table.add_row("total", f"{total_old:.2f}", f"{total_new:.2f}", f"{total_old / total_new:.2f}")
     table.add_row("general (per measured state)", f"{old_t['general']:.2f}", f"{old_t['general']:.2f}", "1.00")
@@ -159,6 +156,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--groups", action="store_true", help="time every metric group, one record vs shared forwards")
     ap.add_argument("--states-per-forward", type=int, default=16, help="--groups: edited states per shared forward")
+    ap.add_argument("--method", default="rome", help="--groups: the editing method (its config name)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.groups:
