@@ -287,5 +287,8 @@ def test_pre_edit_group_measurements_are_cached_across_runs(tmp_path, one_thread
     calls.clear()
     one_by_one = run_edit(edit_cfg(tmp_path / "d", *args, "eval.states_per_forward=1"))
     assert calls == [1, 1] and one_by_one["post"] == second["post"]  # each record right after its edit: same values
+    calls.clear()
+    capped = run_edit(edit_cfg(tmp_path / "e", *args, "eval.states_max_mb=0.001"))  # one edited state fills the cap
+    assert calls == [("shared", 1), ("shared", 1)] and capped["post"] == second["post"]
     off = run_edit(edit_cfg(tmp_path / "c", *args, "eval.cache_pre=false"))
     assert off["pre"] == first["pre"]

@@ -20,7 +20,7 @@ from kedit_pl.eval.intervals import LEVEL, RESAMPLES, SEED, intervals
 from kedit_pl.eval.metrics import metric_counts, summarize
 from kedit_pl.eval.pre_cache import cached_pre_scores, pre_cache_for
 from kedit_pl.eval.record_values import values_by_state
-from kedit_pl.eval.row_states import EditedSystem, capture, edited_state
+from kedit_pl.eval.row_states import EditedSystem, capture, edited_state, system_bytes
 from kedit_pl.eval.report import print_table, write_summary_files
 from kedit_pl.eval.samples import generate_samples, sample_rows, write_samples
 from kedit_pl.eval.scoring import score_requests
@@ -89,7 +89,7 @@ class EditEvalCallback(L.Callback):
                  resume: bool = False, run_info: dict[str, Any] | None = None,
                  groups: list[MetricGroup] | None = None, samples: int = 0, sample_tokens: int = 40,
                  pre_cache: str | Path | None = None, on_edit: list[Callable] | None = None,
-                 started: float | None = None, states_per_forward: int = 1) -> None:
+                 started: float | None = None, states_per_forward: int = 1, states_max_mb: float = 2048) -> None:
         if mode not in MODES:
             raise ValueError(f"edit.mode: must be one of {MODES}, got {mode!r}")
         self.out = Path(output_dir)
@@ -113,6 +113,7 @@ class EditEvalCallback(L.Callback):
         # single/batch mode: the generations of up to this many edited records share forwards (eval/row_states.py);
         # their record lines wait in `pending` (lines, requests, each request's edited system) until then
         self.states_per_forward = int(states_per_forward)
+        self.states_max_bytes = float(states_max_mb) * 2**20  # ... or until their copied weights hold this much
         self.pending: list[tuple[list[dict], list[EditRequest], list[EditedSystem]]] = []
         # this invocation's seconds per phase (pre, post, final) and part (es_ps_ns, each group, samples)
         self.clock: dict[str, dict[str, float]] = {}
@@ -199,7 +200,8 @@ class EditEvalCallback(L.Callback):
                           "invocation": self.invocation})
         if systems is not None:
             self.pending.append((lines, list(mine), systems))
-            if sum(len(reqs) for _, reqs, _ in self.pending) >= self.states_per_forward:
+            held = sum(system_bytes(st) for _, _, sts in self.pending for st in {id(x): x for x in sts}.values())
+            if sum(len(reqs) for _, reqs, _ in self.pending) >= self.states_per_forward or held >= self.states_max_bytes:
                 self._flush(trainer, pl_module)
         else:
             self._flush(trainer, pl_module)  # earlier lines first: records.jsonl keeps the run's order

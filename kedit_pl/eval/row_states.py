@@ -40,6 +40,16 @@ class EditedSystem:
     weights_of: nn.Module
 
 
+def system_bytes(system: EditedSystem) -> int:
+    """Memory the system's copied parameters hold (the edit's weights and its routes' own), in bytes."""
+    tensors = [t for ps in system.weights.values() for t in ps.values()]
+    seen = {id(t) for t in tensors}
+    for route in system.routes.values():
+        for ps in (route.weights or {}).values():
+            tensors += [t for t in ps.values() if id(t) not in seen and not seen.add(id(t))]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def is_linear(module: nn.Module) -> bool:
     """A module whose output `kedit_pl.hooks.row_weights` can recompute: `nn.Linear` or GPT-2's `Conv1D`."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
