@@ -14,6 +14,7 @@ output in <out_dir>/<method>.log).
 from __future__ import annotations
 
 import logging
+import shlex
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from kedit_pl.config import REPO_ROOT, compose
 from kedit_pl.distributed import requested_devices
+from kedit_pl.entry import Interrupted, interrupts
 from kedit_pl.errors import ConfigError, DifferentRecords, KEditError
 from kedit_pl.io import read_json, write_json
 from kedit_pl.run_folder import edit_batch_size, identity_difference, is_finished_run_of, result_files, run_identity
@@ -253,8 +255,14 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m kedit_pl.head_to_head [overrides]`: run every method, then write the comparison; exits 2 on a
     bad config."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        result = run_head_to_head(list(sys.argv[1:] if argv is None else argv))
+        with interrupts():  # SIGTERM too: Lightning's own handler only notes it, and the runs went on
+            result = run_head_to_head(args)
+    except Interrupted as e:  # each method's folder keeps its records: the same command resumes
+        print(f"error: interrupted ({e}); resume with: {shlex.join(['python', '-m', 'kedit_pl.head_to_head', *args])}",
+              file=sys.stderr)
+        sys.exit(128 + e.signum)
     except KEditError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

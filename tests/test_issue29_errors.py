@@ -266,3 +266,21 @@ def test_sweep_records_a_failed_trial_and_goes_on(tmp_path):
         assert "trial failed: ROME layer 9 out of range" in (d / "edit.log").read_text()
         assert "method.layer=9" in (d / ".hydra" / "overrides.yaml").read_text()
     assert OmegaConf.load(sweep / "optimization_results.yaml").best_params["method.layer"] == 1
+
+
+def test_sigterm_stops_the_head_to_head_with_its_resume_command(monkeypatch, capsys):
+    """SIGTERM (kill, a scheduler's time limit) stops `python -m kedit_pl.head_to_head` with the command that resumes
+    it. It did not: Lightning's own SIGTERM handler only noted the signal, and the runs went on."""
+    from kedit_pl import head_to_head
+
+    def run(overrides):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives first
+        raise AssertionError("SIGTERM did not stop the head to head")
+
+    monkeypatch.setattr(head_to_head, "run_head_to_head", run)
+    with pytest.raises(SystemExit) as e:
+        head_to_head.main(["dataset.limit=3"])
+    assert e.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip()
+    assert err == "error: interrupted (SIGTERM); resume with: python -m kedit_pl.head_to_head dataset.limit=3"
