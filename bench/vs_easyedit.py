@@ -93,9 +93,11 @@ def export_model(lm, root: Path, fingerprint: str) -> Path:
 
 
 def module_templates(spec) -> dict[str, str]:
-    """EasyEdit's module-name templates from our ModelSpec."""
+    """EasyEdit's module-name templates from our ModelSpec. With tied embeddings the LM head's weight is listed
+    under the embedding only (named_parameters drops the duplicate), and EasyEdit's MEMIT reads it by name."""
     return {"rewrite_module_tmp": spec.mlp_out, "layer_module_tmp": spec.layer, "mlp_module_tmp": spec.mlp,
-            "attn_module_tmp": spec.attn, "ln_f_module": spec.final_norm, "lm_head_module": spec.lm_head}
+            "attn_module_tmp": spec.attn, "ln_f_module": spec.final_norm,
+            "lm_head_module": spec.embed if spec.tied_embeddings else spec.lm_head}
 
 
 def ee_hparams(method: ROME, model_dir: Path, stats_dir: Path) -> dict[str, Any]:

@@ -98,3 +98,15 @@ def test_hyperparameters_are_ours_field_by_field(tmp_path, tiny_llama, monkeypat
             assert hp["layers"] == list(m.layers) and hp["mom2_update_weight"] == m.mom2_update_weight
             monkeypatch.setattr(method, "templates", lambda: ["{}"] + [f"p{i}. {{}}" for i in range(5)])
             assert vs.ee_templates(method) == [["{}"], [f"p{i}. {{}}" for i in range(5)]]
+
+
+def test_tied_lm_head_is_named_by_the_embedding():
+    """EasyEdit's MEMIT reads `<lm_head_module>.weight` by name; a tied head is listed under the embedding only."""
+    from types import SimpleNamespace
+
+    vs = _load("bench_vs_easyedit", "vs_easyedit.py")
+    spec = SimpleNamespace(mlp_out="m.{}.down", layer="m.{}", mlp="m.{}.mlp", attn="m.{}.attn", final_norm="norm",
+                           embed="m.embed", lm_head="lm_head", tied_embeddings=True)
+    assert vs.module_templates(spec)["lm_head_module"] == "m.embed"
+    spec.tied_embeddings = False
+    assert vs.module_templates(spec)["lm_head_module"] == "lm_head"
