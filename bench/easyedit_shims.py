@@ -41,8 +41,9 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -107,7 +108,7 @@ def easyedit_root(path: str | None) -> Path:
     spec = importlib.util.find_spec("easyeditor")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("easyeditor is not installed in this python; pass --easyedit PATH (an EasyEdit checkout)")
-    return Path(list(spec.submodule_search_locations)[0]).parent
+    return Path(next(iter(spec.submodule_search_locations))).parent
 
 
 def install_import_shims(root: Path) -> None:

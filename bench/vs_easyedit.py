@@ -61,20 +61,20 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import easyedit_shims as shims  # noqa: E402  (bench/easyedit_shims.py: the stats file format, the runner)
+import easyedit_shims as shims  # bench/easyedit_shims.py: the statistics file format and the runner
 
-from kedit_pl.config import compose  # noqa: E402
-from kedit_pl.data.datamodule import load_split, select  # noqa: E402
-from kedit_pl.data.splits import apply_split  # noqa: E402
-from kedit_pl.eval import scoring  # noqa: E402
-from kedit_pl.eval.metrics import record_metrics, summarize  # noqa: E402
-from kedit_pl.io import write_json  # noqa: E402
-from kedit_pl.kv.context import template_groups  # noqa: E402
-from kedit_pl.kv.stats import second_moment  # noqa: E402
-from kedit_pl.methods.memit import MEMIT  # noqa: E402
-from kedit_pl.methods.rome import ROME  # noqa: E402
-from kedit_pl.models.load import load_model  # noqa: E402
-from kedit_pl.pipeline import build_method  # noqa: E402
+from kedit_pl.config import compose
+from kedit_pl.data.datamodule import load_split, select
+from kedit_pl.data.splits import apply_split
+from kedit_pl.eval import scoring
+from kedit_pl.eval.metrics import record_metrics, summarize
+from kedit_pl.io import write_json
+from kedit_pl.kv.context import template_groups
+from kedit_pl.kv.stats import second_moment
+from kedit_pl.methods.memit import MEMIT
+from kedit_pl.methods.rome import ROME
+from kedit_pl.models.load import load_model
+from kedit_pl.pipeline import build_method
 
 RUNNER = Path(__file__).resolve().parent / "easyedit_shims.py"
 STATS_DS_NAME = "kedit_wikitext"  # EasyEdit's mom2_dataset: only names the statistics file the bench writes
@@ -182,7 +182,7 @@ def run_easyedit(args, spec: dict, out: Path, console: Console) -> dict:
     console.print(f"EasyEdit: {args.python} {RUNNER.name} (log: {log})")
     with log.open("w") as fh:
         rc = subprocess.run([args.python, str(RUNNER), str(spec_file)], stdout=fh, stderr=subprocess.STDOUT,
-                            env=env).returncode
+                            env=env, check=False).returncode
     if rc != 0:
         tail = log.read_text().splitlines()[-25:]
         raise SystemExit(f"vs_easyedit: the EasyEdit runner failed (exit {rc}); last lines of {log}:\n"
@@ -299,14 +299,14 @@ def main() -> None:
     for e in ee["edits"]:
         deltas = torch.load(out / e["deltas"])
         batch = [by_case[c] for c in e["case_ids"]]
-        recs = with_deltas(lm, deltas, lambda: score(lm, batch, args.batch_size))
+        recs = with_deltas(lm, deltas, lambda b=batch: score(lm, b, args.batch_size))
         theirs.append({"case_ids": e["case_ids"], "seconds": e["seconds"], "cpu_seconds": e.get("cpu_seconds"),
                        "deltas": deltas, "scores": recs})
     unedited = score(lm, requests, args.batch_size)
     load1 = os.getloadavg()
 
     # --- report ---------------------------------------------------------------------------------------------
-    per_edit = lambda runs, key="seconds": [r[key] / len(r["case_ids"]) for r in runs]  # noqa: E731
+    per_edit = lambda runs, key="seconds": [r[key] / len(r["case_ids"]) for r in runs]
     s_ours, s_ee = statistics.median(per_edit(ours)), statistics.median(per_edit(theirs))
     c_ours, c_ee = statistics.median(per_edit(ours, "cpu_seconds")), statistics.median(per_edit(theirs, "cpu_seconds"))
     m_ours = summarize([x for r in ours for x in r["scores"]])

@@ -61,7 +61,7 @@ def test_import_shim_skips_the_package_inits(tmp_path, monkeypatch):
     assert shims.easyedit_root(str(tmp_path)) == tmp_path
     assert shims.easyedit_root(str(pkg)) == tmp_path
     shims.install_import_shims(tmp_path)
-    import easyeditor.models.rome as rome  # noqa: E402
+    from easyeditor.models import rome
 
     assert rome.VALUE == 42
     import datasets  # the real one, or the stub that refuses to load anything
