@@ -10,7 +10,7 @@ from kedit_pl.config import compose
 from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.kv.context import template_groups
 from kedit_pl.data.requests import EditRequest
-from kedit_pl.kv.keys import LayerKeys, compute_keys, template_keys
+from kedit_pl.kv.keys import LayerKeys, average_keys, compute_keys, template_keys
 from kedit_pl.methods.memit import MEMIT, block_outputs, memit_update
 from kedit_pl.methods.rome import CovarianceSolver, rank_one_update
 import kedit_pl.methods.memit as memit_mod
@@ -113,17 +113,31 @@ def test_layer_keys_equal_full_passes_while_layers_change(arch, stats, request):
     top = layers[-1]
     lk = LayerKeys(lm.model, lm.tokenizer, lm.spec, reqs, templates, batch_size=5)  # chunks cut requests apart
     assert len(lk.chunks) > 2
+    # two DDP ranks' parts: the same row batches, round-robin, so their rows put together are one process's, exactly
+    parts = [LayerKeys(lm.model, lm.tokenizer, lm.spec, reqs, templates, batch_size=5, part=(r, 2)) for r in (0, 1)]
+    assert sorted(parts[0].rows + parts[1].rows) == lk.rows == list(range(len(reqs) * len(templates)))
+    with pytest.raises(ValueError, match="every row"):
+        parts[0].keys(0)
     before = weights(lm.model)
     g = torch.Generator().manual_seed(0)
     try:
         for layer in layers:
             full_k = compute_keys(lm.model, lm.tokenizer, lm.spec, layer, reqs, templates, groups=memit.key_groups)
             torch.testing.assert_close(lk.keys(layer, memit.key_groups), full_k, rtol=1e-5, atol=1e-6)
+            rows = torch.empty(len(lk.rows), full_k.shape[1])
+            for part in parts:
+                rows[part.rows] = part.row_keys(layer)
+            assert torch.equal(average_keys(rows.view(len(reqs), len(templates), -1), memit.key_groups),
+                               lk.keys(layer, memit.key_groups))
             mlp = lm.spec.module_name("mlp_out", layer)
             full_h, full_m = block_outputs(lm.model, lm.tokenizer, lm.spec, top, reqs, also=[mlp])
             h, m = lk.outputs(top, [mlp])
             torch.testing.assert_close(h, full_h, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(m, full_m, rtol=1e-5, atol=1e-6)
+            joined = torch.empty_like(h)
+            for part in parts:
+                joined[part.plain_requests] = part.outputs(top, [mlp])[0]
+            assert torch.equal(joined, h)
             W = dict(lm.model.named_parameters())[lm.spec.weight_name("mlp_out", layer)]
             with torch.no_grad():  # an update the next reads must see
                 W.add_(0.3 * W.abs().mean() * torch.randn(W.shape, generator=g))

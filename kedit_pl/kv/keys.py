@@ -16,7 +16,14 @@ from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import EditFailed
-from kedit_pl.hooks import StopForward, capture, stop_after
+from kedit_pl.hooks import (
+    StopForward,
+    _on_hidden,
+    _restructure,
+    capture,
+    override_forward,
+    stop_after,
+)
 from kedit_pl.models.spec import ModelSpec
 from kedit_pl.tokens import pad_id, prompt_ids, right_pad, subject_last_token
 
@@ -86,11 +93,15 @@ def compute_keys(model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelSpec
     (sizes of consecutive template groups, kv/context.template_groups), the mean of the group means, as MEMIT's
     reference code weights its contexts (the plain prompt is a group of its own, so it carries half the weight
     beside one group of prefixes)."""
-    k = template_keys(model, tok, spec, layer, requests, templates, batch_size)
+    return average_keys(template_keys(model, tok, spec, layer, requests, templates, batch_size), groups)
+
+
+def average_keys(k: torch.Tensor, groups: Sequence[int] | None = None) -> torch.Tensor:
+    """(R, T, d_k) template keys -> (R, d_k): the mean over templates, or with `groups` the mean of group means."""
     if groups is None:
         return k.mean(1)
-    if sum(groups) != len(templates) or min(groups) < 1:
-        raise ValueError(f"compute_keys: template groups {list(groups)} do not partition {len(templates)} templates")
+    if sum(groups) != k.shape[1] or min(groups) < 1:
+        raise ValueError(f"compute_keys: template groups {list(groups)} do not partition {k.shape[1]} templates")
     return torch.stack([part.mean(1) for part in k.split(list(groups), dim=1)]).mean(0)
 
 
@@ -110,7 +121,7 @@ class LayerKeys:
     """
 
     def __init__(self, model: nn.Module, tok: PreTrainedTokenizerBase, spec: ModelSpec, requests: list[EditRequest],
-                 templates: list[str], batch_size: int = 64) -> None:
+                 templates: list[str], batch_size: int = 64, part: tuple[int, int] = (0, 1)) -> None:
         if "{}" not in templates:
             raise ValueError("LayerKeys needs the plain template '{}' among the templates")
         self.model, self.spec, self.n_req, self.n_tpl = model, spec, len(requests), len(templates)
@@ -118,10 +129,17 @@ class LayerKeys:
         prompts = subject_prompts(tok, requests, templates)
         rows = [prompt_ids(tok, p.text)[: p.subject_idx + 1] for p in prompts]
         plain = templates.index("{}")
+        rank, world = part  # this process reads the batches rank, rank + world, ... (the batches of one process)
+        self.rows: list[int] = []  # the rows (request × template, request-major) read here
+        self.plain_requests: list[int] = []  # the requests whose plain prompt is read here, in order
         self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # ids, mask, last, plain
-        for b0 in range(0, len(rows), batch_size):
+        for c, b0 in enumerate(range(0, len(rows), batch_size)):
+            if c % world != rank:
+                continue
             ids, mask = right_pad(rows[b0: b0 + batch_size], pad_id(tok))
             sel = [i for i, p in enumerate(prompts[b0: b0 + batch_size]) if p.template == plain]
+            self.rows += range(b0, min(b0 + batch_size, len(rows)))
+            self.plain_requests += [prompts[b0 + i].request for i in sel]
             self.chunks.append((ids.to(self.device), mask.to(self.device), (mask.sum(1) - 1).to(self.device),
                                 torch.tensor(sel, dtype=torch.long, device=self.device)))
         self.at = 0  # the block whose input `hidden` keeps
@@ -144,8 +162,6 @@ class LayerKeys:
                  keep: int | None = None):
         """One chunk (rows `sel` of it, trimmed, or all) from block `at` on, until module `stop`; with `keep`, the
         input of that block (all positions) is returned too."""
-        from kedit_pl.kv.values import _on_hidden, _restructure, override_forward  # values imports this module
-
         ids, mask, _last, _plain = self.chunks[c]
         hidden = self.hidden[c] if self.hidden else None
         if sel is not None:
@@ -180,9 +196,9 @@ class LayerKeys:
         return ci, co, (block_in[0] if block_in else None)
 
     @torch.no_grad()
-    def keys(self, layer: int, groups: Sequence[int] | None = None) -> torch.Tensor:
-        """k* per request at `layer`'s mlp_out with the current weights, (R, d_k), averaged as `compute_keys`
-        does. The input of block `layer` is kept for the next read."""
+    def row_keys(self, layer: int) -> torch.Tensor:
+        """The key at `layer`'s mlp_out of each row read here (`rows`), (len(rows), d_k), with the current weights.
+        The input of block `layer` is kept for the next read."""
         self._check(layer)
         module = self.spec.module_name("mlp_out", layer)
         out, kept = [], []
@@ -200,17 +216,18 @@ class LayerKeys:
         if new:
             self.at, self.hidden = layer, kept
             self.versions = self._below(layer)
-        k = torch.cat(out).view(self.n_req, self.n_tpl, -1)
-        if groups is None:
-            return k.mean(1)
-        if sum(groups) != self.n_tpl or min(groups) < 1:
-            raise ValueError(f"LayerKeys: template groups {list(groups)} do not partition {self.n_tpl} templates")
-        return torch.stack([part.mean(1) for part in k.split(list(groups), dim=1)]).mean(0)
+        return torch.cat(out)
+
+    def keys(self, layer: int, groups: Sequence[int] | None = None) -> torch.Tensor:
+        """k* per request at `layer`'s mlp_out, (R, d_k), averaged as `compute_keys` does (every row read here)."""
+        if len(self.rows) != self.n_req * self.n_tpl:
+            raise ValueError("LayerKeys.keys needs every row; a part reads `row_keys` (average with `average_keys`)")
+        return average_keys(self.row_keys(layer).view(self.n_req, self.n_tpl, -1), groups)
 
     @torch.no_grad()
     def outputs(self, top: int, also: Sequence[str] = ()) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """Output of block `top` at the subject's last token of each plain prompt, (R, d), with the current
-        weights; with `also` (modules in blocks at or above the kept one, at or below `top`), their outputs there
+        """Output of block `top` at the subject's last token of each plain prompt read here (`plain_requests`),
+        (R, d) when all are, with the current weights; with `also` (modules in blocks at or above the kept one, at or below `top`), their outputs there
         too: as `methods.memit.block_outputs`."""
         self._check(top)
         names = [self.spec.module_name("layer", top), *also]

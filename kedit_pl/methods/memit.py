@@ -34,7 +34,7 @@ from kedit_pl.distributed import gather_objects, gather_rows, share
 from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.hooks import StopForward, capture, stop_after
 from kedit_pl.kv.context import DEFAULT_LENGTHS, template_groups
-from kedit_pl.kv.keys import LayerKeys, compute_keys, subject_prompts
+from kedit_pl.kv.keys import LayerKeys, average_keys, compute_keys, subject_prompts
 from kedit_pl.kv.post_norm import mlp_output_targets
 from kedit_pl.kv.stats import StatsConfig, second_moment
 from kedit_pl.kv.value_cache import cache_folder, cached_values
@@ -215,7 +215,7 @@ class MEMIT(ROME):
         folder = cache_folder(Path(self.cache_dir) / self.spec.name / "memit_z", self.model, settings)
         return cached_values(folder, requests, compute, self.z_batch_size, next(self.model.parameters()).device)
 
-    def _layer_reader(self, requests: list[EditRequest]) -> "_LayerReads":
+    def _layer_reader(self, requests: list[EditRequest]) -> _LayerReads:
         """What each layer's step reads (keys K, block-L outputs H, the layer's MLP output M): with `fast`, from
         `LayerKeys` (the inputs of the lowest block still to change are kept, so no pass reruns the blocks
         below it), each DDP rank computing its own share of the requests and the rows all-gathered; otherwise
@@ -279,28 +279,31 @@ class MEMIT(ROME):
 
 
 class _LayerReads:
-    """MEMIT's per-layer reads (see `MEMIT._layer_reader`)."""
+    """MEMIT's per-layer reads (see `MEMIT._layer_reader`). Under DDP each rank reads the row batches a single
+    process would make, round-robin, so the gathered keys and outputs are those of one process, bit for bit."""
 
     def __init__(self, memit: MEMIT, requests: list[EditRequest]) -> None:
         self.m, self.requests = memit, requests
-        rank, world = memit.ranks()
-        self.world = world
-        self.mine = share(list(range(len(requests))), rank, world) if world > 1 else list(range(len(requests)))
+        rank, self.world = memit.ranks()
         self.fast = memit.fast and "{}" in memit.templates()
-        self.lk = LayerKeys(memit.model, memit.tok, memit.spec, [requests[i] for i in self.mine],
-                            memit.templates()) if self.fast and self.mine else None  # None: a rank without rows
+        self.lk = LayerKeys(memit.model, memit.tok, memit.spec, requests, memit.templates(),
+                            part=(rank, self.world)) if self.fast else None
+        if self.lk is not None and not self.lk.chunks:
+            self.lk = None  # a rank without rows (tiny batch): it only takes part in the gathers
 
-    def _gather(self, rows: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    def _gather(self, rows: dict[str, torch.Tensor] | None, index: Sequence[int], n: int) -> dict[str, torch.Tensor]:
         if self.world == 1:
             return rows
-        return gather_rows(self.m.trainer.strategy, rows, self.mine, len(self.requests),
-                           next(self.m.model.parameters()).device)
+        return gather_rows(self.m.trainer.strategy, rows, index, n, next(self.m.model.parameters()).device)
 
     def keys(self, layer: int, templates: list[str]) -> torch.Tensor:
         m = self.m
         if not self.fast:
             return compute_keys(m.model, m.tok, m.spec, layer, self.requests, templates, groups=m.key_groups)
-        return self._gather({"k": self.lk.keys(layer, m.key_groups)} if self.lk else None)["k"]
+        n_req, n_tpl = len(self.requests), len(templates)
+        rows = {"k": self.lk.row_keys(layer)} if self.lk else None
+        k = self._gather(rows, self.lk.rows if self.lk else [], n_req * n_tpl)["k"]
+        return average_keys(k.view(n_req, n_tpl, -1), m.key_groups)
 
     def outputs(self, layer: int | None) -> Any:
         """(H, M) at `layer` (before its update), or H alone with None (after the last update)."""
@@ -308,8 +311,9 @@ class _LayerReads:
         also = [] if layer is None else [m.spec.module_name("mlp_out", layer)]
         if not self.fast:
             return block_outputs(m.model, m.tok, m.spec, m.layer, self.requests, also=also)
-        if layer is None:
-            return self._gather({"h": self.lk.outputs(m.layer)} if self.lk else None)["h"]
-        rows = dict(zip(("h", "m"), self.lk.outputs(m.layer, also))) if self.lk else None
-        full = self._gather(rows)
-        return full["h"], full["m"]
+        rows = None
+        if self.lk:
+            got = self.lk.outputs(m.layer, also)
+            rows = dict(zip(("h", "m"), got if also else (got,)))
+        full = self._gather(rows, self.lk.plain_requests if self.lk else [], len(self.requests))
+        return full["h"] if layer is None else (full["h"], full["m"])
