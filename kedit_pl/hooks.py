@@ -230,3 +230,35 @@ def first_pass_outputs(model: nn.Module, patches: dict[str, list[tuple[int, torc
 
     with _token_grid(model) as grid, _forward_hooks(model, {n: make(n) for n in patches}):
         yield
+
+
+@contextmanager
+def override_forward(replacements: dict[nn.Module, Callable]) -> Iterator[None]:
+    """Temporarily set `module.forward` (instance attribute); always restores the previous state."""
+    missing = object()
+    saved = []
+    try:
+        for mod, fn in replacements.items():
+            saved.append((mod, mod.__dict__.get("forward", missing)))
+            mod.forward = fn
+        yield
+    finally:
+        for mod, old in reversed(saved):
+            if old is missing:
+                mod.__dict__.pop("forward", None)
+            else:
+                mod.forward = old
+
+
+def _restructure(template_out, hidden: torch.Tensor):
+    """Return `hidden` in the same structure (tensor or tuple) a block returned originally."""
+    return (hidden,) + tuple(template_out[1:]) if isinstance(template_out, tuple) else hidden
+
+
+def _on_hidden(fn: Callable, hidden: torch.Tensor) -> Callable:
+    """Wrap a block forward so it runs on `hidden` instead of the hidden states it is called with."""
+    def call(*args, **kwargs):
+        if args:
+            return fn(hidden, *args[1:], **kwargs)
+        return fn(**{**kwargs, "hidden_states": hidden})
+    return call

@@ -9,7 +9,8 @@ import torch
 from kedit_pl.config import compose
 from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.kv.context import template_groups
-from kedit_pl.kv.keys import compute_keys, template_keys
+from kedit_pl.data.requests import EditRequest
+from kedit_pl.kv.keys import LayerKeys, average_keys, compute_keys, template_keys
 from kedit_pl.methods.memit import MEMIT, block_outputs, memit_update
 from kedit_pl.methods.rome import CovarianceSolver, rank_one_update
 import kedit_pl.methods.memit as memit_mod
@@ -96,6 +97,93 @@ def test_key_average_groups_and_uniform(tiny_llama, stats):
     assert make_memit(lm, stats, key_average="uniform").key_groups is None
     with pytest.raises(ValueError, match="partition"):
         compute_keys(lm.model, lm.tokenizer, lm.spec, 1, [REQ], templates, groups=[1, 5])
+
+
+# --- keys layer after layer from kept block inputs (LayerKeys) == full passes --------------------------------
+REQ3 = EditRequest(case_id="t2", subject="Rome", prompt="{} is the capital of", target_true="Italy", target_new="Peru")
+
+
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+def test_layer_keys_equal_full_passes_while_layers_change(arch, stats, request):
+    """MEMIT Algorithm 1 reads k_i at l after the layers below l were updated (eq. 14 per layer): LayerKeys keeps
+    the lowest changing block's inputs and must give what the full passes give, chunk boundaries included."""
+    lm = request.getfixturevalue(arch)
+    memit = make_memit(lm, stats, context_template_length_params=[[4, 3]])
+    templates, reqs, layers = memit.templates(), [REQ, REQ2, REQ3], [0, 1]
+    top = layers[-1]
+    lk = LayerKeys(lm.model, lm.tokenizer, lm.spec, reqs, templates, batch_size=5)  # chunks cut requests apart
+    assert len(lk.chunks) > 2
+    # two DDP ranks' parts: the same row batches, round-robin, so their rows put together are one process's, exactly
+    parts = [LayerKeys(lm.model, lm.tokenizer, lm.spec, reqs, templates, batch_size=5, part=(r, 2)) for r in (0, 1)]
+    assert sorted(parts[0].rows + parts[1].rows) == lk.rows == list(range(len(reqs) * len(templates)))
+    with pytest.raises(ValueError, match="every row"):
+        parts[0].keys(0)
+    before = weights(lm.model)
+    g = torch.Generator().manual_seed(0)
+    try:
+        for layer in layers:
+            full_k = compute_keys(lm.model, lm.tokenizer, lm.spec, layer, reqs, templates, groups=memit.key_groups)
+            torch.testing.assert_close(lk.keys(layer, memit.key_groups), full_k, rtol=1e-5, atol=1e-6)
+            rows = torch.empty(len(lk.rows), full_k.shape[1])
+            for part in parts:
+                rows[part.rows] = part.row_keys(layer)
+            assert torch.equal(average_keys(rows.view(len(reqs), len(templates), -1), memit.key_groups),
+                               lk.keys(layer, memit.key_groups))
+            mlp = lm.spec.module_name("mlp_out", layer)
+            full_h, full_m = block_outputs(lm.model, lm.tokenizer, lm.spec, top, reqs, also=[mlp])
+            h, m = lk.outputs(top, [mlp])
+            torch.testing.assert_close(h, full_h, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(m, full_m, rtol=1e-5, atol=1e-6)
+            joined = torch.empty_like(h)
+            for part in parts:
+                joined[part.plain_requests] = part.outputs(top, [mlp])[0]
+            assert torch.equal(joined, h)
+            W = dict(lm.model.named_parameters())[lm.spec.weight_name("mlp_out", layer)]
+            with torch.no_grad():  # an update the next reads must see
+                W.add_(0.3 * W.abs().mean() * torch.randn(W.shape, generator=g))
+        torch.testing.assert_close(lk.outputs(top), block_outputs(lm.model, lm.tokenizer, lm.spec, top, reqs),
+                                   rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="reads must go up"):
+            lk.keys(0)
+        with torch.no_grad():
+            dict(lm.model.named_parameters())[lm.spec.weight_name("mlp_out", 0)].mul_(1.01)
+        with pytest.raises(ValueError, match="changed since"):
+            lk.keys(top)
+    finally:
+        with torch.no_grad():
+            for n, p in lm.model.named_parameters():
+                p.copy_(before[n])
+
+
+def test_edit_with_layer_keys_equals_full_passes(tiny_llama, stats, monkeypatch):
+    """The whole MEMIT edit (z, then the layers' keys, outputs and eq. 14 solves) with the kept-input reads gives
+    the update of the reference full passes."""
+    lm = tiny_llama
+    memit = make_memit(lm, stats, v_num_grad_steps=4, z_cache=False)
+    memit.prepare()
+    reqs = [REQ, REQ2, REQ3]
+    names = memit.edited_parameters(reqs)
+
+    def edit() -> dict[str, torch.Tensor]:
+        before = weights(lm.model)
+        handle = memit.apply(reqs)
+        delta = {n: dict(lm.model.named_parameters())[n].detach() - before[n] for n in names}
+        memit.restore(handle)
+        assert_untouched(lm.model, before)
+        return delta
+
+    fast = edit()
+    init = memit_mod._LayerReads.__init__
+
+    def reference(self, *a, **k):
+        init(self, *a, **k)
+        self.fast = False
+
+    monkeypatch.setattr(memit_mod._LayerReads, "__init__", reference)
+    full = edit()
+    for n in names:
+        assert fast[n].abs().max() > 0
+        torch.testing.assert_close(fast[n], full[n], rtol=1e-4, atol=1e-4 * full[n].abs().max().item())
 
 
 # --- one edit on one layer: the closed form -------------------------------------------------------------

@@ -36,10 +36,19 @@ from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, EditFailed
-from kedit_pl.hooks import StopForward, capture, edit_outputs, stop_after
+from kedit_pl.hooks import (
+    StopForward,
+    _on_hidden,
+    _restructure,
+    capture,
+    edit_outputs,
+    override_forward,
+    stop_after,
+)
 from kedit_pl.kv.buckets import partition
 from kedit_pl.kv.keys import subject_prompts
-from kedit_pl.kv.precision import compute_dtype as resolve_dtype, lowp_forwards
+from kedit_pl.kv.precision import compute_dtype as resolve_dtype
+from kedit_pl.kv.precision import lowp_forwards
 from kedit_pl.models.kv_cache import cache_kwargs, cache_layers, new_cache
 from kedit_pl.models.spec import ModelSpec
 from kedit_pl.tokens import encode_targets, pad_id, prompt_ids, subject_last_token
@@ -112,38 +121,6 @@ def build_batch(tok: PreTrainedTokenizerBase, requests: list[EditRequest], templ
                   kl_rows=torch.arange(n_rw, n),
                   init_rows=torch.tensor([i for i, p in enumerate(rewrite) if p.template == plain]),
                   pad=pad_id(tok))
-
-
-@contextmanager
-def override_forward(replacements: dict[nn.Module, Callable]) -> Iterator[None]:
-    """Temporarily set `module.forward` (instance attribute); always restores the previous state."""
-    missing = object()
-    saved = []
-    try:
-        for mod, fn in replacements.items():
-            saved.append((mod, mod.__dict__.get("forward", missing)))
-            mod.forward = fn
-        yield
-    finally:
-        for mod, old in reversed(saved):
-            if old is missing:
-                mod.__dict__.pop("forward", None)
-            else:
-                mod.forward = old
-
-
-def _restructure(template_out, hidden: torch.Tensor):
-    """Return `hidden` in the same structure (tensor or tuple) a block returned originally."""
-    return (hidden,) + tuple(template_out[1:]) if isinstance(template_out, tuple) else hidden
-
-
-def _on_hidden(fn: Callable, hidden: torch.Tensor) -> Callable:
-    """Wrap a block forward so it runs on `hidden` instead of the hidden states it is called with."""
-    def call(*args, **kwargs):
-        if args:
-            return fn(hidden, *args[1:], **kwargs)
-        return fn(**{**kwargs, "hidden_states": hidden})
-    return call
 
 
 class _FullRunner:

@@ -20,7 +20,7 @@ import torch
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError
-from kedit_pl.kv.keys import compute_keys
+from kedit_pl.kv.keys import LayerKeys, compute_keys
 from kedit_pl.kv.nullspace import AccumulatedKeys, NullSpace, cached_null_space
 from kedit_pl.kv.stats import cache_key
 from kedit_pl.methods.base import EditHandle
@@ -76,9 +76,14 @@ class AlphaEdit(MEMIT):
 
     def after_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
         if self.accumulate_keys:
+            templates = self.templates()
+            # no weight changes between these reads: LayerKeys runs each block once (kv/keys.py)
+            lk = LayerKeys(self.model, self.tok, self.spec, requests, templates) \
+                if self.fast and "{}" in templates else None
             for layer in self.layers:  # the new keys, on the model with every layer updated (reference code)
-                self.keys.add(layer, compute_keys(self.model, self.tok, self.spec, layer, requests,
-                                                  self.templates(), groups=self.key_groups))
+                self.keys.add(layer, lk.keys(layer, self.key_groups) if lk else
+                              compute_keys(self.model, self.tok, self.spec, layer, requests, templates,
+                                           groups=self.key_groups))
             self.keys.count += len(requests)
         null = self.null_spaces()
         return {"accumulated_edits": self.keys.count,

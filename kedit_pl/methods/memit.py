@@ -21,6 +21,7 @@ update equals ROME's rank-one update with `mom2_update_weight` = λ (Sherman–M
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -33,7 +34,7 @@ from kedit_pl.distributed import gather_objects, gather_rows, share
 from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.hooks import StopForward, capture, stop_after
 from kedit_pl.kv.context import DEFAULT_LENGTHS, template_groups
-from kedit_pl.kv.keys import compute_keys, subject_prompts
+from kedit_pl.kv.keys import LayerKeys, average_keys, compute_keys, subject_prompts
 from kedit_pl.kv.post_norm import mlp_output_targets
 from kedit_pl.kv.stats import StatsConfig, second_moment
 from kedit_pl.kv.value_cache import cache_folder, cached_values
@@ -214,6 +215,13 @@ class MEMIT(ROME):
         folder = cache_folder(Path(self.cache_dir) / self.spec.name / "memit_z", self.model, settings)
         return cached_values(folder, requests, compute, self.z_batch_size, next(self.model.parameters()).device)
 
+    def _layer_reader(self, requests: list[EditRequest]) -> _LayerReads:
+        """What each layer's step reads (keys K, block-L outputs H, the layer's MLP output M): with `fast`, from
+        `LayerKeys` (the inputs of the lowest block still to change are kept, so no pass reruns the blocks
+        below it), each DDP rank computing its own share of the requests and the rows all-gathered; otherwise
+        the plain full passes of `compute_keys` and `block_outputs` (the reference)."""
+        return _LayerReads(self, requests)
+
     def compute_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
         self.check_and_prepare(requests)
         templates, mom2 = self.templates(), self.mom2()
@@ -226,26 +234,35 @@ class MEMIT(ROME):
                                 "per_request": [{"case_id": r.case_id, "nll": res.nll[i].item(),
                                                  "steps": res.steps[i], "delta_norm": res.delta[i].norm().item()}
                                                 for i, r in enumerate(requests)]}
+        seconds = {"keys": 0.0, "outputs": 0.0, "solve": 0.0}  # where the time after the z goes (docs/scale.md)
+        reads = self._layer_reader(requests)
         for i, layer in enumerate(self.layers):
-            K = compute_keys(self.model, self.tok, self.spec, layer, requests, templates,  # lower layers edited
-                             groups=self.key_groups)
-            H, M = block_outputs(self.model, self.tok, self.spec, self.layer, requests,
-                                 also=[self.spec.module_name("mlp_out", layer)])  # one pass: z's layer and l's MLP
+            t0 = time.perf_counter()
+            K = reads.keys(layer, templates)  # k_i at l, the lower layers already updated (Algorithm 1)
+            t1 = time.perf_counter()
+            H, M = reads.outputs(layer)  # one pass: z's layer and l's MLP output
             H = H.double()
+            t2 = time.perf_counter()
             resid = (Z - H) / (len(self.layers) - i)  # spread the remaining error over the remaining layers
             if self.spec.mlp_post_norm:  # the block adds N(MLP output): target the MLP output through N
                 resid = mlp_output_targets(self.spec.module(self.model, "mlp_post_norm", layer), M, resid)
             factors: list[torch.Tensor] = []  # the update's low-rank factors, when the method knows them
-            delta_w = self.layer_update(layer, K, resid, mom2[layer], factors)
+            delta_w = self.layer_update(layer, K, resid, mom2[layer], factors)  # eq. 14
             W = linear_weight(self.spec.module(self.model, "mlp_out", layer))
             with torch.no_grad():
                 W.add_(delta_w.to(W.device, W.dtype))  # float64 update, written back in the weight's dtype
             if factors:
                 self.record_low_rank(self.spec.module_name("mlp_out", layer), *factors)  # for patches
+            seconds["keys"] += t1 - t0
+            seconds["outputs"] += t2 - t1
+            seconds["solve"] += time.perf_counter() - t2
             info["layers"].append({"layer": layer, "z_error": (Z - H).norm(dim=-1).mean().item(),
                                    "update_norm": delta_w.norm().item()})
-        H = block_outputs(self.model, self.tok, self.spec, self.layer, requests).double()
+        t0 = time.perf_counter()
+        H = reads.outputs(None).double()
+        seconds["outputs"] += time.perf_counter() - t0
         info["final_z_error"] = (Z - H).norm(dim=-1).mean().item()
+        info |= {f"{k}_seconds": v for k, v in seconds.items()}
         info.update(self.after_edit(requests))
         return info
 
@@ -259,3 +276,44 @@ class MEMIT(ROME):
     def after_edit(self, requests: list[EditRequest]) -> dict[str, Any]:
         """Called once every layer is updated (AlphaEdit accumulates the new keys here); returns diagnostics."""
         return {}
+
+
+class _LayerReads:
+    """MEMIT's per-layer reads (see `MEMIT._layer_reader`). Under DDP each rank reads the row batches a single
+    process would make, round-robin, so the gathered keys and outputs are those of one process, bit for bit."""
+
+    def __init__(self, memit: MEMIT, requests: list[EditRequest]) -> None:
+        self.m, self.requests = memit, requests
+        rank, self.world = memit.ranks()
+        self.fast = memit.fast and "{}" in memit.templates()
+        self.lk = LayerKeys(memit.model, memit.tok, memit.spec, requests, memit.templates(),
+                            part=(rank, self.world)) if self.fast else None
+        if self.lk is not None and not self.lk.chunks:
+            self.lk = None  # a rank without rows (tiny batch): it only takes part in the gathers
+
+    def _gather(self, rows: dict[str, torch.Tensor] | None, index: Sequence[int], n: int) -> dict[str, torch.Tensor]:
+        if self.world == 1:
+            return rows
+        return gather_rows(self.m.trainer.strategy, rows, index, n, next(self.m.model.parameters()).device)
+
+    def keys(self, layer: int, templates: list[str]) -> torch.Tensor:
+        m = self.m
+        if not self.fast:
+            return compute_keys(m.model, m.tok, m.spec, layer, self.requests, templates, groups=m.key_groups)
+        n_req, n_tpl = len(self.requests), len(templates)
+        rows = {"k": self.lk.row_keys(layer)} if self.lk else None
+        k = self._gather(rows, self.lk.rows if self.lk else [], n_req * n_tpl)["k"]
+        return average_keys(k.view(n_req, n_tpl, -1), m.key_groups)
+
+    def outputs(self, layer: int | None) -> Any:
+        """(H, M) at `layer` (before its update), or H alone with None (after the last update)."""
+        m = self.m
+        also = [] if layer is None else [m.spec.module_name("mlp_out", layer)]
+        if not self.fast:
+            return block_outputs(m.model, m.tok, m.spec, m.layer, self.requests, also=also)
+        rows = None
+        if self.lk:
+            got = self.lk.outputs(m.layer, also)
+            rows = dict(zip(("h", "m"), got if also else (got,)))
+        full = self._gather(rows, self.lk.plain_requests if self.lk else [], len(self.requests))
+        return full["h"] if layer is None else (full["h"], full["m"])
