@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--metric", default=None, help="the metric that picks the best trial (default: optimized_metric)")
     ap.add_argument("--out", type=Path, default=None, help="the test run's folder (default: <sweep dir>/test_best)")
     ap.add_argument("overrides", nargs="*", help="extra overrides for the test run (e.g. logger=csv)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options before or after the overrides (`DIR --limit 200 logger=csv`)
     try:
         r = run_sweep_test(args.sweep_dir, args.limit or None, args.metric, args.out, args.overrides)
     except KEditError as e:

@@ -331,21 +331,48 @@ def test_post_norm_target_reaches_a_reachable_output():
     torch.testing.assert_close(rms(new), rms(m))  # m's scale is kept (N forgets it)
 
 
-def test_post_norm_target_off_the_surface_takes_its_ray():
+def test_post_norm_target_off_the_surface_is_its_nearest_point():
+    """y* off N's surface: the target is the surface point nearest to y* (nearer than the point on y*'s ray, the
+    target before); with gain 1 the surface is a sphere and the two agree."""
     from kedit_pl.kv.post_norm import mlp_output_targets
 
     norm, g = _gemma_norm(), torch.Generator().manual_seed(2)
     m, resid = torch.randn(3, 16, generator=g), 10 * torch.randn(3, 16, generator=g)
     y_star = norm(m) + resid
     got = norm((m.double() + mlp_output_targets(norm, m, resid)).float())
-    cos = torch.nn.functional.cosine_similarity(got, y_star, dim=-1)
-    assert (cos > 1 - 1e-5).all(), cos  # the point of N's surface on y*'s ray
+    gain = norm(torch.ones(16))
+    ray = gain * (y_star / gain) / (y_star / gain).pow(2).mean(-1, keepdim=True).sqrt()  # the ray's surface point
+    assert ((got - y_star).norm(dim=-1) < (ray - y_star).norm(dim=-1)).all()
+    for _ in range(20):  # no other surface point is nearer (random points near the answer)
+        near = got / gain + 0.05 * torch.randn(3, 16, generator=g)
+        other = gain * near / near.pow(2).mean(-1, keepdim=True).sqrt()
+        assert ((got - y_star).norm(dim=-1) <= (other - y_star).norm(dim=-1) + 1e-4).all()
     with torch.no_grad():
         norm.weight.zero_()  # gain 1: the surface is a sphere, and the ray's point is its nearest to y*
     y_star = norm(m) + resid
     got = norm((m.double() + mlp_output_targets(norm, m, resid)).float())
+    cos = torch.nn.functional.cosine_similarity(got, y_star, dim=-1)
+    assert (cos > 1 - 1e-5).all(), cos
     plain = norm(m + resid)  # what adding the share to m itself (the update without the norm) gives
     assert ((got - y_star).norm(dim=-1) < (plain - y_star).norm(dim=-1)).all()
+
+
+def test_post_norm_target_with_gemma_like_gains_moves_along_the_share():
+    """Gains spanning four orders of magnitude (gemma3_270m's post-MLP norms) and a share r larger than the
+    small-gain dims can follow: the target must still move N(m) towards y* (the ray's point dropped the large-gain
+    dims and moved N(m) away from y*: MEMIT's distance to z grew layer by layer on the real model)."""
+    from kedit_pl.kv.post_norm import mlp_output_targets
+
+    norm, g = _gemma_norm(64), torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=g) * 4)  # gains 1-5
+        norm.weight[:3] = torch.tensor([300.0, -500.0, 700.0])  # a few outlier dims
+        norm.weight[3:6] = torch.tensor([-0.95, -0.99, -1.02])  # small gains
+    m, resid = torch.randn(5, 64, generator=g), 40 * torch.randn(5, 64, generator=g)
+    y = norm(m)
+    y_star = y + resid
+    got = norm((m.double() + mlp_output_targets(norm, m, resid)).float())
+    assert ((got - y_star).norm(dim=-1) < resid.norm(dim=-1)).all()  # nearer to y* than N(m) was
 
 
 def test_post_norm_that_is_not_rms_fails():

@@ -39,3 +39,16 @@ def test_a_sweep_not_on_dev_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path)])
     assert e.value.code == 2 and "dataset.split=dev" in capsys.readouterr().err
+
+
+def test_options_and_overrides_mix_on_the_command_line(tmp_path, monkeypatch):
+    """`DIR --limit 200 logger=csv` (the documented order) parses as `DIR logger=csv --limit 200` does."""
+    import kedit_pl.sweep_test as st
+
+    seen = []
+    monkeypatch.setattr(st, "run_sweep_test", lambda *a: seen.append(a) or {
+        "best_trial": "t", "metric": "post/score", "dev": {"value": 1.0, "n": 1}, "test": {"value": 1.0, "n": 1},
+        "command": "python edit.py"})
+    main([str(tmp_path), "--limit", "7", "logger=csv", "seed=1"])
+    main([str(tmp_path), "logger=csv", "seed=1", "--limit", "7"])
+    assert seen[0] == seen[1] == (tmp_path, 7, None, None, ["logger=csv", "seed=1"])
