@@ -20,7 +20,7 @@ from kedit_pl.eval.intervals import LEVEL, RESAMPLES, SEED, intervals
 from kedit_pl.eval.metrics import metric_counts, summarize
 from kedit_pl.eval.pre_cache import cached_pre_scores, pre_cache_for
 from kedit_pl.eval.record_values import values_by_state
-from kedit_pl.eval.row_states import EditedSystem, capture, edited_state, system_bytes
+from kedit_pl.eval.row_states import EditedSystem, capture, edited_state, held_bytes
 from kedit_pl.eval.report import print_table, write_summary_files
 from kedit_pl.eval.samples import generate_samples, sample_rows, write_samples
 from kedit_pl.eval.scoring import score_requests
@@ -200,7 +200,7 @@ class EditEvalCallback(L.Callback):
                           "invocation": self.invocation})
         if systems is not None:
             self.pending.append((lines, list(mine), systems))
-            held = sum(system_bytes(st) for _, _, sts in self.pending for st in {id(x): x for x in sts}.values())
+            held = held_bytes(st for _, _, sts in self.pending for st in sts)
             if sum(len(reqs) for _, reqs, _ in self.pending) >= self.states_per_forward or held >= self.states_max_bytes:
                 self._flush(trainer, pl_module)
         else:

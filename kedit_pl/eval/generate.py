@@ -107,11 +107,11 @@ def greedy_generate_states(method: EditMethodProtocol, prompts: Sequence[Sequenc
         model = models[key]
         for chunk in _chunks(rows, int(batch_rows)):
             blocks, start = [], 0
-            key = lambda row: (row[0], id(row[2].weights))  # noqa: E731  (system, the route's own weights)
+            run_of = lambda row: (row[0], id(row[2].weights))  # noqa: E731  (system, the route's own weights)
             for i in range(1, len(chunk) + 1):  # runs of rows through the same weights
-                if i == len(chunk) or key(chunk[i]) != key(chunk[start]):
+                if i == len(chunk) or run_of(chunk[i]) != run_of(chunk[start]):
                     system, route = systems[chunk[start][0]], chunk[start][2]
-                    weights = {**(system.weights if system.weights_of is model else {}), **(route.weights or {})}
+                    weights = {**(system.weights if model is method.model else {}), **(route.weights or {})}
                     if weights:
                         blocks.append((start, i, weights))
                     start = i

@@ -19,10 +19,12 @@ WISE's the ΔW of the side memory the prompt is routed to (`LastingRoute.weights
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
 
+from kedit_pl.kv.precision import is_projection
 from kedit_pl.tokens import prompt_ids
 from kedit_pl.weights import EditHandle, EditMethodProtocol, LastingRoute
 
@@ -33,26 +35,20 @@ EditedState = dict[str, dict[str, torch.Tensor]]
 @dataclass(frozen=True)
 class EditedSystem:
     """What one record's prompts run on once its edit is undone: per prompt, the model and the ids that the edited
-    system continues (`routes`), and the weights of `weights_of` that the edit wrote (`weights`, often empty)."""
+    system continues (`routes`), and the weights of the method's model that the edit wrote (`weights`, often
+    empty)."""
 
     routes: dict[str, LastingRoute]
     weights: EditedState
-    weights_of: nn.Module
 
 
-def system_bytes(system: EditedSystem) -> int:
-    """Memory the system's copied parameters hold (the edit's weights and its routes' own), in bytes."""
-    tensors = [t for ps in system.weights.values() for t in ps.values()]
-    seen = {id(t) for t in tensors}
-    for route in system.routes.values():
-        for ps in (route.weights or {}).values():
-            tensors += [t for t in ps.values() if id(t) not in seen and not seen.add(id(t))]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def is_linear(module: nn.Module) -> bool:
-    """A module whose output `kedit_pl.hooks.row_weights` can recompute: `nn.Linear` or GPT-2's `Conv1D`."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+def held_bytes(systems: Iterable[EditedSystem]) -> int:
+    """Memory the systems' copied parameters hold together (the edits' weights and their routes' own), in bytes;
+    a tensor that several systems share (one batch's edit) counts once."""
+    tensors = {id(t): t for st in systems
+               for ps in [*st.weights.values(), *(p for r in st.routes.values() for p in (r.weights or {}).values())]
+               for t in ps.values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def edited_state(model: nn.Module, handle: EditHandle | None) -> EditedState | None:
@@ -67,7 +63,7 @@ def edited_state(model: nn.Module, handle: EditHandle | None) -> EditedState | N
         if torch.equal(current, original):
             continue  # editable, but left as it was
         module_name, _, kind = name.rpartition(".")
-        if kind not in ("weight", "bias") or not is_linear(model.get_submodule(module_name)):
+        if kind not in ("weight", "bias") or not is_projection(model.get_submodule(module_name)):
             return None
         state.setdefault(module_name, {})[kind] = current.detach().clone()
     return state
@@ -82,4 +78,4 @@ def capture(method: EditMethodProtocol, weights: EditedState | None, prompts: li
     routes = method.lasting_routes([prompt_ids(method.tok, p) for p in unique])
     if routes is None:
         return None
-    return EditedSystem(dict(zip(unique, routes)), weights, method.model)
+    return EditedSystem(dict(zip(unique, routes)), weights)
