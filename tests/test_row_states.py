@@ -137,3 +137,14 @@ def test_memory_methods_share_forwards_and_write_the_same_records(tmp_path, one_
         assert any(a["groups"]["fluency"]["text"] != b["groups"]["fluency"]["text"] for a, b in zip(pre, shared))
     if method == "wise":  # prompts routed to the side memory: their rows got its ΔW
         assert any("delta" in p for *_, params in blocks for p in params.values())
+
+
+@pytest.mark.parametrize("override,field", [("eval.states_per_forward=0", "eval.states_per_forward"),
+                                            ("eval.states_per_forward=abc", "eval.states_per_forward"),
+                                            ("eval.states_max_mb=-1", "eval.states_max_mb")])
+def test_a_bad_sharing_setting_is_one_line_naming_it(tmp_path, override, field):
+    from kedit_pl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{field}: must be"):
+        run_edit(edit_cfg(tmp_path / "run", "dataset.limit=1", override))
+    assert not (tmp_path / "run" / "records.jsonl").exists()

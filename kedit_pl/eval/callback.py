@@ -14,6 +14,7 @@ import torch
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.distributed import gather_objects
+from kedit_pl.errors import ConfigError
 from kedit_pl.eval.groups import GroupRunner, MetricGroup
 from kedit_pl.eval.groups.base import stopwatch
 from kedit_pl.eval.intervals import LEVEL, RESAMPLES, SEED, intervals
@@ -112,7 +113,11 @@ class EditEvalCallback(L.Callback):
         self.batch_offset = 1 + max((int(d.get("batch", -1)) for d in self.done), default=-1)
         # single/batch mode: the generations of up to this many edited records share forwards (eval/row_states.py);
         # their record lines wait in `pending` (lines, requests, each request's edited system) until then
-        self.states_per_forward = int(states_per_forward)
+        if isinstance(states_per_forward, bool) or not isinstance(states_per_forward, int) or states_per_forward < 1:
+            raise ConfigError(f"eval.states_per_forward: must be an integer >= 1, got {states_per_forward!r}")
+        if isinstance(states_max_mb, bool) or not isinstance(states_max_mb, (int, float)) or not states_max_mb > 0:
+            raise ConfigError(f"eval.states_max_mb: must be a number > 0, got {states_max_mb!r}")
+        self.states_per_forward = states_per_forward
         self.states_max_bytes = float(states_max_mb) * 2**20  # ... or until their copied weights hold this much
         self.pending: list[tuple[list[dict], list[EditRequest], list[EditedSystem]]] = []
         # this invocation's seconds per phase (pre, post, final) and part (es_ps_ns, each group, samples)
