@@ -2,7 +2,7 @@
 with --groups, every metric group of `eval=full`, one record at a time against shared forwards.
 
     python bench/eval_speed.py [--model smollm2_135m] [--n 100] [--post-batch 1] [--threads 1]
-    python bench/eval_speed.py --groups [--method rome] [--n 16] [--states-per-forward 16]
+    python bench/eval_speed.py --groups [--method rome] [--n 16] [--states-per-forward 16] [--no-prefix-store]
 
 A run's scoring is a pre pass over all N records on the unedited model, then a post pass per edit batch
 (`--post-batch` records each; 1 = the single-edit protocol). Edits change no cost, so the post passes score the
@@ -18,7 +18,8 @@ test records that have generation prompts. Each record gets a real edit by `--me
 model's default layer; the edits are made twice, once per path, and not timed). Old: per record, every group
 measured on the edited system right after its edit, as the callback did before shared forwards. New: ES/PS/NS
 and the scored groups the same way; fluency for up to `--states-per-forward` records in shared batched forwards
-after the undo (eval/row_states.py). General ability (perplexity) is a
+after the undo (eval/row_states.py), and long shared prefixes (IKE's demonstrations) read once per store as the
+callback keeps them (scoring.PrefixStore; `--no-prefix-store`: off). General ability (perplexity) is a
 per-state cost that both paths pay on the first `eval.general.single_records` records; it is timed once and shown
 per state. Prints seconds per record per group, the ratio, and whether every value is identical.
 """
@@ -73,6 +74,18 @@ def max_nll_gap(a: list[dict], b: list[dict]) -> float:
     return gap
 
 
+def largest_gap(a, b) -> float:
+    """Largest |difference| between the numbers of two records of the same layout; inf where anything else (a
+    generation, a key, a length) differs."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return max((largest_gap(a[k], b[k]) for k in a), default=0.0) if a.keys() == b.keys() else float("inf")
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return max((largest_gap(x, y) for x, y in zip(a, b)), default=0.0) if len(a) == len(b) else float("inf")
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b))
+    return 0.0 if a == b else float("inf")
+
+
 def groups_bench(args) -> None:
     """Old (one record at a time) against new (shared forwards) post-edit evaluation, per metric group."""
     from kedit_pl.eval.groups import GroupRunner, build_groups
@@ -115,17 +128,25 @@ def groups_bench(args) -> None:
         GroupRunner([general]).measure(method, reqs[:1], [{}])
         old_t["general"] = time.perf_counter() - t
     runner = GroupRunner(groups)
+    run_store = scoring.PrefixStore() if getattr(method, "fixed_routes", False) else None
+
+    def prefixes():
+        """As the callback keeps them: one store per run for fixed routes (IKE, SERAC), else per edited state."""
+        return None if args.no_prefix_store else run_store or scoring.PrefixStore()
+
     for s0 in range(0, len(reqs), args.states_per_forward):  # new: shared forwards after the undo
         part = reqs[s0:s0 + args.states_per_forward]
         recs, systems = [], []
         for r in part:
             handle = method.apply([r])
             systems.append(capture(method, edited_state(method.model, handle), runner.shared_prompts(r)))
-            recs.append(measure(r, new_t, skip=shared if systems[-1] is not None else ()))
+            with scoring.reuse_prefixes(prefixes()):
+                recs.append(measure(r, new_t, skip=shared if systems[-1] is not None else ()))
             method.restore(handle)
         if all(st is not None for st in systems):
             t = time.perf_counter()
-            runner.measure_states(method, part, recs, systems)
+            with scoring.reuse_prefixes(prefixes()):
+                runner.measure_states(method, part, recs, systems)
             for name in shared:
                 new_t[name] += (time.perf_counter() - t) / len(shared)
         new_recs += recs
@@ -143,7 +164,9 @@ def groups_bench(args) -> None:
     table.add_row("total", f"{total_old:.2f}", f"{total_new:.2f}", f"{total_old / total_new:.2f}")
     table.add_row("general (per measured state)", f"{old_t['general']:.2f}", f"{old_t['general']:.2f}", "1.00")
     Console().print(table)
-    print(f"records with identical values (scores, generations, entropies): {same}/{n}")
+    gap = max((largest_gap(a, b) for a, b in zip(old_recs, new_recs)), default=0.0)
+    print(f"records with identical values (scores, generations, entropies): {same}/{n}; largest difference of a "
+          f"number: {gap:.2e} (inf: a generation or a layout differs)")
 
 
 def main() -> None:
@@ -157,6 +180,8 @@ def main() -> None:
     ap.add_argument("--groups", action="store_true", help="time every metric group, one record vs shared forwards")
     ap.add_argument("--states-per-forward", type=int, default=16, help="--groups: edited states per shared forward")
     ap.add_argument("--method", default="rome", help="--groups: the editing method (its config name)")
+    ap.add_argument("--no-prefix-store", action="store_true",
+                    help="--groups: the new path without the prefix store (eval.prefix_cache_mb=0)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.groups:

@@ -1,6 +1,7 @@
 """Aggregate finished runs into one table (markdown + CSV) and a bar chart.
 
     python -m kedit_pl.compare multirun/edit/2026-11-22_10-00-00 outputs/edit/... [--out DIR] [--allow-different-records]
+                               [--seeds]
 
 Every folder given is searched recursively for `summary.json` files written by edit.py. Config values that
 differ between the runs (an Optuna sweep's trial parameters, a multirun's overrides) become columns, read from
@@ -29,6 +30,7 @@ from typing import Any
 from kedit_pl.errors import ConfigError, DamagedFile, DifferentRecords, KEditError
 from kedit_pl.eval.intervals import leaders, paired
 from kedit_pl.eval.record_values import read_values
+from kedit_pl.eval.seeds import seed_markdown
 from kedit_pl.io import atomic_path, read_json, write_text
 
 log = logging.getLogger(__name__)
@@ -300,9 +302,10 @@ def bar_chart(rows: list[dict], path: Path) -> Path:
 
 
 def compare(dirs: list[str | Path], out: Path, sort: str | None = None,
-            allow_different_records: bool = False) -> list[dict]:
+            allow_different_records: bool = False, seeds: bool = False) -> list[dict]:
     """Write `comparison.md`, `comparison.csv` and `comparison.png` of the runs under `dirs` into `out`; returns
-    the rows, best first. Runs on different records are refused unless `allow_different_records`."""
+    the rows, best first. Runs on different records are refused unless `allow_different_records`. `seeds`: also
+    `seeds.md`, mean ± sd over the training seeds of learned editors (`eval/seeds.py`)."""
     paths = find_summaries(dirs)
     if not paths:
         raise ConfigError(f"compare: no summary.json under {', '.join(map(str, dirs))}")
@@ -319,6 +322,12 @@ def compare(dirs: list[str | Path], out: Path, sort: str | None = None,
     write_text(out / "comparison.md", markdown(rows) + paired_markdown(rows))
     write_text(out / "comparison.csv", to_csv(rows))
     bar_chart(rows, out / "comparison.png")
+    if seeds:
+        table = seed_markdown(rows, varying_keys(rows), ALL_METRICS)
+        if not table:
+            raise ConfigError("compare --seeds: no run names an editor (method.checkpoint) whose training run "
+                              "recorded its seed (train_summary.json)")
+        write_text(out / "seeds.md", table)
     return rows
 
 
@@ -331,16 +340,21 @@ def main(argv: list[str] | None = None) -> None:
                                                  "optimized_metric)")
     ap.add_argument("--allow-different-records", action="store_true",
                     help="rank runs even when they were scored on different records (summary.json digests differ)")
+    ap.add_argument("--seeds", action="store_true",
+                    help="learned editors: mean ± sd over training seeds of runs that differ only in their editor's "
+                         "seed (seeds.md)")
     args = ap.parse_args(argv)
     out = args.out or Path(args.dirs[0])
     logging.basicConfig(format="%(levelname)s: %(message)s")
     try:
-        rows = compare(args.dirs, out, args.sort, args.allow_different_records)
+        rows = compare(args.dirs, out, args.sort, args.allow_different_records, args.seeds)
     except KEditError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.stdout.write(markdown(rows) + paired_markdown(rows))
-    print(f"\nwrote {out / 'comparison.md'}, comparison.csv, comparison.png")
+    if args.seeds:
+        sys.stdout.write("\n" + (out / "seeds.md").read_text())
+    print(f"\nwrote {out / 'comparison.md'}, comparison.csv, comparison.png" + (", seeds.md" if args.seeds else ""))
 
 
 if __name__ == "__main__":

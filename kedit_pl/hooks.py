@@ -205,6 +205,9 @@ def row_weights(model: nn.Module, blocks: list[RowWeights]) -> Iterator[None]:
             return out
         return hook
 
+    if not by_module:  # nothing to recompute: no hook at all (a hooked model reads shared prefixes row by row)
+        yield
+        return
     hooks = {n: make(model.get_submodule(n), n) for n in by_module}
     with _token_grid(model) as grid, _forward_hooks(model, hooks):
         yield
@@ -228,6 +231,9 @@ def first_pass_outputs(model: nn.Module, patches: dict[str, list[tuple[int, torc
             return out
         return hook
 
+    if not patches:  # nothing to set: no hook at all
+        yield
+        return
     with _token_grid(model) as grid, _forward_hooks(model, {n: make(n) for n in patches}):
         yield
 

@@ -128,7 +128,8 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> 
                                 samples=int(samples.get("k") or 0), sample_tokens=int(samples.get("max_new_tokens", 40)),
                                 pre_cache=pre_cache, on_edit=hooks, started=started,
                                 states_per_forward=cfg.get("eval", {}).get("states_per_forward", 1),
-                                states_max_mb=cfg.get("eval", {}).get("states_max_mb", 2048))
+                                states_max_mb=cfg.get("eval", {}).get("states_max_mb", 2048),
+                                prefix_cache_mb=cfg.get("eval", {}).get("prefix_cache_mb", 1024))
     lifelong = lifelong_callback(cfg, out) if mode == "sequential" else None
     checkpoint = SequentialCheckpoint(out, state, lifelong) if mode == "sequential" else None
     if state:

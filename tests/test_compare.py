@@ -127,3 +127,40 @@ def test_runs_on_different_records_are_not_ranked_without_the_flag(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--allow-different-records" in err[0]
     assert len(compare([tmp_path], tmp_path / "cmp", allow_different_records=True)) == 2
+
+
+def _seeded_editor_run(tmp_path, seed: int, es: float, lr: float = 1e-5):
+    """An edit run whose `method.checkpoint` names the editor of a training run trained with `seed`."""
+    from omegaconf import OmegaConf
+
+    train = tmp_path / f"train_lr{lr}_s{seed}"
+    (train / "editor").mkdir(parents=True)
+    write_json(train / "train_summary.json", {"seed": seed})
+    run = tmp_path / "edits" / f"lr{lr}_s{seed}"
+    fake_run(run, "mend", es, 0.2)
+    (run / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create({"method": {"name": "mend", "checkpoint": str(train / "editor"), "lr": lr}}),
+                   run / ".hydra" / "config.yaml")
+
+
+def test_seeds_give_mean_and_sample_sd_per_recipe(tmp_path, capsys):
+    for seed, es in enumerate([90.0, 94.0, 98.0]):
+        _seeded_editor_run(tmp_path, seed, es)
+    _seeded_editor_run(tmp_path, 0, 50.0, lr=1e-4)  # another recipe: its own group of one seed
+    compare([tmp_path / "edits"], tmp_path / "cmp", seeds=True)
+    text = (tmp_path / "cmp" / "seeds.md").read_text()
+    assert "3 training seed(s) (0, 1, 2)" in text and "1 training seed(s) (0)" in text
+    assert "**94.0 ± 4.0**" in text          # es: mean 94, sample sd 4 over 90 / 94 / 98
+    assert "**80.0 ± 0.0**" in text          # ps: the same in every seed
+    main([str(tmp_path / "edits"), "--out", str(tmp_path / "cli"), "--seeds"])
+    assert "mean ± sd" in capsys.readouterr().out
+
+
+def test_seeds_without_a_seeded_editor_is_a_one_line_error(tmp_path, capsys):
+    import pytest
+
+    fake_run(tmp_path / "ft", "ft", 90.0, 1.0)
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path), "--seeds"])
+    assert e.value.code == 2
+    assert "compare --seeds: no run names an editor" in capsys.readouterr().err

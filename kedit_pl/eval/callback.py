@@ -24,7 +24,7 @@ from kedit_pl.eval.record_values import values_by_state
 from kedit_pl.eval.row_states import EditedSystem, capture, edited_state, held_bytes
 from kedit_pl.eval.report import print_table, write_summary_files
 from kedit_pl.eval.samples import generate_samples, sample_rows, write_samples
-from kedit_pl.eval.scoring import score_requests
+from kedit_pl.eval.scoring import PrefixStore, reuse_prefixes, score_requests
 from kedit_pl.io import write_text
 from kedit_pl.run_folder import RANK_RECORDS, rank_record_files
 
@@ -90,7 +90,8 @@ class EditEvalCallback(L.Callback):
                  resume: bool = False, run_info: dict[str, Any] | None = None,
                  groups: list[MetricGroup] | None = None, samples: int = 0, sample_tokens: int = 40,
                  pre_cache: str | Path | None = None, on_edit: list[Callable] | None = None,
-                 started: float | None = None, states_per_forward: int = 1, states_max_mb: float = 2048) -> None:
+                 started: float | None = None, states_per_forward: int = 1, states_max_mb: float = 2048,
+                 prefix_cache_mb: float = 1024) -> None:
         if mode not in MODES:
             raise ValueError(f"edit.mode: must be one of {MODES}, got {mode!r}")
         self.out = Path(output_dir)
@@ -120,6 +121,11 @@ class EditEvalCallback(L.Callback):
         self.states_per_forward = states_per_forward
         self.states_max_bytes = float(states_max_mb) * 2**20  # ... or until their copied weights hold this much
         self.pending: list[tuple[list[dict], list[EditRequest], list[EditedSystem]]] = []
+        # long shared prefixes' key/value caches (scoring.PrefixStore): kept for one edited state, or for the run
+        if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) or prefix_cache_mb < 0:
+            raise ConfigError(f"eval.prefix_cache_mb: must be a number >= 0, got {prefix_cache_mb!r}")
+        self.prefix_cache_mb = float(prefix_cache_mb)
+        self.run_prefixes: PrefixStore | None = None
         # this invocation's seconds per phase (pre, post, final) and part (es_ps_ns, each group, samples)
         self.clock: dict[str, dict[str, float]] = {}
 
@@ -129,6 +135,17 @@ class EditEvalCallback(L.Callback):
         self.prior, self.batch_offset = list(edited), batches
 
     # --- helpers -------------------------------------------------------------------------------------
+    def _prefixes(self, pl_module) -> PrefixStore | None:
+        """Where `prefill` may keep and find prefixes while the models' weights stay put: one store for the whole
+        run when the method's routes never change (IKE, SERAC: frozen models), else a new one per edited state."""
+        if self.prefix_cache_mb <= 0:
+            return None
+        if getattr(pl_module, "fixed_routes", False):
+            if self.run_prefixes is None:
+                self.run_prefixes = PrefixStore(self.prefix_cache_mb)
+            return self.run_prefixes
+        return PrefixStore(self.prefix_cache_mb)
+
     def _score(self, pl_module, requests: list[EditRequest], batch_idx: int | None = None,
                phase: str = "post", state: bool = True, skip: tuple[str, ...] = ()) -> list[dict]:
         """ES/PS/NS scores of each request, plus the selected metric groups (model-state groups only with `state`:
@@ -193,8 +210,9 @@ class EditEvalCallback(L.Callback):
                 weights = edited_state(pl_module.model, handle)
                 systems = [capture(pl_module, weights, self.groups.shared_prompts(r)) for r in mine]
                 systems = None if any(s is None for s in systems) else systems
-            post = self._score(pl_module, mine, step, state=bool(mine) and mine[0] is batch[0],
-                               skip=tuple(shared) if systems is not None else ())
+            with reuse_prefixes(self._prefixes(pl_module)):
+                post = self._score(pl_module, mine, step, state=bool(mine) and mine[0] is batch[0],
+                                   skip=tuple(shared) if systems is not None else ())
         finally:
             if self.mode != "sequential" and handle is not None:
                 pl_module.restore(handle)
@@ -229,8 +247,9 @@ class EditEvalCallback(L.Callback):
         log.debug("measuring %d edited states in shared forwards", n)
         requests = [r for _, reqs, _ in pending for r in reqs]
         systems = [st for _, _, sts in pending for st in sts]
-        self.groups.measure_states(pl_module, requests, [d["post"] for lines, _, _ in pending for d in lines], systems,
-                                   clock=self.clock.setdefault("post", {}))
+        with reuse_prefixes(self._prefixes(pl_module)):
+            self.groups.measure_states(pl_module, requests, [d["post"] for lines, _, _ in pending for d in lines],
+                                       systems, clock=self.clock.setdefault("post", {}))
         for lines, _, _ in pending:
             self._write(trainer, lines)
 

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from kedit_pl.eval.row_states import EditedSystem
 from kedit_pl.eval.scoring import MIN_SHARED_PREFIX, model_logits, prefill, shared_prefix_length
 from kedit_pl.hooks import first_pass_outputs, row_weights
-from kedit_pl.models.kv_cache import cache_kwargs, output_cache
+from kedit_pl.models.kv_cache import cache_kwargs, output_cache, reserve
 from kedit_pl.tokens import pad_id, prompt_ids, right_pad
 from kedit_pl.weights import EditMethodProtocol, LastingRoute
 
@@ -28,13 +28,14 @@ from kedit_pl.weights import EditMethodProtocol, LastingRoute
 def _greedy_cached(model: nn.Module, rows: list[list[int]], pad: int, max_new_tokens: int) -> list[list[int]]:
     device = next(model.parameters()).device
     out, mask = prefill(model, rows, pad, device)
+    cache = reserve(output_cache(out), max_new_tokens)  # written in place, not concatenated at every step
     pos = mask.sum(-1, keepdim=True) - 1
     new = [out.logits[:, -1].argmax(-1)]
     for _ in range(max_new_tokens - 1):
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         pos = pos[:, -1:] + 1
         out = model(input_ids=new[-1][:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                    **cache_kwargs(model, output_cache(out)))
+                    **cache_kwargs(model, cache))
         new.append(out.logits[:, -1].argmax(-1))
     return torch.stack(new, dim=1).tolist()
 
@@ -105,7 +106,7 @@ def greedy_generate_states(method: EditMethodProtocol, prompts: Sequence[Sequenc
     texts: list[dict[str, str]] = [{} for _ in prompts]
     for key, rows in jobs.items():
         model = models[key]
-        for chunk in _chunks(rows, int(batch_rows)):
+        for chunk in _chunks(rows, int(batch_rows), max_new_tokens):
             blocks, start = [], 0
             run_of = lambda row: (row[0], id(row[2].weights))  # noqa: E731  (system, the route's own weights)
             for i in range(1, len(chunk) + 1):  # runs of rows through the same weights
@@ -126,17 +127,32 @@ def greedy_generate_states(method: EditMethodProtocol, prompts: Sequence[Sequenc
     return [[t[p] for p in ps] for t, ps in zip(texts, prompts)]
 
 
-def _chunks(rows: list[tuple[int, str, LastingRoute]], size: int) -> list[list[tuple[int, str, LastingRoute]]]:
-    """Batches of at most `size` rows, in order; a system whose rows share a long prefix (IKE's demonstrations) gets
-    batches of its own, so that `prefill` runs that prefix once."""
+#: a batch of rows behind long shared prefixes (IKE's demonstrations) holds at most this many cached positions in
+#: all (rows x (longest prompt + new tokens)): about 1.8 GB of keys and values on SmolLM2-135M
+PREFIXED_BATCH_TOKENS = 40_000
+
+
+def _chunks(rows: list[tuple[int, str, LastingRoute]], size: int,
+            room: int = 0) -> list[list[tuple[int, str, LastingRoute]]]:
+    """Batches of at most `size` rows, in order. The rows of a system that share a long prefix (IKE's
+    demonstrations) stay together, so that `prefill` runs that prefix once; such systems share batches of
+    their own, up to `PREFIXED_BATCH_TOKENS` cached positions (prompt + `room` new tokens per row)."""
     by_system: dict[int, list] = {}
     for row in rows:
         by_system.setdefault(row[0], []).append(row)
-    out: list[list] = []
+    prefixed: list[list] = []
     mixed: list = []
     for own in by_system.values():
         if len(own) > 1 and shared_prefix_length([route.ids for *_, route in own]) >= MIN_SHARED_PREFIX:
-            out += [own[s:s + size] for s in range(0, len(own), size)]
+            prefixed += [own[s:s + size] for s in range(0, len(own), size)]
         else:
             mixed += own
-    return [mixed[s:s + size] for s in range(0, len(mixed), size)] + out
+    out = [mixed[s:s + size] for s in range(0, len(mixed), size)]
+    batch: list = []
+    for own in prefixed:
+        longest = max(len(route.ids) for *_, route in batch + own) + room
+        if batch and (len(batch) + len(own) > size or (len(batch) + len(own)) * longest > PREFIXED_BATCH_TOKENS):
+            out.append(batch)
+            batch = []
+        batch = batch + own
+    return out + ([batch] if batch else [])

@@ -15,8 +15,10 @@ prompt, so it can say so too (base model from the prompt, or counterfactual mode
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import OrderedDict
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -24,7 +26,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.data.requests import EditRequest
-from kedit_pl.models.kv_cache import cache_kwargs, output_cache
+from kedit_pl.models.kv_cache import cache_kwargs, cache_layers, new_cache, output_cache
 from kedit_pl.tokens import encode_targets, label_logprobs, left_pad, prompt_ids, right_pad, target_ids
 
 #: prompt groups and which targets each is scored against
@@ -203,32 +205,167 @@ def shared_prefix_length(rows: list[list[int]]) -> int:
     return max(n, 0)
 
 
+def prefix_groups(rows: list[list[int]]) -> list[tuple[list[int], int]]:
+    """Rows grouped by their first `MIN_SHARED_PREFIX` tokens (one IKE record's prompts share its ~1,000-token
+    context; different records' contexts differ from their first demonstration on): [(row indices, leading tokens
+    all of them share)], the length 0 for a group that shares fewer than `MIN_SHARED_PREFIX`."""
+    by_head: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_head.setdefault(tuple(r[:MIN_SHARED_PREFIX]) if len(r) > MIN_SHARED_PREFIX else ("own", i), []).append(i)
+    out = []
+    for idx in by_head.values():
+        n = shared_prefix_length([rows[i] for i in idx]) if len(idx) > 1 else 0
+        out.append((idx, n if n >= MIN_SHARED_PREFIX else 0))
+    return out
+
+
+def full_attention_cache(model: nn.Module) -> bool:
+    """Whether every layer of `model`'s cache keeps all positions (no sliding window, as Gemma 3's local layers)."""
+    return all(type(lay).__name__ == "DynamicLayer" for lay in new_cache(model).layers)
+
+
 @torch.no_grad()
 def prefill(model: nn.Module, rows: list[list[int]], pad: int, device: torch.device | str,
             last_only: bool = False, share: bool | None = None) -> tuple[object, torch.Tensor]:
     """One forward over the token rows, left-padded (each row's last token in the last column, position ids from
-    its first real token), with the cache kept: (model output, attention mask). Rows that share a prefix of
-    `MIN_SHARED_PREFIX` tokens or more run it once, as one row whose cache is then repeated for every row; their
-    rest follows, left-padded after it (the padding then sits between prefix and rest, masked). Not while a
-    module of the model carries forward hooks: a hook may read the prompt as one pass (GRACE looks up the key of
-    its last token when no cache is given); `share` overrides that test. `last_only`: the LM head on the last
-    position only."""
+    its first real token), with the cache kept: (model output, attention mask).
+
+    Rows that share a prefix of `MIN_SHARED_PREFIX` tokens or more run it once, as one row whose cache is then
+    repeated for every row of the group (`prefix_groups`; from the active `PrefixStore` where it holds it). Their
+    rest follows, left-padded after it: the padding then sits between prefix and rest, masked. Several groups
+    (several IKE records) share one batch: each group's prefix cache is left-padded to the longest, masked.
+    Only where every cache layer keeps all positions: a sliding window (Gemma 3's local layers) would count the
+    padding between prefix and rest as positions. Not while a module of the model carries forward hooks: a hook
+    may read the prompt as one pass (GRACE looks up the key of its last token when no cache is given); `share`
+    overrides that test. `last_only`: the LM head on the last position only."""
     keep = {"logits_to_keep": 1} if last_only else {}
     share = not hooked(model) if share is None else share
-    n = shared_prefix_length(rows) if len(rows) > 1 and share else 0
-    if n < MIN_SHARED_PREFIX:
+    groups = prefix_groups(rows) if len(rows) > 1 and share else []
+    shared = [(idx, n) for idx, n in groups if n]
+    if shared and not full_attention_cache(model):  # a sliding window would count the padding after the prefix
+        shared = []
+    if not shared:
         ids, mask = (t.to(device) for t in left_pad(rows, pad))
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep), mask
-    head = model(input_ids=torch.tensor([rows[0][:n]], device=device), use_cache=True, logits_to_keep=1)
-    cache = output_cache(head)
-    cache.reorder_cache(torch.zeros(len(rows), dtype=torch.long, device=device))
-    ids, tail_mask = (t.to(device) for t in left_pad([r[n:] for r in rows], pad))
-    mask = torch.cat([torch.ones(len(rows), n, dtype=tail_mask.dtype, device=device), tail_mask], 1)
-    pos = n + (tail_mask.cumsum(-1) - 1).clamp_min(0)
+    heads = [0] * len(rows)
+    if len(groups) == 1:  # one prefix: its cache repeated for every row
+        idx, n = shared[0]
+        cache = _prefix_cache(model, rows[0][:n], device)
+        cache.reorder_cache(torch.zeros(len(rows), dtype=torch.long, device=device))
+        heads = [n] * len(rows)
+    else:
+        cache = _batched_prefixes(model, rows, shared, heads, device)
+    width = max(heads)
+    head_mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for b, n in enumerate(heads):
+        head_mask[b, width - n:] = 1
+    ids, tail_mask = (t.to(device) for t in left_pad([r[n:] for r, n in zip(rows, heads)], pad))
+    mask = torch.cat([head_mask, tail_mask], 1)
+    pos = torch.tensor(heads, device=device)[:, None] + (tail_mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep,
                 **cache_kwargs(model, cache))
     return out, mask
+
+
+def _batched_prefixes(model: nn.Module, rows: list[list[int]], shared: list[tuple[list[int], int]],
+                      heads: list[int], device: torch.device | str):
+    """One cache for rows of several prefix groups: each group's prefix read once, left-padded to the longest
+    (zeros, masked by the caller); rows of no group get padding only. Fills `heads` (prefix length per row)."""
+    width = max(n for _, n in shared)
+    layers = None
+    for idx, n in shared:
+        kv = cache_layers(_prefix_cache(model, rows[idx[0]][:n], device))
+        if layers is None:
+            layers = [(k.new_zeros(len(rows), *k.shape[1:-2], width, k.shape[-1]),
+                       v.new_zeros(len(rows), *v.shape[1:-2], width, v.shape[-1])) for k, v in kv]
+        at = torch.tensor(idx, device=device)
+        for (K, V), (k, v) in zip(layers, kv):
+            K[at, ..., width - n:, :] = k
+            V[at, ..., width - n:, :] = v
+        for i in idx:
+            heads[i] = n
+    return new_cache(model, layers)
+
+
+class PrefixStore:
+    """Key/value caches of token prefixes that models have read, for `prefill` to start from (most recent last,
+    at most `max_mb` in all). Valid only while the models' weights stay as they were: see `reuse_prefixes`."""
+
+    def __init__(self, max_mb: float = 1024) -> None:
+        self.max_bytes = float(max_mb) * 2**20
+        self.entries: OrderedDict[tuple[int, tuple[int, ...]], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+
+    def nbytes(self) -> int:
+        """Bytes the stored keys and values hold."""
+        return sum(k.nbytes + v.nbytes for kv in self.entries.values() for k, v in kv)
+
+    def longest(self, model: nn.Module, prefix: list[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(m, per-layer keys/values of `prefix[:m]`) for the longest m that a stored prefix of `model` shares with
+        `prefix`; (0, []) when none shares `MIN_SHARED_PREFIX` tokens."""
+        best, found = 0, None
+        for (mid, tokens), kv in self.entries.items():
+            if mid != id(model):
+                continue
+            m = _common_length(tokens, prefix)
+            if m > best:
+                best, found = m, (mid, tokens)
+        if found is None or best < MIN_SHARED_PREFIX:
+            return 0, []
+        self.entries.move_to_end(found)
+        return best, [(k[..., :best, :], v[..., :best, :]) for k, v in self.entries[found]]
+
+    def put(self, model: nn.Module, prefix: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep `prefix`'s keys/values (dropping stored prefixes it extends, then the oldest beyond the budget)."""
+        key = (id(model), tuple(prefix))
+        for old in [e for e in self.entries if e[0] == key[0] and len(e[1]) <= len(prefix)
+                    and e[1] == key[1][:len(e[1])]]:
+            del self.entries[old]
+        self.entries[key] = kv
+        while len(self.entries) > 1 and self.nbytes() > self.max_bytes:
+            self.entries.popitem(last=False)
+
+
+_STORE: ContextVar[PrefixStore | None] = ContextVar("kedit_pl_prefix_store", default=None)
+
+
+@contextmanager
+def reuse_prefixes(store: PrefixStore | None) -> Iterator[PrefixStore | None]:
+    """Within the block, `prefill` starts shared prefixes from what `store` holds and adds what it reads (None: no
+    reuse). The caller guarantees that no model's weights change inside the block (the callback opens one per
+    edited state, or one per run for a method whose routes never change: IKE, SERAC)."""
+    token = _STORE.set(store)
+    try:
+        yield store
+    finally:
+        _STORE.reset(token)
+
+
+def _common_length(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@torch.no_grad()
+def _prefix_cache(model: nn.Module, prefix: list[int], device: torch.device | str):
+    """The cache after `model` read `prefix` (one row): from the active `PrefixStore` where it holds a start of
+    it, the rest run on top (positions go on from the stored part); then stored. Full-attention caches only
+    (`prefill` checks)."""
+    store = _STORE.get()
+    m, kv = store.longest(model, prefix) if store is not None else (0, [])
+    if m == len(prefix):
+        return new_cache(model, kv)
+    cache = new_cache(model, kv) if m else None
+    rest = torch.tensor([prefix[m:]], device=device)
+    extra = {"position_ids": torch.arange(m, len(prefix), device=device)[None]} if m else {}
+    cache = output_cache(model(input_ids=rest, use_cache=True, logits_to_keep=1, **extra,
+                               **cache_kwargs(model, cache)))
+    if store is not None:
+        store.put(model, prefix, cache_layers(cache))
+    return cache
 
 
 def hooked(model: nn.Module) -> bool:

@@ -11,6 +11,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 def cache_arg(model: nn.Module) -> str:
@@ -40,3 +41,50 @@ def output_cache(out: Any) -> DynamicCache:
     """The cache a forward returned (`out.cache` in new releases, `out.past_key_values` in old ones)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+class ReservedLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values live in a buffer with room for more tokens: `update` writes the new
+    tokens in place and returns a view, where DynamicLayer concatenates, copying the whole cache at every
+    decoding step (65 % of a step's time for 10 rows after a 1,000-token prompt, `docs/scale.md`). The values
+    returned are the same; when the room runs out it doubles."""
+
+    @classmethod
+    def from_layer(cls, layer: DynamicLayer, room: int) -> "ReservedLayer":
+        """`layer`'s keys and values in a buffer with `room` more positions."""
+        new = cls()
+        new.__dict__.update(layer.__dict__)
+        new._reserve(room)
+        return new
+
+    def _reserve(self, room: int) -> None:
+        n = self.keys.shape[-2]
+        k = self.keys.new_empty(*self.keys.shape[:-2], n + room, self.keys.shape[-1])
+        v = self.values.new_empty(*self.values.shape[:-2], n + room, self.values.shape[-1])
+        k[..., :n, :], v[..., :n, :] = self.keys, self.values
+        self._k, self._v = k, v
+        self.keys, self.values = k[..., :n, :], v[..., :n, :]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, new = self.keys.shape[-2], key_states.shape[-2]
+        if n + new > self._k.shape[-2]:
+            self._reserve(max(new, n))
+        self._k[..., n:n + new, :] = key_states
+        self._v[..., n:n + new, :] = value_states
+        self.keys, self.values = self._k[..., :n + new, :], self._v[..., :n + new, :]
+        return self.keys, self.values
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Rows reordered into a fresh buffer (the old one may be shared with other rows)."""
+        self.keys, self.values = self.keys.index_select(0, beam_idx), self.values.index_select(0, beam_idx)
+        self._reserve(self._k.shape[-2] - self.keys.shape[-2])
+
+
+def reserve(cache: DynamicCache, room: int) -> DynamicCache:
+    """Give every full-attention layer of `cache` room for `room` more tokens (`ReservedLayer`), in place, before a
+    decoding loop. Sliding-window layers (Gemma 3's local ones) keep their own update, which crops to the window."""
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and getattr(layer, "is_initialized", False) and layer.keys.numel():
+            cache.layers[i] = ReservedLayer.from_layer(layer, room)
+    return cache
