@@ -116,6 +116,10 @@ def test_a_stored_prefix_is_read_once_per_store_with_the_same_scores_and_generat
             long_gen = _greedy_cached(model, longer, 0, 8)
             assert read[0] == scoring.shared_prefix_length(longer) - scoring.shared_prefix_length(rows)
             logits = scoring.prefill(model, longer, 0, "cpu", last_only=True)[0].logits
+            read.clear()
+            alone = scoring.prefill(model, rows[1:2], 0, "cpu", last_only=True)[0].logits  # a row of its own
+            assert read == [len(rows[1]) - scoring.shared_prefix_length(rows)]
+        assert torch.allclose(alone, scoring.prefill(model, rows[1:2], 0, "cpu", last_only=True)[0].logits, atol=1e-5)
         read.clear()
         _greedy_cached(model, rows, 0, 8)  # outside the block: no store, the prefix is read again
         assert read[0] == scoring.shared_prefix_length(rows)

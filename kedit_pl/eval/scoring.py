@@ -231,7 +231,8 @@ def prefill(model: nn.Module, rows: list[list[int]], pad: int, device: torch.dev
     its first real token), with the cache kept: (model output, attention mask).
 
     Rows that share a prefix of `MIN_SHARED_PREFIX` tokens or more run it once, as one row whose cache is then
-    repeated for every row of the group (`prefix_groups`; from the active `PrefixStore` where it holds it). Their
+    repeated for every row of the group (`prefix_groups`; from the active `PrefixStore` where it holds it, which
+    also serves a row that shares its prefix with no other row of the batch). Their
     rest follows, left-padded after it: the padding then sits between prefix and rest, masked. Several groups
     (several IKE records) share one batch: each group's prefix cache is left-padded to the longest, masked.
     Only where every cache layer keeps all positions: a sliding window (Gemma 3's local layers) would count the
@@ -240,7 +241,10 @@ def prefill(model: nn.Module, rows: list[list[int]], pad: int, device: torch.dev
     overrides that test. `last_only`: the LM head on the last position only."""
     keep = {"logits_to_keep": 1} if last_only else {}
     share = not hooked(model) if share is None else share
-    groups = prefix_groups(rows) if len(rows) > 1 and share else []
+    groups = prefix_groups(rows) if share else []
+    store = _STORE.get()
+    if store is not None:  # a row alone (a record's one portability question) may start with a stored prefix
+        groups = [(idx, n or store.longest(model, rows[idx[0]][:-1])[0]) for idx, n in groups]
     shared = [(idx, n) for idx, n in groups if n]
     if shared and not full_attention_cache(model):  # a sliding window would count the padding after the prefix
         shared = []
