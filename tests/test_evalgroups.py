@@ -114,6 +114,36 @@ def test_general_ability_rule():
     assert all(g.due("batch", b) for b in range(4)) and GeneralAbility(single_records=None).due("single", 9)
 
 
+def test_a_state_with_weights_already_measured_reuses_its_perplexity(tiny_llama, monkeypatch, one_thread):
+    """IKE and SERAC never change the base model: their later states cost a digest, not a pass. Other weights, or a
+    hook on the model (GRACE, WISE), are measured again."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from kedit_pl.eval.groups import general
+
+    calls: list[int] = []
+    monkeypatch.setattr(general, "perplexity", lambda *a, **k: calls.append(1) or 10.0 + len(calls))
+    g = GeneralAbility(corpus="unused")
+    method = SimpleNamespace(model=tiny_llama.model, tok=tiny_llama.tokenizer)
+    assert g.measure(method, []) == g.measure(method, []) == [{"ppl": 11.0}] and len(calls) == 1
+    w = tiny_llama.model.get_output_embeddings().weight
+    before = w[0, 0].item()
+    with torch.no_grad():
+        w[0, 0] = before + 1.0
+        try:
+            assert g.measure(method, []) == [{"ppl": 12.0}]
+        finally:
+            w[0, 0] = before
+    h = tiny_llama.model.register_forward_hook(lambda *a: None)
+    try:
+        assert g.measure(method, []) == [{"ppl": 13.0}] and g.measure(method, []) == [{"ppl": 14.0}]
+    finally:
+        h.remove()
+    assert g.measure(method, []) == [{"ppl": 11.0}] and len(calls) == 4
+
+
 # --- generation ---------------------------------------------------------------------------------------------
 def test_cached_batched_generation_equals_a_full_forward_loop(tiny_llama, one_thread):
     tok, model = tiny_llama.tokenizer, tiny_llama.model

@@ -5,13 +5,17 @@ after every batch in batch/sequential mode (and after the last edit: `final`), a
 edits of the first `single_records` records only (each single edit is restored before the next, so the
 state differs per record, and 20k tokens per record would cost more than the edit itself); null measures every
 record. SERAC leaves the base model untouched and routes out-of-scope text to it, so its perplexity is the base
-model's by construction.
+model's by construction. A state whose weights are bit for bit ones already measured in this run, with no hook on
+the model, reuses that measurement: IKE and SERAC never change the base model, so each of their states costs a
+weights digest (about 0.5 s) instead of a 20k-token pass.
 """
 from __future__ import annotations
 
 from kedit_pl.data.requests import EditRequest
+from kedit_pl.digests import weights_digest
 from kedit_pl.eval.groups.base import MetricGroup
 from kedit_pl.eval.perplexity import perplexity
+from kedit_pl.eval.scoring import hooked
 
 
 class GeneralAbility(MetricGroup):
@@ -19,11 +23,21 @@ class GeneralAbility(MetricGroup):
     name = "general"
     per_record = False
 
+    def __init__(self, **settings) -> None:
+        super().__init__(**settings)
+        self._by_weights: dict[str, float] = {}  # weights digest -> perplexity, of the states this run measured
+
     def measure(self, method, requests: list[EditRequest]) -> list[dict]:
         s = self.settings
-        ppl = perplexity(method.model, method.tok, s["corpus"], int(s.get("n_tokens", 20_000)),
-                         int(s.get("seq_len", 512)), int(s.get("batch_size", 4)))
-        return [{"ppl": ppl}]
+        key = None if hooked(method.model) else weights_digest(method.model)
+        seen = self._by_weights
+        if key not in seen:
+            ppl = perplexity(method.model, method.tok, s["corpus"], int(s.get("n_tokens", 20_000)),
+                             int(s.get("seq_len", 512)), int(s.get("batch_size", 4)))
+            if key is None:
+                return [{"ppl": ppl}]
+            seen[key] = ppl
+        return [{"ppl": seen[key]}]
 
     def due(self, mode: str, batch_idx: int) -> bool:
         """Whether the state after batch `batch_idx` is measured (see the module docstring)."""
