@@ -141,7 +141,9 @@ def test_memory_methods_share_forwards_and_write_the_same_records(tmp_path, one_
 
 @pytest.mark.parametrize("override,field", [("eval.states_per_forward=0", "eval.states_per_forward"),
                                             ("eval.states_per_forward=abc", "eval.states_per_forward"),
-                                            ("eval.states_max_mb=-1", "eval.states_max_mb")])
+                                            ("eval.states_max_mb=-1", "eval.states_max_mb"),
+                                            ("eval.prefix_cache_mb=-5", "eval.prefix_cache_mb"),
+                                            ("eval.prefix_cache_mb=lots", "eval.prefix_cache_mb")])
 def test_a_bad_sharing_setting_is_one_line_naming_it(tmp_path, override, field):
     from kedit_pl.errors import ConfigError
 
