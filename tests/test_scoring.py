@@ -201,13 +201,14 @@ def test_a_sliding_window_model_reads_every_row_whole(tmp_path, one_thread):
 
     from kedit_pl.eval import scoring
     from kedit_pl.eval.generate import _greedy_cached
+    from kedit_pl.models.kv_cache import full_attention_cache
     from tiny_archs import save_tiny
 
     save_tiny("gemma3_text", tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)
     config.sliding_window = 16  # shorter than the shared prefix
     model = AutoModelForCausalLM.from_pretrained(tmp_path, config=config).eval()
-    assert not scoring.full_attention_cache(model)
+    assert not full_attention_cache(model)
     g = torch.Generator().manual_seed(0)
     context = torch.randint(3, 30, (45,), generator=g).tolist()
     rows = [context + torch.randint(3, 30, (n,), generator=g).tolist() for n in (2, 7)]

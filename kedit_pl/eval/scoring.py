@@ -26,7 +26,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from kedit_pl.data.requests import EditRequest
-from kedit_pl.models.kv_cache import cache_kwargs, cache_layers, new_cache, output_cache
+from kedit_pl.models.kv_cache import cache_kwargs, cache_layers, full_attention_cache, new_cache, output_cache
 from kedit_pl.tokens import encode_targets, label_logprobs, left_pad, prompt_ids, right_pad, target_ids
 
 #: prompt groups and which targets each is scored against
@@ -195,14 +195,11 @@ MIN_SHARED_PREFIX = 32
 
 def shared_prefix_length(rows: list[list[int]]) -> int:
     """Leading tokens common to every row, leaving each row at least its last token."""
-    n = min(len(r) for r in rows) - 1
-    first = rows[0]
+    n = max(min(len(r) for r in rows) - 1, 0)
+    first = rows[0][:n]
     for r in rows[1:]:
-        i = 0
-        while i < n and r[i] == first[i]:
-            i += 1
-        n = i
-    return max(n, 0)
+        n = _common_length(first[:n], r)
+    return n
 
 
 def prefix_groups(rows: list[list[int]]) -> list[tuple[list[int], int]]:
@@ -217,11 +214,6 @@ def prefix_groups(rows: list[list[int]]) -> list[tuple[list[int], int]]:
         n = shared_prefix_length([rows[i] for i in idx]) if len(idx) > 1 else 0
         out.append((idx, n if n >= MIN_SHARED_PREFIX else 0))
     return out
-
-
-def full_attention_cache(model: nn.Module) -> bool:
-    """Whether every layer of `model`'s cache keeps all positions (no sliding window, as Gemma 3's local layers)."""
-    return all(type(lay).__name__ == "DynamicLayer" for lay in new_cache(model).layers)
 
 
 @torch.no_grad()
@@ -240,26 +232,23 @@ def prefill(model: nn.Module, rows: list[list[int]], pad: int, device: torch.dev
     may read the prompt as one pass (GRACE looks up the key of its last token when no cache is given); `share`
     overrides that test. `last_only`: the LM head on the last position only."""
     keep = {"logits_to_keep": 1} if last_only else {}
-    share = not hooked(model) if share is None else share
+    share = (not hooked(model) if share is None else share) and full_attention_cache(model)
     groups = prefix_groups(rows) if share else []
     store = _STORE.get()
     if store is not None:  # a row alone (a record's one portability question) may start with a stored prefix
         groups = [(idx, n or store.longest(model, rows[idx[0]][:-1])[0]) for idx, n in groups]
     shared = [(idx, n) for idx, n in groups if n]
-    if shared and not full_attention_cache(model):  # a sliding window would count the padding after the prefix
-        shared = []
     if not shared:
         ids, mask = (t.to(device) for t in left_pad(rows, pad))
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep), mask
-    heads = [0] * len(rows)
     if len(groups) == 1:  # one prefix: its cache repeated for every row
-        idx, n = shared[0]
+        n = shared[0][1]
         cache = _prefix_cache(model, rows[0][:n], device)
         cache.reorder_cache(torch.zeros(len(rows), dtype=torch.long, device=device))
         heads = [n] * len(rows)
     else:
-        cache = _batched_prefixes(model, rows, shared, heads, device)
+        cache, heads = _batched_prefixes(model, rows, shared, device)
     width = max(heads)
     head_mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
     for b, n in enumerate(heads):
@@ -273,10 +262,11 @@ def prefill(model: nn.Module, rows: list[list[int]], pad: int, device: torch.dev
 
 
 def _batched_prefixes(model: nn.Module, rows: list[list[int]], shared: list[tuple[list[int], int]],
-                      heads: list[int], device: torch.device | str):
-    """One cache for rows of several prefix groups: each group's prefix read once, left-padded to the longest
-    (zeros, masked by the caller); rows of no group get padding only. Fills `heads` (prefix length per row)."""
+                      device: torch.device | str) -> tuple[object, list[int]]:
+    """One cache for rows of several prefix groups, and each row's prefix length: each group's prefix read once,
+    left-padded to the longest (zeros, masked by the caller); rows of no group get padding only (length 0)."""
     width = max(n for _, n in shared)
+    heads = [0] * len(rows)
     layers = None
     for idx, n in shared:
         kv = cache_layers(_prefix_cache(model, rows[idx[0]][:n], device))
@@ -289,7 +279,7 @@ def _batched_prefixes(model: nn.Module, rows: list[list[int]], shared: list[tupl
             V[at, ..., width - n:, :] = v
         for i in idx:
             heads[i] = n
-    return new_cache(model, layers)
+    return new_cache(model, layers), heads
 
 
 class PrefixStore:

@@ -43,11 +43,17 @@ def output_cache(out: Any) -> DynamicCache:
     return cache if cache is not None else out.past_key_values
 
 
+def full_attention_cache(model: nn.Module) -> bool:
+    """Whether every layer of `model`'s cache keeps all positions: plain DynamicLayers, no sliding window (Gemma
+    3's local layers crop to theirs)."""
+    return all(type(layer) is DynamicLayer for layer in new_cache(model).layers)
+
+
 class ReservedLayer(DynamicLayer):
     """A DynamicLayer whose keys and values live in a buffer with room for more tokens: `update` writes the new
     tokens in place and returns a view, where DynamicLayer concatenates, copying the whole cache at every
-    decoding step (65 % of a step's time for 10 rows after a 1,000-token prompt, `docs/scale.md`). The values
-    returned are the same; when the room runs out it doubles."""
+    decoding step (1.2-1.4x per step for 10 rows after a 1,000-token prompt on CPU, `bench/decode_step.py`,
+    `docs/scale.md`). The values returned are the same; when the room runs out it doubles."""
 
     @classmethod
     def from_layer(cls, layer: DynamicLayer, room: int) -> "ReservedLayer":

@@ -28,16 +28,17 @@ class GeneralAbility(MetricGroup):
         self._by_weights: dict[str, float] = {}  # weights digest -> perplexity, of the states this run measured
 
     def measure(self, method, requests: list[EditRequest]) -> list[dict]:
+        if hooked(method.model):  # hooks may change the outputs of unchanged weights (GRACE, WISE)
+            return [{"ppl": self._perplexity(method)}]
+        key = weights_digest(method.model)
+        if key not in self._by_weights:
+            self._by_weights[key] = self._perplexity(method)
+        return [{"ppl": self._by_weights[key]}]
+
+    def _perplexity(self, method) -> float:
         s = self.settings
-        key = None if hooked(method.model) else weights_digest(method.model)
-        seen = self._by_weights
-        if key not in seen:
-            ppl = perplexity(method.model, method.tok, s["corpus"], int(s.get("n_tokens", 20_000)),
-                             int(s.get("seq_len", 512)), int(s.get("batch_size", 4)))
-            if key is None:
-                return [{"ppl": ppl}]
-            seen[key] = ppl
-        return [{"ppl": seen[key]}]
+        return perplexity(method.model, method.tok, s["corpus"], int(s.get("n_tokens", 20_000)),
+                          int(s.get("seq_len", 512)), int(s.get("batch_size", 4)))
 
     def due(self, mode: str, batch_idx: int) -> bool:
         """Whether the state after batch `batch_idx` is measured (see the module docstring)."""
