@@ -25,6 +25,7 @@ import torch
 
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import Collapsed, ConfigError
+from kedit_pl.eval.block_inputs import BlockInputs
 from kedit_pl.eval.intervals import intervals
 from kedit_pl.eval.metrics import record_percent, summarize
 from kedit_pl.eval.perplexity import perplexity
@@ -86,12 +87,14 @@ class LifelongCallback(L.Callback):
         self._batches = 0
         self._resumed = 0  # batches made by the interrupted run this one continues (resume)
         self._written = 0  # rows already in lifelong.jsonl
+        self._lower = BlockInputs()  # hidden states entering the lowest edited block, over the perplexity windows
 
     # --- measurements ---------------------------------------------------------------------------------
     def _perplexity(self, pl_module) -> float:
         p = self.cfg.perplexity
-        return perplexity(pl_module.model, pl_module.tok, p["corpus"], int(p.get("n_tokens", 4096)),
-                          int(p.get("seq_len", 512)), int(p.get("batch_size", 4)))
+        with self._lower.for_method(pl_module):  # from the lowest block the edits touched (eval/block_inputs.py)
+            return perplexity(pl_module.model, pl_module.tok, p["corpus"], int(p.get("n_tokens", 4096)),
+                              int(p.get("seq_len", 512)), int(p.get("batch_size", 4)))
 
     def _row(self, pl_module) -> dict[str, Any]:
         t0 = time.perf_counter()

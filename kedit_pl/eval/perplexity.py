@@ -61,7 +61,7 @@ def perplexity(model: nn.Module, tok: PreTrainedTokenizerBase, corpus: str | Pat
         chunk = windows[s:s + int(batch_size)]
         for length in sorted({len(w) for w in chunk}):
             rows = torch.tensor([w for w in chunk if len(w) == length], device=device)
-            logits = model(input_ids=rows).logits[:, :-1].float()
+            logits = model(input_ids=rows, use_cache=False).logits[:, :-1].float()
             labels = rows[:, 1:]
             nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                     reduction="sum")
