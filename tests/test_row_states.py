@@ -87,11 +87,17 @@ def test_shared_generations_equal_each_state_alone(tiny_llama, one_thread):
     assert len({tuple(a) for a in alone}) > 1
 
 
-def test_a_run_that_shares_forwards_writes_the_same_records(tmp_path, one_thread):
+def test_a_run_that_shares_forwards_writes_the_same_records(tmp_path, one_thread, monkeypatch):
+    from kedit_pl.eval import callback
+
+    deferred, shared_samples = [], callback.generate_samples_states
+    monkeypatch.setattr(callback, "generate_samples_states", lambda m, reqs, *a: deferred.append(len(reqs))
+                        or shared_samples(m, reqs, *a))
+
     def run(sub, k):
         cfg = edit_cfg(tmp_path / sub, "dataset=counterfact_plus", "dataset.limit=5", "method=rome",
                        "eval.metrics=[es_ps_ns,fluency]", "eval.fluency.max_new_tokens=10",
-                       f"eval.states_per_forward={k}", "method.v_num_grad_steps=3")
+                       f"eval.states_per_forward={k}", "method.v_num_grad_steps=3", "eval.samples.k=3")
         run_edit(cfg)
         lines = [json.loads(x) for x in (tmp_path / sub / "records.jsonl").read_text().splitlines()]
         for d in lines:
@@ -103,6 +109,8 @@ def test_a_run_that_shares_forwards_writes_the_same_records(tmp_path, one_thread
     assert [d["case_id"] for d in shared] == [d["case_id"] for d in alone]
     assert shared == alone
     assert all("fluency" in d["post"]["groups"] for d in shared)
+    assert [("samples" in d["post"]) for d in shared] == [True] * 3 + [False] * 2
+    assert deferred == [2, 1]  # the sampled records' generations ran in the shared forwards
 
 
 @pytest.mark.parametrize("method", ["grace", "ike", "wise"])
@@ -124,7 +132,8 @@ def test_memory_methods_share_forwards_and_write_the_same_records(tmp_path, one_
 
     def run(sub, k):
         cfg = edit_cfg(tmp_path / sub, "dataset=counterfact_plus", "dataset.limit=3", f"method={method}", *extra,
-                       "eval.metrics=[es_ps_ns,fluency]", "eval.fluency.max_new_tokens=6", f"eval.states_per_forward={k}")
+                       "eval.metrics=[es_ps_ns,fluency]", "eval.fluency.max_new_tokens=6", f"eval.states_per_forward={k}",
+                       "eval.samples.k=2", "eval.samples.max_new_tokens=5")
         s = run_edit(cfg)
         return s, [json.loads(x)["post"] for x in (tmp_path / sub / "records.jsonl").read_text().splitlines()]
 
@@ -132,6 +141,7 @@ def test_memory_methods_share_forwards_and_write_the_same_records(tmp_path, one_
     assert calls == [3]  # the three records' generations in one shared pass
     assert shared == alone
     assert "fluency" in shared_summary["timing"]["seconds_by_phase"]["post"]
+    assert [("samples" in p) for p in shared] == [True, True, False]
     if method == "grace":  # the value really changed the generations: they differ from the unedited model's
         pre = [json.loads(x)["pre"] for x in (tmp_path / "shared" / "records.jsonl").read_text().splitlines()]
         assert any(a["groups"]["fluency"]["text"] != b["groups"]["fluency"]["text"] for a, b in zip(pre, shared))

@@ -23,7 +23,8 @@ from kedit_pl.eval.pre_cache import cached_pre_scores, pre_cache_for
 from kedit_pl.eval.record_values import values_by_state
 from kedit_pl.eval.row_states import EditedSystem, capture, edited_state, held_bytes
 from kedit_pl.eval.report import print_table, write_summary_files
-from kedit_pl.eval.samples import generate_samples, sample_rows, write_samples
+from kedit_pl.eval.samples import (generate_samples, generate_samples_states, sample_prompts, sample_rows,
+                                   write_samples)
 from kedit_pl.eval.scoring import PrefixStore, reuse_prefixes, score_requests
 from kedit_pl.io import write_text
 from kedit_pl.run_folder import RANK_RECORDS, rank_record_files
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 MODES = ("single", "batch", "sequential")
 RECORDS_FILE = "records.jsonl"
 INVOCATION_ENV = "KEDIT_INVOCATION"  # one id per invocation, inherited by the DDP ranks it launches
+#: the sampled records' generations (eval.samples): a part of `clock`, and a `skip` entry that defers them
+SAMPLES = "samples"
 
 
 def new_invocation() -> str:
@@ -150,7 +153,7 @@ class EditEvalCallback(L.Callback):
                phase: str = "post", state: bool = True, skip: tuple[str, ...] = ()) -> list[dict]:
         """ES/PS/NS scores of each request, plus the selected metric groups (model-state groups only with `state`:
         one DDP rank measures a state; those named in `skip` later, in a shared forward) and, for sampled records,
-        generations. `phase`: pre (the unedited model), post or final. Pre-edit scores and group measurements come
+        generations (later too, when `skip` names `SAMPLES`). `phase`: pre (the unedited model), post or final. Pre-edit scores and group measurements come
         from the on-disk cache when it is enabled (eval.cache_pre). The time of each part goes to `clock[phase]`."""
         if not requests:  # a rank's share of a small shared batch
             return []
@@ -161,11 +164,12 @@ class EditEvalCallback(L.Callback):
             recs = cached_pre_scores(cache, logits_fn, pl_module.tok, requests, self.eval_batch_size,
                                      pl_module.device, score_requests)
         self.groups.measure(pl_module, requests, recs, batch_idx, cache=cache, state=state, skip=skip, clock=clock)
-        sampled = [(req, rec) for req, rec in zip(requests, recs) if req.case_id in self.sample_ids]
+        sampled = [(req, rec) for req, rec in zip(requests, recs)
+                   if req.case_id in self.sample_ids and SAMPLES not in skip]
         if sampled:
             compute = lambda reqs: generate_samples(pl_module, reqs, self.sample_tokens)  # noqa: E731
             reqs = [r for r, _ in sampled]
-            with stopwatch(clock, "samples"):
+            with stopwatch(clock, SAMPLES):
                 smps = (cache.per_record({"samples": self.sample_tokens}, reqs, compute, "pre-edit samples")
                         if cache is not None else compute(reqs))
             for (_, rec), smp in zip(sampled, smps):
@@ -208,11 +212,12 @@ class EditEvalCallback(L.Callback):
                     fn(pl_module, handle, batch, step)
             if shared and mine:  # what each record's generations need once the edit is undone
                 weights = edited_state(pl_module.model, handle)
-                systems = [capture(pl_module, weights, self.groups.shared_prompts(r)) for r in mine]
+                systems = [capture(pl_module, weights, self.groups.shared_prompts(r) + self._sample_prompts(r))
+                           for r in mine]
                 systems = None if any(s is None for s in systems) else systems
             with reuse_prefixes(self._prefixes(pl_module)):
                 post = self._score(pl_module, mine, step, state=bool(mine) and mine[0] is batch[0],
-                                   skip=tuple(shared) if systems is not None else ())
+                                   skip=(*shared, SAMPLES) if systems is not None else ())
         finally:
             if self.mode != "sequential" and handle is not None:
                 pl_module.restore(handle)
@@ -229,6 +234,10 @@ class EditEvalCallback(L.Callback):
         else:
             self._flush(trainer, pl_module)  # earlier lines first: records.jsonl keeps the run's order
             self._write(trainer, lines)
+
+    def _sample_prompts(self, req: EditRequest) -> list[str]:
+        """The prompts of `req`'s samples when it is a sampled record (generated in the shared forward too)."""
+        return list(sample_prompts(req).values()) if req.case_id in self.sample_ids else []
 
     def _shares_forward(self, pl_module) -> list[str]:
         """The groups this run measures for many edited records in shared forwards (none: each record right after
@@ -247,9 +256,18 @@ class EditEvalCallback(L.Callback):
         log.debug("measuring %d edited states in shared forwards", n)
         requests = [r for _, reqs, _ in pending for r in reqs]
         systems = [st for _, _, sts in pending for st in sts]
+        clock = self.clock.setdefault("post", {})
         with reuse_prefixes(self._prefixes(pl_module)):
             self.groups.measure_states(pl_module, requests, [d["post"] for lines, _, _ in pending for d in lines],
-                                       systems, clock=self.clock.setdefault("post", {}))
+                                       systems, clock=clock)
+        sampled = [(d["post"], req, st) for lines, reqs, sts in pending for d, req, st in zip(lines, reqs, sts)
+                   if req.case_id in self.sample_ids]
+        if sampled:
+            with stopwatch(clock, SAMPLES):
+                smps = generate_samples_states(pl_module, [r for _, r, _ in sampled], [st for *_, st in sampled],
+                                               self.sample_tokens)
+            for (post, _, _), smp in zip(sampled, smps):
+                post["samples"] = smp
         for lines, _, _ in pending:
             self._write(trainer, lines)
 

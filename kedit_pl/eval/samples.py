@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from kedit_pl.data.requests import EditRequest
-from kedit_pl.eval.generate import greedy_generate
+from kedit_pl.eval.generate import greedy_generate, greedy_generate_states
+from kedit_pl.eval.row_states import EditedSystem
 from kedit_pl.io import write_text
 
 COLUMNS = ["case_id", "prompt_kind", "prompt", "target_true", "target_new", "before", "after"]
@@ -23,9 +24,26 @@ def generate_samples(method, requests: list[EditRequest], max_new_tokens: int = 
     """Per request: {"targets": [true, new], <prompt kind>: {"prompt", "text"}} under the current model."""
     keyed = [(i, kind, p) for i, r in enumerate(requests) for kind, p in sample_prompts(r).items()]
     texts = greedy_generate(method, [p for *_, p in keyed], max_new_tokens) if keyed else []
-    out: list[dict] = [{"targets": [r.target_true, r.target_new]} for r in requests]
-    for (i, kind, p), t in zip(keyed, texts):
-        out[i][kind] = {"prompt": p, "text": t}
+    by_request: list[list[str]] = [[] for _ in requests]
+    for (i, *_), t in zip(keyed, texts):
+        by_request[i].append(t)
+    return [_sample(r, ts) for r, ts in zip(requests, by_request)]
+
+
+def generate_samples_states(method, requests: list[EditRequest], systems: list[EditedSystem],
+                            max_new_tokens: int = 40) -> list[dict]:
+    """`generate_samples` of each request on its own edited system (`eval/row_states.py`), in shared batches,
+    with every edit undone (the system must route the request's `sample_prompts`)."""
+    texts = greedy_generate_states(method, [list(sample_prompts(r).values()) for r in requests], systems,
+                                   max_new_tokens)
+    return [_sample(r, ts) for r, ts in zip(requests, texts)]
+
+
+def _sample(req: EditRequest, texts: list[str]) -> dict:
+    """One request's samples from its continuations of `sample_prompts(req)`, in that order."""
+    out: dict = {"targets": [req.target_true, req.target_new]}
+    for (kind, p), t in zip(sample_prompts(req).items(), texts):
+        out[kind] = {"prompt": p, "text": t}
     return out
 
 
