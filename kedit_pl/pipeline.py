@@ -116,7 +116,11 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> 
         return finished_summary(out, len(done_ids))
     L.seed_everything(cfg.seed, verbose=False)
     method = build_method(cfg)
+    loaded = time.perf_counter()
     skipped = dm.invalid + drop_uneditable(method, dm, skip=bool(cfg.edit.get("skip_invalid", True)))
+    # where the time before the first edit went: reading the records and loading, then the record checks (KN
+    # locates its knowledge neurons there, so that is most of a KN run)
+    setup = {"load": loaded - started, "record_checks": time.perf_counter() - loaded}
     share_batches(method, dm, n_procs)
     run_info = {"method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
                 "n_records": len(dm.requests) + len(done_ids), "batch_size": batch_size,
@@ -130,6 +134,7 @@ def _run_edit(cfg: DictConfig, mode: str, batch_size: int, n_procs: int = 1) -> 
                                 states_per_forward=cfg.get("eval", {}).get("states_per_forward", 1),
                                 states_max_mb=cfg.get("eval", {}).get("states_max_mb", 2048),
                                 prefix_cache_mb=cfg.get("eval", {}).get("prefix_cache_mb", 1024))
+    callback.clock["setup"] = setup
     lifelong = lifelong_callback(cfg, out) if mode == "sequential" else None
     checkpoint = SequentialCheckpoint(out, state, lifelong) if mode == "sequential" else None
     if state:

@@ -162,6 +162,9 @@ def test_kn_sequential_and_batch_through_edit_py(tmp_path):
                                f"edit.mode={mode}", "edit.batch_size=3"])
         summary = run_edit(cfg)
         assert summary["post"]["n_records"] + len(summary["run"]["skipped"]) == 3
+        # KN's neurons are located in the record checks: the time shows there, not in the 0.01 s edits
+        setup = summary["timing"]["seconds_by_phase"]["setup"]
+        assert set(setup) == {"load", "record_checks"} and setup["record_checks"] > summary["timing"]["seconds_total_edit"]
 
 
 def test_erase_zeroes_slots_and_restores_exactly(tiny_gpt2):
