@@ -19,7 +19,8 @@ output is left untouched, so such inputs get the unedited model's logits bit for
 
 Evaluation, generation and plain forward passes of `method.model` all see the routed system: a forward hook on
 the projection routes each row by its prompt (`logits_fn`) or, for a plain call, by all its tokens; cached
-continuations keep their prompt's route. Restore puts back the memory state from before the edit (exactly).
+continuations keep their prompt's route. The hook is there only while a side memory holds edits (or a ΔW is being
+trained): an emptied memory leaves the model without hooks, as it was. Restore puts back the memory state from before the edit (exactly).
 """
 from __future__ import annotations
 
@@ -92,19 +93,30 @@ class WISE(EditMethod):
         self._forced: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
         self._last_route: torch.Tensor | None = None
-        me = weakref.ref(self)  # the hook must not keep a dropped WISE (and its memories) alive
-
-        def hook(module: nn.Module, args: tuple, out: Any) -> Any:
-            wise = me()
-            return out if wise is None else wise._route_hook(module, args, out)
-
-        self._hook = model.get_submodule(self.module_name).register_forward_hook(hook)
+        self._hook: Any = None  # the routing hook, on the projection while there is anything to route or train
         if memory_load:
             self.load_memory(memory_load)
 
+    def _sync_hook(self) -> None:
+        """Put the routing hook on the projection exactly while a side memory holds edits or a ΔW is trained:
+        with an empty memory the model is the plain main memory, with no hook on it (as GRACE's codebook)."""
+        need = self._train_delta is not None or self._forced is not None or not self.state.empty()
+        if need and self._hook is None:
+            me = weakref.ref(self)  # the hook must not keep a dropped WISE (and its memories) alive
+
+            def hook(module: nn.Module, args: tuple, out: Any) -> Any:
+                wise = me()
+                return out if wise is None else wise._route_hook(module, args, out)
+
+            self._hook = self.model.get_submodule(self.module_name).register_forward_hook(hook)
+        elif not need and self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
     def close(self) -> None:
-        """Remove the routing hook: the model is the plain main memory again."""
-        self._hook.remove()
+        """Empty the side memory and remove the routing hook: the model is the plain main memory again."""
+        self.state = WiseState()
+        self._sync_hook()
 
     # --- the hook on the projection: main memory, side memory, or the ΔW being trained --------------------
     def _route_hook(self, _module: nn.Module, args: tuple, out: Any) -> Any:
@@ -150,10 +162,12 @@ class WISE(EditMethod):
     def _mode(self, train_delta: torch.Tensor | None = None, forced: torch.Tensor | None = None,
               valid: torch.Tensor | None = None) -> Iterator[None]:
         self._train_delta, self._forced, self._valid = train_delta, forced, valid
+        self._sync_hook()
         try:
             yield
         finally:
             self._train_delta = self._forced = self._valid = None
+            self._sync_hook()
 
     # --- serving: logits, cached prefixes ----------------------------------------------------------------
     def logits_fn(self) -> LogitsFn:
@@ -212,14 +226,18 @@ class WISE(EditMethod):
         the memory state is put back before the error propagates."""
         before = self.state.copy()
         start = time.perf_counter()
-        with self.editing(rollback=lambda: setattr(self, "state", before)), torch.enable_grad():
-            info = self._write(requests)
+        try:
+            with self.editing(rollback=lambda: setattr(self, "state", before)), torch.enable_grad():
+                info = self._write(requests)
+        finally:
+            self._sync_hook()
         return WiseHandle(info=info, seconds=time.perf_counter() - start, n_requests=len(requests), state=before)
 
     def restore(self, handle: EditHandle) -> None:
         if not isinstance(handle, WiseHandle):
             raise TypeError(f"WISE restores a WiseHandle, got {type(handle).__name__}")
         self.state = handle.state.copy()
+        self._sync_hook()
 
     def _prompt_acts(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """A(x): the projection's input for every token (it does not depend on ΔW), without grad."""
@@ -322,6 +340,7 @@ class WISE(EditMethod):
             if meta.get(key) != want:
                 raise ConfigError(f"method.memory_load: {path} has {key}={meta.get(key)!r}, but this run has {want!r}")
         self.state = state
+        self._sync_hook()
 
     def on_test_end(self) -> None:
         if self.memory_path and not self.state.empty():
