@@ -168,13 +168,16 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def run_config(run_dir: Path, method_config: dict) -> dict[str, Any]:
-    """A run's composed config, flattened (`.hydra/config.yaml`, unresolved; else summary.json's method config)."""
+    """A run's composed config, flattened: `.hydra/config.yaml` (unresolved: it names Hydra's own resolvers), with
+    the method's values as the run resolved them (summary.json), so that a default read through an interpolation
+    (`${oc.select:model.method_defaults...}`) compares equal to the same value set on the command line."""
+    resolved = flatten({"method": method_config})
     saved = run_dir / ".hydra" / "config.yaml"
     if saved.exists():
         from omegaconf import OmegaConf
 
-        return flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
-    return flatten({"method": method_config})
+        return flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=False)) | resolved
+    return resolved
 
 
 def varying_keys(rows: list[dict]) -> list[str]:

@@ -59,6 +59,27 @@ def test_runs_of_different_methods_show_no_method_internals(tmp_path):
     assert "seed" in header and "method.lr" not in header and "method.layer" not in header
 
 
+def test_a_default_read_through_an_interpolation_equals_the_same_value_set_by_hand(tmp_path):
+    """.hydra/config.yaml keeps `${oc.select:...}` unresolved; the run's resolved value (summary.json) is what
+    compares, so only the knob that really differs becomes a column."""
+    from omegaconf import OmegaConf
+
+    from kedit_pl.io import read_json
+
+    for i, (clamp, lr) in enumerate([("${oc.select:model.method_defaults.rome.clamp_norm_factor,4.0}", 0.5),
+                                     (4.0, 0.1)]):
+        run = tmp_path / f"{i}_rome"
+        fake_run(run, "rome", 90.0 + i, 2.0)
+        summary = read_json(run / "summary.json")
+        summary["run"]["config"] = {"name": "rome", "clamp_norm_factor": 4.0, "v_lr": lr}
+        write_json(run / "summary.json", summary)
+        (run / ".hydra").mkdir()
+        OmegaConf.save(OmegaConf.create({"method": {"name": "rome", "clamp_norm_factor": clamp, "v_lr": lr}}),
+                       run / ".hydra" / "config.yaml")
+    header = (compare([tmp_path], tmp_path / "cmp") and (tmp_path / "cmp" / "comparison.md").read_text()).splitlines()[0]
+    assert "method.v_lr" in header and "clamp_norm_factor" not in header
+
+
 def _rec(new_wins: list[bool], ns_keeps: list[bool]) -> dict:
     """A record line's scores: rewrite/paraphrase prompts where P(new) > P(true) iff new_wins, neighbors keep iff."""
     good, bad = {"nll": 1.0, "acc": 1}, {"nll": 3.0, "acc": 0}
