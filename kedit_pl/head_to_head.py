@@ -172,7 +172,7 @@ def run_head_to_head(overrides: list[str]) -> dict[str, Any]:
 
 def time_breakdown(run_dirs: list[Path]) -> dict[str, dict[str, float]]:
     """Per run: wall seconds, editing seconds, and the evaluation seconds of each phase and part (summary.json's
-    `timing`; a resumed run's parts cover its last invocation only)."""
+    `timing`; a resumed run's parts add up its invocations, each as of its last written records)."""
     out = {}
     for d in run_dirs:
         t = read_json(d / "summary.json").get("timing", {})

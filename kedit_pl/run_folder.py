@@ -38,8 +38,10 @@ IDENTITY_FILE = "run.json"
 HYDRA_DIR, HYDRA_COPY = ".hydra", ".hydra.owner"
 #: a sequential run's checkpoint after its last batch (kedit_pl/sequential_state.py)
 SEQUENTIAL_STATE = "sequential_state.safetensors"
+#: the evaluation's seconds per phase of each invocation, as of its last written records (eval/callback.py)
+TIMING_FILE = "timing.jsonl"
 #: files holding a run's results (removed by edit.overwrite=true); run.json alone is no result
-RESULT_FILES = ("records.jsonl", "summary.json", "metrics.png", "retention.png", SEQUENTIAL_STATE)
+RESULT_FILES = ("records.jsonl", "summary.json", "metrics.png", "retention.png", SEQUENTIAL_STATE, TIMING_FILE)
 #: under DDP each rank appends its records here while it runs; rank 0 merges them into records.jsonl at the end
 #: (an interrupted run's parts are results too: a resume reads them)
 RANK_RECORDS = "records.rank{rank}.jsonl"

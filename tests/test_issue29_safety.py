@@ -108,7 +108,7 @@ def test_overwrite_moves_the_whole_earlier_run_aside(tmp_path, caplog):
     (aside,) = tmp_path.glob("run.replaced-*")
     assert f"moved the earlier run in {out}" in caplog.text and str(aside) in caplog.text
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
-        ["csv", "metrics.png", "patches", "records.jsonl", "run.json", "summary.json"]
+        ["csv", "metrics.png", "patches", "records.jsonl", "run.json", "summary.json", "timing.jsonl"]
     assert [json.loads(p.read_text())["method"] for p in (out / "patches").glob("*.json")] == ["ft_l"]
     assert [p.name for p in (out / "csv").iterdir()] == ["version_0"]  # the new run's logs only
     assert (aside / "csv" / "version_0" / "metrics.csv").is_file()
@@ -220,6 +220,18 @@ def test_single_mode_resume_keeps_the_batch_ordinal(tmp_path):
         header = rows[0].split(",")
         steps += [int(r.split(",")[header.index("step")]) for r in rows[1:] if r.split(",")[header.index("edit/es")]]
     assert steps == [1, 2, 3, 4]  # edit/* at step batch + 1, never twice at one step
+
+
+def test_a_resumed_run_reports_the_time_of_every_invocation(tmp_path):
+    """summary.json's seconds by phase add the interrupted invocation's (as of its last written records) to the
+    resumed one's: the head to head's breakdown of a resumed method is whole."""
+    first = run_edit(edit_cfg(tmp_path, *FT, "dataset.limit=2"))["timing"]["seconds_by_phase"]
+    (tmp_path / "summary.json").unlink()
+    second = run_edit(edit_cfg(tmp_path, *FT, "dataset.limit=4", "edit.resume=true"))["timing"]["seconds_by_phase"]
+    clocks = [json.loads(x) for x in (tmp_path / "timing.jsonl").read_text().splitlines()]
+    own = [c["clock"] for c in clocks if c["invocation"] == clocks[-1]["invocation"]][-1]
+    assert len({c["invocation"] for c in clocks}) == 2
+    assert second["post"]["es_ps_ns"] == pytest.approx(first["post"]["es_ps_ns"] + own["post"]["es_ps_ns"], abs=0.02)
 
 
 def test_failed_run_removes_what_it_made_and_keeps_the_users_files(tmp_path, capsys):

@@ -27,7 +27,7 @@ from kedit_pl.eval.samples import (generate_samples, generate_samples_states, sa
                                    write_samples)
 from kedit_pl.eval.scoring import PrefixStore, reuse_prefixes, score_requests
 from kedit_pl.io import write_text
-from kedit_pl.run_folder import RANK_RECORDS, rank_record_files
+from kedit_pl.run_folder import RANK_RECORDS, TIMING_FILE, rank_record_files
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +284,29 @@ class EditEvalCallback(L.Callback):
         self.new.extend(lines)
         if trainer.world_size == 1 and lines:
             self._log_batch(trainer, lines)
+            # the time behind the lines just written: {"invocation", "clock"} (a resumed run's summary adds them up)
+            with open(self.out / TIMING_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"invocation": self.invocation, "clock": self.clock}) + "\n")
+
+    def phase_seconds(self) -> dict[str, dict[str, float]]:
+        """Seconds per phase and part: this invocation's, plus, in a resumed run, each earlier invocation's as of
+        its last written records (`TIMING_FILE`; the work of records it lost is not counted, they were redone)."""
+        earlier = {d.get("invocation") for d in self.done} - {self.invocation, None}
+        last: dict[str, dict] = {}
+        path = self.out / TIMING_FILE
+        for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a torn last line of a killed run
+                continue
+            if entry.get("invocation") in earlier:
+                last[entry["invocation"]] = entry["clock"]
+        total: dict[str, dict[str, float]] = {}
+        for clock in [*last.values(), self.clock]:
+            for phase, parts in clock.items():
+                for part, sec in parts.items():
+                    total.setdefault(phase, {})[part] = total.get(phase, {}).get(part, 0.0) + sec
+        return {ph: {k: round(v, 2) for k, v in parts.items()} for ph, parts in total.items()}
 
     def _log_batch(self, trainer: L.Trainer, lines: list[dict]) -> None:
         """`edit/*` of one batch (its records' lines), at step batch + 1."""
@@ -346,8 +369,9 @@ class EditEvalCallback(L.Callback):
             "peak_rss_mb": max(rss),
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         }
-        summary["timing"]["seconds_by_phase"] = {ph: {k: round(v, 2) for k, v in parts.items()}
-                                                 for ph, parts in self.clock.items()}  # this invocation, this rank
+        summary["timing"]["seconds_by_phase"] = (self.phase_seconds() if trainer.world_size == 1 else  # DDP: rank 0's
+                                                 {ph: {k: round(v, 2) for k, v in parts.items()}
+                                                  for ph, parts in self.clock.items()})
         if trainer.world_size > 1:
             summary["timing"] |= {"processes": trainer.world_size, "peak_rss_mb_per_rank": rss}
         info = mean_info(done)
