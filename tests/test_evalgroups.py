@@ -322,3 +322,16 @@ def test_pre_edit_group_measurements_are_cached_across_runs(tmp_path, one_thread
     assert calls == [("shared", 1), ("shared", 1)] and capped["post"] == second["post"]
     off = run_edit(edit_cfg(tmp_path / "c", *args, "eval.cache_pre=false"))
     assert off["pre"] == first["pre"]
+
+
+@pytest.mark.parametrize("model", ["smollm2_135m", "gemma3_270m"])
+def test_the_head_to_heads_training_recipes_compose_and_are_the_counterfact_ones(model):
+    """`head_to_head.train_missing` trains each learned editor with the recipe in the map: it composes on both
+    embedded models, and trains on CounterFact (MEND's zsRE recipe, once in the map, broke the model there)."""
+    from kedit_pl.config import compose
+
+    cfg = compose("edit", ["experiment=head_to_head", f"model={model}", "paths.output_dir=/tmp"])
+    for name, overrides in cfg.head_to_head.train.items():
+        train = compose("train", [*overrides, f"model={model}", "paths.output_dir=/tmp"])
+        assert train.method.name == name and train.dataset.name.startswith("counterfact"), (name, train.dataset.name)
+        assert not any("zsre" in o for o in overrides), (name, overrides)  # a recipe tuned for another dataset
