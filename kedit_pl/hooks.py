@@ -238,6 +238,13 @@ def first_pass_outputs(model: nn.Module, patches: dict[str, list[tuple[int, torc
         yield
 
 
+def observer(hook: Callable) -> Callable:
+    """Mark a forward (pre-)hook that only reads what it is given and returns None: it changes no output, so code
+    that reuses computation across model states (`eval/block_inputs.py`) may look past it."""
+    hook.observes_only = True
+    return hook
+
+
 @contextmanager
 def override_forward(replacements: dict[nn.Module, Callable]) -> Iterator[None]:
     """Temporarily set `module.forward` (instance attribute); always restores the previous state."""

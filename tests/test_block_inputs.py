@@ -106,3 +106,28 @@ def test_another_sequence_of_forwards_is_refused(tiny_llama, corpus, one_thread)
     with pytest.raises(RuntimeError, match="same sequence"):
         with lower.around(m.model, blocks, above, 1):
             perplexity(m.model, m.tokenizer, corpus, 300, 32, 2)
+
+
+def test_grace_states_start_at_its_layer(tiny_llama, corpus, tmp_path, one_thread):
+    """GRACE hooks its layer's projection (changes outputs) and watches the model's inputs (`hooks.observer`: reads
+    only); its states reuse the blocks below its layer, bit for bit."""
+    from kedit_pl.data.datamodule import load_split
+    from kedit_pl.pipeline import build_method
+    from tests.conftest import edit_cfg
+
+    m = tiny_llama
+    grace = build_method(edit_cfg(tmp_path, "model=tiny_llama", "method=grace", "method.n_iter=5",
+                                  "method.eps_init=1000.0"), loaded=m)
+    g = GeneralAbility(corpus=corpus, n_tokens=300, seq_len=64, batch_size=2)
+    reqs = load_split(edit_cfg(tmp_path).dataset.path, "counterfact")[:2]
+    got, want = [], []
+    try:
+        for req in reqs:
+            handle = grace.apply([req])
+            got.append(g.measure(grace, [])[0]["ppl"])
+            want.append(_full(m, corpus))
+            grace.restore(handle)
+    finally:
+        grace.load_memory_state({k: v[:0] for k, v in grace.memory_state().items()})  # hooks off the shared model
+    assert got == want  # (GRACE sets a window's last position only, whose prediction perplexity does not score)
+    assert g._lower.kept.start == grace.layer > 0 and g._lower.reused == 1

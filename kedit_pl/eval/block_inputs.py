@@ -46,8 +46,11 @@ def _lowest(names: list[str], blocks: list[str], above: tuple[str, ...]) -> int 
 
 
 def hooked_modules(model: nn.Module) -> list[str]:
-    """Names of the modules of `model` that carry a forward (pre-)hook ("" is the model itself)."""
-    return [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    """Names of the modules of `model` that carry a forward (pre-)hook that may change what it sees ("" is the model
+    itself); hooks marked `hooks.observer` (GRACE's watch of the attention mask) only read, and are passed over."""
+    return [n for n, m in model.named_modules()
+            if any(not getattr(h, "observes_only", False) for h in (*m._forward_hooks.values(),
+                                                                       *m._forward_pre_hooks.values()))]
 
 
 def touched_block(model: nn.Module, blocks: list[str], above: tuple[str, ...], handle: EditHandle | None) -> int | None:

@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 from kedit_pl.data.requests import EditRequest
 from kedit_pl.errors import ConfigError, EditFailed
 from kedit_pl.eval.scoring import LogitsFn, RoutedLogits, forward_logits, model_logits
-from kedit_pl.hooks import capture
+from kedit_pl.hooks import capture, observer
 from kedit_pl.methods.base import LastingRoute, MemoryEditMethod
 from kedit_pl.models.kv_cache import cache_arg
 from kedit_pl.models.spec import ModelSpec, linear_weight
@@ -108,6 +108,7 @@ class Grace(MemoryEditMethod):
             self._hooks = []
 
     def _watch(self, arg: str):
+        @observer  # reads the call's cache and mask, changes nothing
         def pre(_mod, args, kwargs):
             cache = kwargs.get(arg)
             self._continuation = cache is not None and cache.get_seq_length() > 0
