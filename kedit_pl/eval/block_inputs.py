@@ -136,7 +136,8 @@ class BlockInputs:
     @contextmanager
     def _keeping(model: nn.Module, blocks: list[str], kept: KeptInputs) -> Iterator[None]:
         def keep_input(_m, args, kwargs):
-            kept.inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
+            # a copy: a block that wrote into its input in place would otherwise change what is kept
+            kept.inputs.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
 
         def keep_template(i: int):
             def hook(_m, _args, out):
