@@ -45,8 +45,9 @@ def _method(m, handle=None):
     return SimpleNamespace(model=m.model, tok=m.tokenizer, spec=m.spec, last_handle=handle)
 
 
-def test_states_edited_at_one_block_reuse_the_blocks_below_bit_for_bit(tiny_llama, corpus, one_thread):
-    m = tiny_llama
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])  # GPT-2's blocks: another return structure
+def test_states_edited_at_one_block_reuse_the_blocks_below_bit_for_bit(request, fixture, corpus, one_thread):
+    m = request.getfixturevalue(fixture)
     g = GeneralAbility(corpus=corpus, n_tokens=300, seq_len=64, batch_size=2)
     down = m.spec.module_name("mlp_out", 1) + ".weight"
     got, want = [], []
