@@ -11,7 +11,7 @@ costs time, never correctness, because the digest is checked before every reuse.
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -23,8 +23,8 @@ from kedit_pl.hooks import _on_hidden, _restructure, override_forward
 from kedit_pl.weights import EditHandle
 
 
-def _block_index(name: str, blocks: list[str]) -> int | None:
-    """Index of the block that holds module/parameter `name` (None: outside every block)."""
+def _block_index(name: str, blocks: list[str] | tuple[str, ...]) -> int | None:
+    """Index of the block (module prefix) that holds module/parameter `name` (None: outside every one)."""
     for i, b in enumerate(blocks):
         if name == b or name.startswith(b + "."):
             return i
@@ -38,7 +38,7 @@ def _lowest(names: list[str], blocks: list[str], above: tuple[str, ...]) -> int 
     for n in names:
         i = _block_index(n, blocks)
         if i is None:
-            if any(n == a or n.startswith(a + ".") for a in above):
+            if _block_index(n, above) is not None:
                 continue
             i = 0
         out = i if out is None else min(out, i)
@@ -88,7 +88,7 @@ class BlockInputs:
 
     def __init__(self) -> None:
         self.kept: KeptInputs | None = None
-        self.reused = 0  # passes that started above block 0 (for the tests and the logs)
+        self.reused = 0  # passes that started above block 0 (what the tests check)
 
     def usable(self, model: nn.Module, blocks: list[str], above: tuple[str, ...]) -> bool:
         """Whether the kept inputs hold for the current state: no hook below their block, same lower weights."""
@@ -176,8 +176,7 @@ class BlockInputs:
 
         repl = {model.get_submodule(blocks[i]): passthrough(k.templates[i]) for i in range(k.start)}
         repl[first] = from_kept
-        with ExitStack() as stack:
-            stack.enter_context(override_forward(repl))
+        with override_forward(repl):
             yield
         if next(calls, None) is not None:
             raise RuntimeError("block_inputs: fewer forwards than when the inputs were kept")

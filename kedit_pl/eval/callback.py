@@ -288,13 +288,14 @@ class EditEvalCallback(L.Callback):
             with open(self.out / TIMING_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"invocation": self.invocation, "clock": self.clock}) + "\n")
 
-    def phase_seconds(self) -> dict[str, dict[str, float]]:
-        """Seconds per phase and part: this invocation's, plus, in a resumed run, each earlier invocation's as of
-        its last written records (`TIMING_FILE`; the work of records it lost is not counted, they were redone)."""
-        earlier = {d.get("invocation") for d in self.done} - {self.invocation, None}
+    def phase_seconds(self, earlier_runs: bool = True) -> dict[str, dict[str, float]]:
+        """Seconds per phase and part: this invocation's, plus (`earlier_runs`, a resumed single-process run) each
+        earlier invocation's as of its last written records (`TIMING_FILE`; the work of records it lost is not
+        counted, they were redone)."""
+        earlier = {d.get("invocation") for d in self.done} - {self.invocation, None} if earlier_runs else set()
         last: dict[str, dict] = {}
         path = self.out / TIMING_FILE
-        for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        for line in path.read_text(encoding="utf-8").splitlines() if earlier and path.is_file() else []:
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError:  # a torn last line of a killed run
@@ -304,8 +305,9 @@ class EditEvalCallback(L.Callback):
         total: dict[str, dict[str, float]] = {}
         for clock in [*last.values(), self.clock]:
             for phase, parts in clock.items():
+                sums = total.setdefault(phase, {})
                 for part, sec in parts.items():
-                    total.setdefault(phase, {})[part] = total.get(phase, {}).get(part, 0.0) + sec
+                    sums[part] = sums.get(part, 0.0) + sec
         return {ph: {k: round(v, 2) for k, v in parts.items()} for ph, parts in total.items()}
 
     def _log_batch(self, trainer: L.Trainer, lines: list[dict]) -> None:
@@ -369,9 +371,8 @@ class EditEvalCallback(L.Callback):
             "peak_rss_mb": max(rss),
             "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0,
         }
-        summary["timing"]["seconds_by_phase"] = (self.phase_seconds() if trainer.world_size == 1 else  # DDP: rank 0's
-                                                 {ph: {k: round(v, 2) for k, v in parts.items()}
-                                                  for ph, parts in self.clock.items()})
+        # under DDP: this invocation, rank 0 (the ranks write no TIMING_FILE)
+        summary["timing"]["seconds_by_phase"] = self.phase_seconds(earlier_runs=trainer.world_size == 1)
         if trainer.world_size > 1:
             summary["timing"] |= {"processes": trainer.world_size, "peak_rss_mb_per_rank": rss}
         info = mean_info(done)

@@ -100,7 +100,7 @@ class WISE(EditMethod):
     def _sync_hook(self) -> None:
         """Put the routing hook on the projection exactly while a side memory holds edits or a ΔW is trained:
         with an empty memory the model is the plain main memory, with no hook on it (as GRACE's codebook)."""
-        need = self._train_delta is not None or self._forced is not None or not self.state.empty()
+        need = self._train_delta is not None or not self.state.empty()  # a forced route needs a memory
         if need and self._hook is None:
             me = weakref.ref(self)  # the hook must not keep a dropped WISE (and its memories) alive
 
